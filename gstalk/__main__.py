@@ -1,0 +1,3 @@
+from gstalk.cli import entry
+
+entry()

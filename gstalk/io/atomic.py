@@ -1,0 +1,76 @@
+"""Atomic file writes: write to a temporary file beside the target, then rename.
+
+A reader (or a later stage) never sees a half-written file: either the old content or
+the complete new one. Interrupting a write leaves at most a stray ``.tmp-*`` file, which
+the next write of the same target replaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from gstalk.errors import OutputError
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and parents) or raise :class:`OutputError` saying why not."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # permission denied, a file in the way, read-only fs
+        raise OutputError(f"cannot create output folder {p}: {e.strerror or e}. "
+                          "Choose a folder you can write to.") from None
+    if not os.access(p, os.W_OK):
+        raise OutputError(f"output folder {p} is not writable. Choose a folder you can write to.")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; rename it onto ``target`` on success.
+
+    ``suffix`` defaults to the target's own suffix, so libraries that pick a format from
+    the file name (imageio, PyAV) still see the right extension.
+    """
+    target = Path(target)
+    ensure_dir(target.parent if str(target.parent) else ".")
+    suffix = target.suffix if suffix is None else suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.stem}-", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def write_bytes(target: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return Path(target)
+
+
+def write_text(target: str | os.PathLike, text: str) -> Path:
+    return write_bytes(target, text.encode("utf-8"))
+
+
+def write_json(target: str | os.PathLike, obj: Any) -> Path:
+    return write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")

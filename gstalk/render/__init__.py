@@ -1,0 +1,10 @@
+"""Gaussian rasterization: one ``rasterize`` entry point, gsplat (CUDA) and PyTorch backends.
+
+This package knows Gaussians and cameras, nothing about heads or audio.
+"""
+
+from gstalk.render.camera import Cameras, intrinsics_from_fov, look_at, orbit_cameras
+from gstalk.render.rasterize import RenderOutput, rasterize, select_backend
+
+__all__ = ["Cameras", "RenderOutput", "intrinsics_from_fov", "look_at", "orbit_cameras", "rasterize",
+           "select_backend"]
