@@ -9,12 +9,11 @@ from typing import Sequence
 import tyro
 from typing_extensions import Annotated
 
-from gstalk.config import DemoConfig, PendingConfig, RenderImageConfig
+from gstalk.config import DemoConfig, ImportConfig, PendingConfig, PrepareConfig, RenderImageConfig
 from gstalk.errors import GstalkError, NotImplementedYet
 
 # Verbs whose capability has not landed yet, and what will bring them.
 PENDING = {
-    "prepare": "turning a clip into a dataset folder (issue 'Prepare')",
     "track": "FLAME head tracking (issue 'Head model and monocular FLAME tracking')",
     "train": "fitting an avatar (issue 'End to end')",
     "fit": "prepare + track + train (issue 'End to end')",
@@ -30,6 +29,9 @@ def _subcommands():
         "render": Annotated[RenderImageConfig, tyro.conf.subcommand(
             "render", description="Render a Gaussian PLY as a turntable video and image "
             "(driving a fitted avatar with audio lands with issue 'End to end').")],
+        "prepare": Annotated[PrepareConfig, tyro.conf.subcommand("prepare", description=PrepareConfig.__doc__)],
+        "import-dataset": Annotated[ImportConfig, tyro.conf.subcommand("import-dataset",
+                                                                       description=ImportConfig.__doc__)],
     }
     for verb, what in PENDING.items():
         verbs[verb] = Annotated[PendingConfig, tyro.conf.subcommand(verb, description=f"Not available yet: {what}.")]
@@ -66,6 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(cfg, console)
         if isinstance(cfg, RenderImageConfig):
             return _render(cfg, console)
+        if isinstance(cfg, (PrepareConfig, ImportConfig)):
+            return _prepare(cfg, console)
         raise NotImplementedYet("this command is not available yet")
     except GstalkError as e:
         console.print(f"[bold red]gstalk error:[/] {e}")
@@ -89,6 +93,49 @@ def _render(cfg: RenderImageConfig, console) -> int:
 
     r = render_ply_turntable(cfg)
     _report(r, console)
+    return 0
+
+
+class StageProgress:
+    """A rich progress bar per pipeline stage (frames done, rate, time left)."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
+                           TimeRemainingColumn(),
+                           console=console, transient=False)
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._p.__exit__(*exc)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self._tasks:
+            self._tasks[stage] = self._p.add_task(stage, total=total)
+        self._p.update(self._tasks[stage], completed=done, total=max(total, done))
+
+
+def _prepare(cfg: PrepareConfig | ImportConfig, console) -> int:
+    with StageProgress(console) as prog:
+        if isinstance(cfg, PrepareConfig):
+            from gstalk.prepare import prepare
+
+            ds = prepare(cfg.clip, cfg.out, cfg.opts, progress=prog, log=console.print)
+        else:
+            from gstalk.importers import import_nerf_dataset
+
+            ds = import_nerf_dataset(cfg.src, cfg.out, cfg.opts, progress=prog, log=console.print)
+    m = ds.manifest
+    console.print(f"dataset: {ds.root}  ({m['num_frames']} frames at {m['fps']:g} fps, {m['resolution']} px, "
+                  f"face in {100 * m['face_fraction']:.0f}% / landmarks in {100 * m['landmark_fraction']:.0f}% "
+                  f"of frames, audio {'yes' if m['audio']['present'] else 'no'})")
+    for w in m["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}")
     return 0
 
 

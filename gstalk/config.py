@@ -5,7 +5,7 @@ Field docstrings (the string literal under each field) become the ``--help`` tex
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -50,6 +50,58 @@ class RenderImageConfig:
     radius: float = 0.0
     """Camera distance from the scene centre; 0 fits the scene's extent."""
     device: Device = "auto"
+
+
+@dataclass
+class PrepareOptions:
+    """How a clip becomes a dataset folder (see docs/dataset.md)."""
+
+    fps: float = 25.0
+    """Constant output frame rate; variable-rate clips are resampled to it."""
+    resolution: int = 512
+    """Working resolution of the square crop, in pixels."""
+    crop_scale: float = 3.2
+    """Crop size as a multiple of the detected face box (head and shoulders)."""
+    crop_down: float = 0.25
+    """Shift of the crop centre below the face centre, in face heights (towards the shoulders)."""
+    holdout: float = 1 / 11
+    """Fraction of frames at the end held out for evaluation."""
+    min_face_fraction: float = 0.5
+    """Fail if a face is found in fewer frames than this."""
+    min_seconds: float = 2.0
+    """Fail on clips shorter than this."""
+    smooth_seconds: float = 0.6
+    """Time scale of the crop-centre smoothing (larger = steadier crop)."""
+    landmark_sigma: float = 0.7
+    """Temporal Gaussian smoothing of landmarks, in frames (0 = off)."""
+    jpeg_quality: int = 95
+    preview: bool = True
+    """Write preview.mp4 (landmarks and masks over the frames)."""
+    detect_size: int = 384
+    """Longest side of the downscaled frame used for face detection."""
+
+
+@dataclass
+class PrepareConfig:
+    """Turn a phone clip into a dataset folder: frames, audio, landmarks, masks, signals."""
+
+    clip: Annotated[Path, tyro.conf.Positional]
+    """The video (mp4/mov/webm/mkv)."""
+    out: Annotated[Path, tyro.conf.Positional]
+    """The dataset folder to create (an unfinished one is resumed)."""
+    opts: Annotated[PrepareOptions, tyro.conf.arg(name="")] = field(default_factory=PrepareOptions)
+
+
+@dataclass
+class ImportConfig:
+    """Import a folder laid out for the NeRF/3DGS talking-head projects (ori_imgs/, parsing/,
+    transforms_train/val.json, aud.wav, aud_*.npy, au.csv) as a gstalk dataset."""
+
+    src: Annotated[Path, tyro.conf.Positional]
+    """The source folder (e.g. ER-NeRF's data/<name>)."""
+    out: Annotated[Path, tyro.conf.Positional]
+    """The gstalk dataset folder to create."""
+    opts: Annotated[PrepareOptions, tyro.conf.arg(name="")] = field(default_factory=PrepareOptions)
 
 
 @dataclass

@@ -1,0 +1,172 @@
+import json
+
+import numpy as np
+import pytest
+
+from gstalk.config import PrepareOptions
+from gstalk.errors import FileFormatError, GstalkError, OutputError
+from gstalk.face.regions import FACE_OVAL
+from gstalk.io.dataset import Dataset
+from gstalk.prepare import ClipTooShortError, NoFaceError, prepare
+from synthclip import make_clip, photo_landmarks
+
+RES = 128
+
+
+def opts(**kw):
+    return PrepareOptions(resolution=RES, **kw)
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return make_clip(tmp_path_factory.mktemp("clip") / "phone.mp4", seconds=3.0)
+
+
+@pytest.fixture(scope="module")
+def dataset(clip, tmp_path_factory):
+    return prepare(clip.path, tmp_path_factory.mktemp("ds") / "ds", opts(), log=lambda m: None)
+
+
+def expected_landmarks(clip, ds: Dataset) -> np.ndarray:
+    """The photo's own landmarks carried by the known per-frame transform into crop pixels."""
+    ref = photo_landmarks()[:, :2].astype(np.float64)
+    n = ds.num_frames
+    out = np.empty((n, 478, 2))
+    box = ds.crops()
+    for k in range(n):
+        # the constant-rate frame k shows the source frame nearest to time k / fps
+        j = int(np.argmin(np.abs(clip.times - k / ds.fps)))
+        m = clip.transforms[j]
+        p = ref @ m[:, :2].T + m[:, 2]
+        out[k] = (p - box[k, :2]) * (RES / box[k, 2])
+    return out
+
+
+def test_frames_timing_and_rotation(clip, dataset):
+    m = dataset.manifest
+    assert m["num_frames"] == round(clip.duration * 25) == 75 and m["fps"] == 25.0
+    assert m["source"]["rotation"] == 90 and (m["source"]["width"], m["source"]["height"]) == clip.display_size
+    assert dataset.frame(0).shape == (RES, RES, 3) and dataset.mask(0).shape == (RES, RES)
+    assert m["split"] == {"train": [0, 68], "test": [68, 75]}  # last 1/11 held out
+    assert m["face_fraction"] == 1.0 and m["landmark_fraction"] == 1.0
+    assert (dataset.root / "preview.mp4").is_file() and (dataset.root / "background.png").is_file()
+
+
+def test_landmarks_follow_the_known_motion(clip, dataset):
+    lm = dataset.landmarks()
+    assert lm["lmk"].shape == (75, 478, 3) and lm["valid"].all()
+    err = np.linalg.norm(lm["lmk"][..., :2] - expected_landmarks(clip, dataset), axis=-1)
+    # the photo's face is ~40 px wide at 128 px; rotation metadata, VFR and the crop are all
+    # undone correctly only if these agree
+    assert np.median(err) < 1.5, np.median(err)
+    assert np.percentile(err.mean(axis=1), 95) < 3.0
+
+
+def test_masks_cover_the_face(clip, dataset):
+    import cv2
+
+    exp = expected_landmarks(clip, dataset)
+    for k in (0, 37, 74):
+        lab = dataset.mask(k)
+        oval = np.zeros((RES, RES), np.uint8)
+        cv2.fillPoly(oval, [np.round(exp[k][FACE_OVAL]).astype(np.int32)], 1)
+        face = (lab == 3) | (lab == 4)
+        assert face[oval == 1].mean() > 0.9
+        assert (lab[oval == 1] > 0).mean() > 0.98  # the person mask covers it too
+        assert (lab == 2).sum() > 0.05 * RES * RES  # shoulders / torso present
+
+
+def test_audio_aligned_to_frames(clip, dataset):
+    a = dataset.audio()
+    assert abs(len(a) / 16000 - dataset.num_frames / dataset.fps) <= 1 / dataset.fps
+    rms = np.sqrt(np.convolve(a**2, np.ones(160) / 160, mode="same"))  # 10 ms windows
+    env = rms > 0.1
+    on = np.flatnonzero(env[1:] & ~env[:-1]) / 16000
+    assert len(on) == len(clip.bursts)
+    for (start, _), t in zip(clip.bursts, on):
+        assert abs(t - start) < 1 / 25  # within one frame
+    sig = dataset.signals()
+    assert sig["blink"].shape == (75,) and np.all((sig["blink"] >= 0) & (sig["blink"] <= 1))
+    assert np.all(np.isfinite(sig["mouth_open"]))
+
+
+def test_resume_after_interruption(clip, tmp_path):
+    out = tmp_path / "ds"
+
+    def stop_at_40(stage, done, total):
+        if stage == "frames" and done == 40:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare(clip.path, out, opts(preview=False), progress=stop_at_40, log=lambda m: None)
+    frames = sorted((out / "frames").glob("*.jpg"))
+    assert len(frames) == 40 and not (out / "manifest.json").exists()
+    assert not list(out.rglob(".tmp-*"))
+    mtimes = {p.name: p.stat().st_mtime_ns for p in frames}
+    seen = []
+    ds = prepare(clip.path, out, opts(preview=False), progress=lambda s, d, t: seen.append((s, d)),
+                 log=lambda m: None)
+    assert ("scan", 1) not in seen  # the finished scan stage was not redone
+    assert min(d for s, d in seen if s == "frames") == 41  # frames resumed after the last written
+    assert all((out / "frames" / k).stat().st_mtime_ns == v for k, v in mtimes.items())
+    assert ds.num_frames == 75 and len(list((out / "frames").glob("*.jpg"))) == 75
+
+
+def test_no_audio_several_faces(tmp_path):
+    c = make_clip(tmp_path / "two.mp4", seconds=2.2, audio=False, n_faces=2, rotation=0, vfr=False)
+    ds = prepare(c.path, tmp_path / "ds", opts(preview=False), log=lambda m: None)
+    w = " ".join(ds.manifest["warnings"])
+    assert "no audio" in w and "several faces" in w and not ds.has_audio
+    with pytest.raises(FileFormatError, match="no audio"):
+        ds.audio()
+    # the largest face was used: its landmarks are near the crop centre, not in a corner
+    lm = ds.landmarks()["lmk"]
+    assert np.all(np.abs(np.nanmean(lm[..., :2], axis=1) - RES / 2) < RES / 4)
+
+
+def test_bad_inputs(tmp_path):
+    (tmp_path / "junk.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(FileFormatError, match="cannot read"):
+        prepare(tmp_path / "junk.mp4", tmp_path / "a", opts())
+    with pytest.raises(FileFormatError, match="no such file"):
+        prepare(tmp_path / "missing.mp4", tmp_path / "a", opts())
+    short = make_clip(tmp_path / "short.mp4", seconds=1.2, vfr=False)
+    with pytest.raises(ClipTooShortError, match="at least 2"):
+        prepare(short.path, tmp_path / "b", opts(), log=lambda m: None)
+    noface = make_clip(tmp_path / "noface.mp4", seconds=2.2, face=False, vfr=False)
+    with pytest.raises(NoFaceError, match="no face"):
+        prepare(noface.path, tmp_path / "c", opts(), log=lambda m: None)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError):
+        prepare(short.path, blocker / "d", opts())
+
+
+def test_truncated_clip(clip, tmp_path):
+    data = clip.path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(GstalkError):  # the moov atom is at the end: nothing is readable
+        prepare(cut, tmp_path / "x", opts(), log=lambda m: None)
+
+
+def test_dataset_version_check(dataset, tmp_path):
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(dataset.root, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["version"] = 0
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FileFormatError, match="version 0"):
+        Dataset(copy)
+    with pytest.raises(FileFormatError, match="not a gstalk dataset"):
+        Dataset(tmp_path)
+
+
+def test_cli_prepare(clip, tmp_path):
+    from gstalk.cli import main
+
+    assert main(["prepare", str(clip.path), str(tmp_path / "ds"), "--resolution", "64", "--no-preview"]) == 0
+    assert Dataset(tmp_path / "ds").resolution == 64
+    assert main(["prepare", str(tmp_path / "nothing.mp4"), str(tmp_path / "x")]) == 2
