@@ -9,12 +9,11 @@ from typing import Sequence
 import tyro
 from typing_extensions import Annotated
 
-from gstalk.config import DemoConfig, ImportConfig, PendingConfig, PrepareConfig, RenderImageConfig
+from gstalk.config import DemoConfig, ImportConfig, PendingConfig, PrepareConfig, RenderImageConfig, TrackConfig
 from gstalk.errors import GstalkError, NotImplementedYet
 
 # Verbs whose capability has not landed yet, and what will bring them.
 PENDING = {
-    "track": "FLAME head tracking (issue 'Head model and monocular FLAME tracking')",
     "train": "fitting an avatar (issue 'End to end')",
     "fit": "prepare + track + train (issue 'End to end')",
     "view": "the browser viewer (issue 'Interactive viewer')",
@@ -32,6 +31,7 @@ def _subcommands():
         "prepare": Annotated[PrepareConfig, tyro.conf.subcommand("prepare", description=PrepareConfig.__doc__)],
         "import-dataset": Annotated[ImportConfig, tyro.conf.subcommand("import-dataset",
                                                                        description=ImportConfig.__doc__)],
+        "track": Annotated[TrackConfig, tyro.conf.subcommand("track", description=TrackConfig.__doc__)],
     }
     for verb, what in PENDING.items():
         verbs[verb] = Annotated[PendingConfig, tyro.conf.subcommand(verb, description=f"Not available yet: {what}.")]
@@ -70,6 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _render(cfg, console)
         if isinstance(cfg, (PrepareConfig, ImportConfig)):
             return _prepare(cfg, console)
+        if isinstance(cfg, TrackConfig):
+            from gstalk.head.tracker import track_dataset
+
+            with StageProgress(console) as prog:
+                out = track_dataset(cfg.dataset, cfg.opts, progress=prog, log=console.print)
+            console.print(f"track: {out}")
+            return 0
         raise NotImplementedYet("this command is not available yet")
     except GstalkError as e:
         console.print(f"[bold red]gstalk error:[/] {e}")

@@ -105,6 +105,57 @@ class ImportConfig:
 
 
 @dataclass
+class TrackOptions:
+    """How the head model is fitted to a dataset's landmarks."""
+
+    flame: Path | None = None
+    """A FLAME-format model (official generic_model.pkl / flame2023.pkl, or .npz). Default:
+    $GSTALK_FLAME if set, otherwise gstalk's open stand-in head."""
+    embedding: Path | None = None
+    """A landmark embedding file (MICA-style .npz or DECA .npy); default: the model's own or a
+    derived one."""
+    n_shape: int = 100
+    """Identity coefficients to fit (capped at what the model has)."""
+    n_expr: int = 50
+    """Expression coefficients to fit (capped at what the model has)."""
+    keyframes: int = 16
+    """Frames used to fit the identity shape."""
+    iters_rigid: int = 250
+    iters_shape: int = 300
+    iters_all: int = 400
+    init_fov_deg: float = 28.0
+    """Initial vertical field of view of the (cropped) camera; refined during tracking."""
+    min_fov_deg: float = 10.0
+    max_fov_deg: float = 60.0
+    """The focal length stays within these vertical fields of view."""
+    focal_search: bool = True
+    """Choose the focal length by a grid search on keyframes (else start from init_fov_deg)."""
+    w_focal_prior: float = 0.01
+    """Pull of the focal length toward the initial field of view (log scale)."""
+    huber_px: float = 2.0
+    """Landmark errors above this many pixels count linearly (robust to outliers)."""
+    w_shape: float = 1e-3
+    w_expr: float = 1e-3
+    w_jaw: float = 1e-2
+    w_neck: float = 1.0
+    w_eyes: float = 1e-2
+    w_smooth: float = 1.0
+    """Weight of temporal smoothness (first and second differences) on per-frame parameters."""
+    device: Device = "auto"
+    preview: bool = True
+    """Write track_preview.mp4 (mesh and landmarks over the frames)."""
+
+
+@dataclass
+class TrackConfig:
+    """Fit the head model (FLAME or the stand-in) to every frame of a dataset: track.npz."""
+
+    dataset: Annotated[Path, tyro.conf.Positional]
+    """A dataset folder made by 'gstalk prepare'."""
+    opts: Annotated[TrackOptions, tyro.conf.arg(name="")] = field(default_factory=TrackOptions)
+
+
+@dataclass
 class PendingConfig:
     """A command whose capability has not landed yet; it says so and exits non-zero."""
 

@@ -36,7 +36,7 @@ def test_render_ply_turntable(tmp_path):
     assert (tmp_path / "r" / "scene.png").is_file()
 
 
-@pytest.mark.parametrize("verb", ["track", "train", "fit", "view", "export", "eval"])
+@pytest.mark.parametrize("verb", ["train", "fit", "view", "export", "eval"])
 def test_pending_verbs_say_so(verb, capsys):
     assert main([verb, "something"]) == 3
     assert "not available yet" in capsys.readouterr().err

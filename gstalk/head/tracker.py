@@ -1,0 +1,418 @@
+"""Monocular FLAME tracking from 2D face landmarks, in explicit stages (as VHAP and
+metrical-tracker do):
+
+1. rigid: the camera focal length (shared) and every frame's head rotation and
+   translation, on the neutral head;
+2. identity: the shape coefficients over keyframes (spread in time and pose), with those
+   frames' pose and expression;
+3. all frames at once, batched: expression, jaw, neck, eyes, eyelids, pose, with temporal
+   smoothness (first and second differences) on every per-frame quantity.
+
+The camera is fixed for the clip: OpenCV camera at the world origin looking along world
+-z with image y = world -y (``viewmat = diag(1, -1, -1, 1)``); the head model's own frame
+is y up and facing +z, so a frontal head has rotation 0 and a negative z translation.
+Only the vertices under the landmarks are posed, so all frames fit together on a CPU.
+Frames without landmarks take no data term: the smoothness terms interpolate them, and
+they are flagged in the track.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gstalk.config import TrackOptions
+from gstalk.errors import GstalkError, InputError
+from gstalk.face import regions as R
+from gstalk.head.embedding import LandmarkEmbedding, load_embedding
+from gstalk.head.flame import HeadModel, load_head_model
+from gstalk.head.lbs import FlameParams, axis_angle_to_matrix, flame_forward, matrix_to_axis_angle
+
+TRACK_FORMAT = "gstalk-track"
+TRACK_VERSION = 1
+VIEWMAT = np.diag([1.0, -1.0, -1.0, 1.0])
+Progress = Callable[[str, int, int], None]
+
+
+class TrackingError(GstalkError):
+    """Tracking cannot proceed on this data."""
+
+
+def landmark_weights(indices: np.ndarray) -> np.ndarray:
+    """Per-landmark weights: lips and eyes count double, the face outline less (it slides
+    over the surface as the head turns), irises for gaze."""
+    w = np.ones(len(indices))
+    heavy = set(R.INNER_LIPS + R.OUTER_LIPS + R.LEFT_EYE_EAR + R.RIGHT_EYE_EAR)
+    oval = set(R.FACE_OVAL)
+    for k, i in enumerate(indices):
+        if i in heavy:
+            w[k] = 2.0
+        elif i in oval:
+            w[k] = 0.3
+    return w
+
+
+@dataclass
+class Track:
+    """Per-frame FLAME parameters and the clip's camera (see :func:`save_track`)."""
+
+    shape: np.ndarray  # [S]
+    expr: np.ndarray  # [T, E]
+    jaw: np.ndarray  # [T, 3]
+    neck: np.ndarray  # [T, 3]
+    eyes: np.ndarray  # [T, 6]
+    eyelids: np.ndarray  # [T, 2]
+    global_rot: np.ndarray  # [T, 3]
+    translation: np.ndarray  # [T, 3]
+    K: np.ndarray  # [3, 3]
+    viewmat: np.ndarray  # [4, 4]
+    width: int
+    height: int
+    valid: np.ndarray  # [T] landmarks were found (False: interpolated)
+    residual_px: np.ndarray  # [T] mean landmark reprojection error
+    model: dict
+    embedding_source: str = ""
+    fps: float = 25.0
+
+    @property
+    def num_frames(self) -> int:
+        return self.expr.shape[0]
+
+    def params(self, frames=None, device="cpu") -> FlameParams:
+        sl = slice(None) if frames is None else frames
+        t = lambda a: torch.as_tensor(np.asarray(a[sl]), dtype=torch.float32, device=device)  # noqa: E731
+        n = len(self.expr[sl])
+        return FlameParams(shape=torch.as_tensor(self.shape, dtype=torch.float32, device=device)[None].expand(n, -1),
+                           expr=t(self.expr), jaw=t(self.jaw), neck=t(self.neck), eyes=t(self.eyes),
+                           eyelids=t(self.eyelids), global_rot=t(self.global_rot), translation=t(self.translation))
+
+
+def save_track(track: Track, path: str | os.PathLike) -> Path:
+    from gstalk.io.dataset import save_npz
+
+    d = asdict(track)
+    meta = {"format": TRACK_FORMAT, "version": TRACK_VERSION, "model": d.pop("model"),
+            "embedding_source": d.pop("embedding_source"), "width": d.pop("width"), "height": d.pop("height"),
+            "fps": d.pop("fps")}
+    return save_npz(path, meta=np.array(json.dumps(meta)), **{k: np.asarray(v) for k, v in d.items()})
+
+
+def load_track(path: str | os.PathLike) -> Track:
+    from gstalk.errors import FileFormatError
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileFormatError(f"no track at {p}; run 'gstalk track DATASET' first")
+    with np.load(p, allow_pickle=False) as z:
+        if "meta" not in z.files:
+            raise FileFormatError(f"{p} is not a gstalk track")
+        meta = json.loads(str(z["meta"]))
+        if meta.get("format") != TRACK_FORMAT or meta.get("version") != TRACK_VERSION:
+            raise FileFormatError(f"{p} is a track of format {meta.get('format')} v{meta.get('version')}; this gstalk "
+                                  f"reads v{TRACK_VERSION}. Re-run 'gstalk track'.")
+        arrays = {k: z[k] for k in z.files if k != "meta"}
+    return Track(**arrays, model=meta["model"], embedding_source=meta["embedding_source"], width=meta["width"],
+                 height=meta["height"], fps=meta["fps"])
+
+
+def _huber(x: torch.Tensor, delta: float) -> torch.Tensor:
+    a = x.abs()
+    return torch.where(a < delta, 0.5 * x * x, delta * (a - 0.5 * delta))
+
+
+class _Fitter:
+    def __init__(self, model: HeadModel, emb: LandmarkEmbedding, lmk2d: np.ndarray, valid: np.ndarray,
+                 width: int, height: int, opts: TrackOptions, device):
+        self.model, self.opts, self.dev = model, opts, device
+        self.emb_local, self.vids, self.local_faces = emb.remapped(model.faces.cpu())
+        self.vids = self.vids.to(device)
+        self.local_faces = self.local_faces.to(device)
+        self.bary = emb.bary.to(device)
+        idx = emb.landmark_indices.numpy()
+        if lmk2d.shape[1] < idx.max() + 1:
+            raise InputError(f"the embedding uses detector landmark {idx.max()}, but only {lmk2d.shape[1]} landmarks "
+                             "per frame were given")
+        self.target = torch.as_tensor(lmk2d[:, idx, :2], dtype=torch.float32, device=device)  # [T, L, 2]
+        self.valid = torch.as_tensor(valid, device=device)
+        self.target = torch.nan_to_num(self.target)
+        self.w = torch.as_tensor(landmark_weights(idx), dtype=torch.float32, device=device)
+        self.T = lmk2d.shape[0]
+        self.width, self.height = width, height
+        self.cx, self.cy = width / 2, height / 2
+
+    def landmarks3d(self, p: FlameParams) -> torch.Tensor:
+        v = flame_forward(self.model, p, vertex_ids=self.vids).vertices  # [B, V', 3]
+        tri = v[:, self.local_faces]  # [B, L, 3, 3]
+        return (tri * self.bary[None, :, :, None]).sum(2)
+
+    def project(self, x: torch.Tensor, focal: torch.Tensor) -> torch.Tensor:
+        # world -> OpenCV camera: (x, -y, -z)
+        z = (-x[..., 2]).clamp_min(1e-3)
+        u = focal * x[..., 0] / z + self.cx
+        v = focal * (-x[..., 1]) / z + self.cy
+        return torch.stack([u, v], -1)
+
+    def data_term(self, p: FlameParams, focal: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        uv = self.project(self.landmarks3d(p), focal)
+        err = uv - self.target[frames]
+        per = (_huber(err, self.opts.huber_px).sum(-1) * self.w).sum(-1) / self.w.sum()
+        dist = err.norm(dim=-1).mean(-1)
+        m = self.valid[frames].float()
+        return (per * m).sum() / m.sum().clamp_min(1), dist
+
+
+def _smooth(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] < 3:
+        return x.new_zeros(())
+    v = x[1:] - x[:-1]
+    a = x[2:] - 2 * x[1:-1] + x[:-2]
+    return 0.1 * (v * v).sum(-1).mean() + (a * a).sum(-1).mean()
+
+
+def fit_landmarks(lmk2d: np.ndarray, valid: np.ndarray, width: int, height: int, model: HeadModel,
+                  emb: LandmarkEmbedding, opts: TrackOptions | None = None, progress: Progress | None = None,
+                  device: str | torch.device = "cpu", focal: float | None = None, fps: float = 25.0) -> Track:
+    """Fit FLAME parameters to a landmark track ``lmk2d`` [T, >=478, 2] (pixels)."""
+    opts = opts or TrackOptions()
+    prog = progress or (lambda s, i, n: None)
+    T = lmk2d.shape[0]
+    valid = np.asarray(valid, bool) & np.isfinite(lmk2d[..., :2]).all(axis=(1, 2))
+    if T == 0:
+        raise TrackingError("no frames to track")
+    if valid.mean() < 0.5:
+        raise TrackingError(f"landmarks are missing in {100 * (1 - valid.mean()):.0f}% of frames; tracking needs a "
+                            "face in most frames (re-run prepare on a clip where the face stays in view)")
+    dev = torch.device(device)
+    model = model.to(dev)
+    fit = _Fitter(model, emb, lmk2d, valid, width, height, opts, dev)
+    ns, ne = model.n_shape, model.n_expr
+    all_frames = torch.arange(T, device=dev)
+    z = lambda *s: torch.zeros(*s, device=dev)  # noqa: E731
+
+    # --- focal length: the landmark error after a rigid + identity fit on a few frames is
+    # lowest near the true focal (perspective shows as the head turns); search it on a grid
+    fixed_focal = focal is not None
+    if focal is None and opts.focal_search:
+        focal = _search_focal(lmk2d, valid, width, height, model, emb, opts, prog)  # a start, refined below
+
+    # --- initial rigid guess from landmark scale and centre
+    f0 = focal if focal is not None else height / (2 * math.tan(math.radians(opts.init_fov_deg) / 2))
+    with torch.no_grad():
+        neutral = fit.landmarks3d(FlameParams(shape=z(1, ns)))[0]  # [L, 3]
+    tgt = fit.target.cpu().numpy()
+    idx = emb.landmark_indices.numpy()
+    try:
+        a, b = list(idx).index(33), list(idx).index(263)
+        span_model = float((neutral[a] - neutral[b]).norm())
+        span_img = np.linalg.norm(tgt[:, a] - tgt[:, b], axis=-1)
+    except ValueError:  # embedding without eye corners: use the landmark spread
+        span_model = float(neutral[:, :2].std(0).norm())
+        span_img = np.linalg.norm(tgt.std(1), axis=-1)
+    span_img = np.where(valid, span_img, np.nanmedian(span_img[valid]))
+    depth = f0 * span_model / np.maximum(span_img, 1e-3)
+    centre = np.where(valid[:, None], tgt.mean(1), np.nanmedian(tgt[valid].mean(1), axis=0))
+    tx = (centre[:, 0] - fit.cx) * depth / f0
+    ty = -(centre[:, 1] - fit.cy) * depth / f0
+    nc = neutral.mean(0).cpu().numpy()
+    trans0 = np.stack([tx - nc[0], ty - nc[1], -depth - nc[2]], 1)
+    # translation in image terms: where the head origin projects (pixels) and depth/focal.
+    # Changing the focal length then changes only the perspective, not the image position
+    # or size, which decouples the weakly observed focal from the rest.
+    d0 = -trans0[:, 2]
+    uv0 = np.stack([fit.cx + f0 * trans0[:, 0] / d0, fit.cy - f0 * trans0[:, 1] / d0], 1)
+
+    log_f = torch.tensor(math.log(f0), device=dev, requires_grad=not fixed_focal)
+    rot = z(T, 3).requires_grad_(True)
+    head_uv = torch.as_tensor(uv0, dtype=torch.float32, device=dev).clone().requires_grad_(True)
+    log_s = torch.as_tensor(np.log(d0 / f0), dtype=torch.float32, device=dev).clone().requires_grad_(True)
+
+    f_lo = math.log(height / (2 * math.tan(math.radians(opts.max_fov_deg) / 2)))
+    f_hi = math.log(height / (2 * math.tan(math.radians(opts.min_fov_deg) / 2)))
+
+    def focal_px():
+        return log_f.clamp(f_lo, f_hi).exp()
+
+    def translation(frames):
+        s_ = log_s[frames].exp()
+        f_ = focal_px()
+        uv = head_uv[frames]
+        return torch.stack([(uv[:, 0] - fit.cx) * s_, -(uv[:, 1] - fit.cy) * s_, -f_ * s_], -1)
+    shape = z(1, ns).requires_grad_(True)
+    expr = z(T, ne).requires_grad_(True)
+    jaw = z(T, 3).requires_grad_(True)
+    neck = z(T, 3).requires_grad_(True)
+    eyes = z(T, 6).requires_grad_(True)
+    lids = z(T, 2).requires_grad_(True)
+    f_prior = math.log(f0)
+
+    def params(frames, with_expr=True):
+        n = len(frames)
+        return FlameParams(shape=shape.expand(n, -1), expr=expr[frames] if with_expr else None,
+                           jaw=jaw[frames] if with_expr else None, neck=neck[frames] if with_expr else None,
+                           eyes=eyes[frames] if with_expr else None,
+                           eyelids=lids[frames] if (with_expr and model.eyelids is not None) else None,
+                           global_rot=rot[frames], translation=translation(frames))
+
+    def run(stage: str, iters: int, groups: list[dict], loss_fn):
+        if iters <= 0:
+            return
+        opt = torch.optim.Adam(groups)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters, eta_min=0.05 * groups[0]["lr"])
+        for i in range(iters):
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+            sched.step()
+            if i % 10 == 0 or i == iters - 1:
+                prog(stage, i + 1, iters)
+
+    focal_group = [] if fixed_focal else [{"params": [log_f], "lr": 0.03}]
+
+    # --- stage 1: rigid
+    def loss_rigid():
+        d, _ = fit.data_term(params(all_frames, with_expr=False), focal_px(), all_frames)
+        return (d + opts.w_smooth * (_smooth(rot) + 1e-4 * _smooth(head_uv) + 100 * _smooth(log_s[:, None]))
+                + opts.w_focal_prior * (log_f - f_prior) ** 2)
+
+    run("rigid", opts.iters_rigid, [{"params": [rot], "lr": 0.02}, {"params": [head_uv], "lr": 0.5},
+                                    {"params": [log_s], "lr": 0.005}], loss_rigid)  # focal: not on the neutral head
+
+    # --- stage 2: identity over keyframes
+    vidx = np.flatnonzero(valid)
+    k = min(opts.keyframes, len(vidx))
+    pose_mag = rot.detach().norm(dim=-1).cpu().numpy()[vidx]
+    even = vidx[np.linspace(0, len(vidx) - 1, max(k - k // 4, 1)).round().astype(int)]
+    extreme = vidx[np.argsort(-pose_mag)[: k // 4]]
+    keys = torch.as_tensor(np.unique(np.concatenate([even, extreme])), device=dev)
+
+    def loss_shape():
+        d, _ = fit.data_term(params(keys), focal_px(), keys)
+        reg = (opts.w_shape * (shape**2).sum() + opts.w_expr * (expr[keys] ** 2).sum(-1).mean()
+               + opts.w_jaw * (jaw[keys] ** 2).sum(-1).mean() + opts.w_neck * (neck[keys] ** 2).sum(-1).mean())
+        return d + reg + opts.w_focal_prior * (log_f - f_prior) ** 2
+
+    run("identity", opts.iters_shape,
+        [{"params": [shape], "lr": 0.05}, {"params": [expr, jaw], "lr": 0.02},
+         {"params": [rot, neck], "lr": 0.005}, {"params": [head_uv], "lr": 0.2}, {"params": [log_s], "lr": 0.002}]
+        + focal_group, loss_shape)
+
+    # --- stage 3: all frames, everything per frame, smooth in time
+    def loss_all():
+        d, _ = fit.data_term(params(all_frames), focal_px(), all_frames)
+        reg = (opts.w_expr * (expr**2).sum(-1).mean() + opts.w_jaw * (jaw**2).sum(-1).mean()
+               + opts.w_neck * (neck**2).sum(-1).mean() + opts.w_eyes * (eyes**2).sum(-1).mean()
+               + opts.w_shape * (shape**2).sum() + opts.w_expr * (lids**2).sum(-1).mean())
+        sm = (0.2 * _smooth(expr) + _smooth(jaw) * 10 + _smooth(neck) * 10 + _smooth(eyes) + _smooth(lids)
+              + _smooth(rot) * 10 + _smooth(head_uv) * 1e-3 + _smooth(log_s[:, None]) * 100)
+        return d + reg + opts.w_smooth * sm
+
+    run("expression", opts.iters_all,
+        [{"params": [expr, lids], "lr": 0.03}, {"params": [jaw, eyes], "lr": 0.01},
+         {"params": [rot, neck], "lr": 0.003}, {"params": [head_uv], "lr": 0.1}, {"params": [log_s], "lr": 0.001},
+         {"params": [shape], "lr": 0.005}] + focal_group, loss_all)
+
+    with torch.no_grad():
+        _, dist = fit.data_term(params(all_frames), focal_px(), all_frames)
+        fval = float(focal_px())
+    K = np.array([[fval, 0, fit.cx], [0, fval, fit.cy], [0, 0, 1]], np.float32)
+    c = lambda t: t.detach().cpu().numpy().astype(np.float32)  # noqa: E731
+    return Track(shape=c(shape[0]), expr=c(expr), jaw=c(jaw), neck=c(neck), eyes=c(eyes), eyelids=c(lids),
+                 global_rot=c(rot), translation=c(translation(all_frames)), K=K, viewmat=VIEWMAT.astype(np.float32), width=width,
+                 height=height, valid=valid, residual_px=np.where(valid, c(dist), np.nan).astype(np.float32),
+                 model=model.reference(), embedding_source=emb.source, fps=fps)
+
+
+def _search_focal(lmk2d, valid, width, height, model, emb, opts: TrackOptions, prog) -> float:
+    """The focal length is weakly observed (perspective shows only as the head turns) and
+    gradient descent stalls along it; fit the keyframes from a few starting fields of view
+    and keep the focal of the best fit."""
+    from dataclasses import replace
+
+    vidx = np.flatnonzero(valid)
+    frames = vidx[np.linspace(0, len(vidx) - 1, min(opts.keyframes, len(vidx))).round().astype(int)]
+    fits = []
+    fovs = (opts.init_fov_deg, 18.0, 45.0)
+    for i, fov in enumerate(fovs):
+        sub = replace(opts, init_fov_deg=fov, focal_search=False, iters_all=200)
+        tr = fit_landmarks(lmk2d[frames], valid[frames], width, height, model, emb, sub)
+        fits.append((float(np.nanmean(tr.residual_px)), float(tr.K[0, 0])))
+        prog("focal", i + 1, len(fovs))
+    # another start wins only by a clear margin: when the head hardly turns, the error
+    # does not tell focal lengths apart and the default field of view is the better guess
+    best = fits[0]
+    for err, f in fits[1:]:
+        if err < best[0] * 0.99:
+            best = (err, f)
+    return best[1]
+
+
+def head_rotation(track: Track) -> np.ndarray:
+    """[T, 3, 3] world orientation of the head (global rotation then neck)."""
+    g = axis_angle_to_matrix(torch.as_tensor(track.global_rot))
+    n = axis_angle_to_matrix(torch.as_tensor(track.neck))
+    return (g @ n).numpy()
+
+
+def track_dataset(dataset_dir: str | Path, opts: TrackOptions | None = None, progress: Progress | None = None,
+                  log: Callable[[str], None] = print) -> Path:
+    """``gstalk track``: fit the dataset's landmarks, write ``track.npz`` and ``track_preview.mp4``."""
+    from gstalk.config import resolve_device
+    from gstalk.io.dataset import Dataset
+
+    opts = opts or TrackOptions()
+    ds = Dataset(dataset_dir)
+    dev = resolve_device(opts.device)
+    model = load_head_model(opts.flame, n_shape=opts.n_shape, n_expr=opts.n_expr)
+    emb = load_embedding(model, opts.embedding)
+    lm = ds.landmarks()
+    t0 = time.perf_counter()
+    valid = lm["valid"].astype(bool)
+    if (~valid).any():
+        log(f"{int((~valid).sum())} frames have no landmarks: they are interpolated and flagged in the track")
+    track = fit_landmarks(lm["lmk"], valid, ds.resolution, ds.resolution, model, emb, opts, progress, dev,
+                          fps=ds.fps)
+    secs = time.perf_counter() - t0
+    out = save_track(track, ds.root / "track.npz")
+    log(f"tracked {track.num_frames} frames with {model.name} ({model.n_shape} shape, {model.n_expr} expression) "
+        f"in {secs:.1f} s ({track.num_frames / secs:.1f} frames/s); median landmark error "
+        f"{np.nanmedian(track.residual_px):.2f} px")
+    if opts.preview:
+        write_track_preview(ds, track, model, emb, ds.root / "track_preview.mp4")
+    return out
+
+
+def write_track_preview(ds, track: Track, model: HeadModel, emb: LandmarkEmbedding, path: Path) -> Path:
+    """The fitted mesh (shaded), detected landmarks (green) and fitted ones (red) over the frames."""
+    from gstalk.head.draw import draw_mesh, draw_points, project_points
+    from gstalk.io.media import write_video
+
+    lm = ds.landmarks()["lmk"]
+    faces = model.faces.numpy()
+
+    def frames():
+        for s in range(0, track.num_frames, 64):
+            sl = slice(s, min(s + 64, track.num_frames))
+            with torch.no_grad():
+                out = flame_forward(model, track.params(sl))
+                verts = out.vertices.numpy()
+                lmk3d = emb.points(out.vertices, model.faces).numpy()
+            for j, k in enumerate(range(sl.start, sl.stop)):
+                img = draw_mesh(ds.frame(k), verts[j], faces, track.K, track.viewmat, alpha=0.45)
+                img = draw_points(img, lm[k][emb.landmark_indices.numpy(), :2], (0, 255, 0))
+                uv, _ = project_points(lmk3d[j], track.K, track.viewmat)
+                yield draw_points(img, uv, (255, 40, 40))
+
+    return write_video(path, frames(), fps=track.fps)
+
+
+__all__ = ["Track", "TrackingError", "fit_landmarks", "head_rotation", "load_track", "save_track", "track_dataset",
+           "matrix_to_axis_angle"]
