@@ -1,0 +1,167 @@
+"""Multi-resolution hash encoding (Instant-NGP, Mueller et al. 2022) and its tri-plane variant.
+
+Level l has resolution ``N_l = floor(base * b**l)`` with ``b = exp((ln finest - ln base) / (L-1))``.
+A point ``x`` in [0, 1]^D is scaled to ``x * N_l``; the 2^D corners of its cell are looked
+up in the level's table of ``2**log2_table`` feature vectors, directly when the grid fits
+(``(N_l + 1)^D <= table size``), else by the spatial hash
+``(c_0 * 1) XOR (c_1 * 2654435761) XOR (c_2 * 805459861) mod table size``, and blended
+(multi)linearly. Output: ``[N, L * F]``.
+
+Backends behind one module: ``torch`` (the reference: plain PyTorch, any device,
+differentiable), ``cuda`` (gstalk's own kernels in ``csrc/hashgrid.cu``, built on first use
+with torch's extension loader when CUDA is present), ``tcnn`` (tiny-cuda-nn, only if
+importable). ``auto`` picks cuda for CUDA tensors, torch otherwise. The CUDA and tcnn
+backends give gradients for the tables, not for the input positions (canonical positions
+are constants in gstalk); the torch backend gives both.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from gstalk.errors import InputError
+
+PRIMES = (1, 2654435761, 805459861)
+Backend = Literal["auto", "torch", "cuda", "tcnn"]
+
+
+def level_resolutions(levels: int, base: int, finest: int) -> list[int]:
+    if levels == 1:
+        return [base]
+    b = math.exp((math.log(finest) - math.log(base)) / (levels - 1))
+    return [int(math.floor(base * b**lv)) for lv in range(levels)]
+
+
+def corner_offsets(dim: int, device=None) -> Tensor:
+    """[2^dim, dim] 0/1 offsets of a cell's corners (bit d of corner c = offset along d)."""
+    c = torch.arange(2**dim, device=device)
+    return torch.stack([(c >> d) & 1 for d in range(dim)], -1)
+
+
+def grid_index(coords: Tensor, res: int, table_size: int) -> Tensor:
+    """Integer corner coordinates [..., D] -> table indices (dense when the grid fits, else hashed)."""
+    dim = coords.shape[-1]
+    if (res + 1) ** dim <= table_size:
+        idx = torch.zeros(coords.shape[:-1], dtype=torch.long, device=coords.device)
+        stride = 1
+        for d in range(dim):
+            idx = idx + coords[..., d] * stride
+            stride *= res + 1
+        return idx
+    h = torch.zeros(coords.shape[:-1], dtype=torch.long, device=coords.device)
+    for d in range(dim):
+        h = torch.bitwise_xor(h, coords[..., d] * PRIMES[d])
+    return h & (table_size - 1)
+
+
+def hash_encode_torch(x: Tensor, tables: Tensor, resolutions: list[int]) -> Tensor:
+    """Reference encoding: ``x`` [N, D] in [0, 1], ``tables`` [L, T, F] -> [N, L*F]."""
+    n, dim = x.shape
+    L, T, F = tables.shape
+    offs = corner_offsets(dim, x.device)  # [C, D]
+    out = []
+    for lv in range(L):
+        pos = x * resolutions[lv]
+        p0 = torch.floor(pos)
+        frac = pos - p0
+        corners = p0.long()[:, None, :] + offs[None]  # [N, C, D]
+        idx = grid_index(corners, resolutions[lv], T)  # [N, C]
+        w = torch.where(offs[None].bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(-1)  # [N, C]
+        feats = tables[lv][idx]  # [N, C, F]
+        out.append((w[..., None] * feats).sum(1))
+    return torch.cat(out, -1)
+
+
+class _CudaHashEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tables, res_tensor, ext):
+        out = ext.forward(x.contiguous(), tables.contiguous(), res_tensor)
+        ctx.save_for_backward(x, res_tensor)
+        ctx.ext, ctx.table_shape = ext, tables.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, res_tensor = ctx.saved_tensors
+        gt = ctx.ext.backward(grad.contiguous(), x.contiguous(), res_tensor, *ctx.table_shape)
+        return None, gt, None, None
+
+
+class HashGrid(nn.Module):
+    """Learnable multi-resolution hash encoding of ``dim``-D points in [0, 1]^dim."""
+
+    def __init__(self, dim: int = 3, levels: int = 16, features: int = 2, log2_table: int = 19, base: int = 16,
+                 finest: int = 2048, backend: Backend = "auto", init_scale: float = 1e-4):
+        super().__init__()
+        if dim not in (2, 3):
+            raise InputError("hash grids encode 2D or 3D points")
+        if log2_table > 24 or levels < 1 or features < 1:
+            raise InputError("hash grid: 1+ levels and features, table size at most 2^24")
+        self.dim, self.levels, self.features, self.backend = dim, levels, features, backend
+        self.table_size = 2**log2_table
+        self.resolutions = level_resolutions(levels, base, finest)
+        self.register_buffer("res_tensor", torch.tensor(self.resolutions, dtype=torch.int32), persistent=False)
+        self.tables = nn.Parameter((torch.rand(levels, self.table_size, features) * 2 - 1) * init_scale)
+        self._tcnn = None
+
+    @property
+    def out_dim(self) -> int:
+        return self.levels * self.features
+
+    def which_backend(self, x: Tensor) -> str:
+        if self.backend == "auto":
+            return "cuda" if x.is_cuda else "torch"
+        return self.backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise InputError(f"hash grid input must be [N, {self.dim}], got {tuple(x.shape)}")
+        x = x.clamp(0.0, 1.0 - 1e-6)
+        b = self.which_backend(x)
+        if b == "torch":
+            return hash_encode_torch(x, self.tables, self.resolutions)
+        if b == "cuda":
+            from gstalk.deform.cuda_ext import load_hashgrid_ext
+
+            return _CudaHashEncode.apply(x.float(), self.tables, self.res_tensor.to(x.device), load_hashgrid_ext())
+        if b == "tcnn":
+            return self._tcnn_forward(x)
+        raise InputError(f"unknown hash-grid backend {b!r}")
+
+    def _tcnn_forward(self, x: Tensor) -> Tensor:
+        try:
+            import tinycudann as tcnn
+        except ImportError:
+            raise InputError("backend 'tcnn' needs tiny-cuda-nn, which is not installed (use 'cuda' or 'torch')") from None
+        if self._tcnn is None:
+            scale = math.exp((math.log(self.resolutions[-1]) - math.log(self.resolutions[0])) / max(self.levels - 1, 1))
+            self._tcnn = tcnn.Encoding(self.dim, {
+                "otype": "HashGrid", "n_levels": self.levels, "n_features_per_level": self.features,
+                "log2_hashmap_size": int(math.log2(self.table_size)), "base_resolution": self.resolutions[0],
+                "per_level_scale": scale}).to(x.device)
+        return self._tcnn(x).float()
+
+
+class TriPlane(nn.Module):
+    """Three 2D hash grids on the xy, yz and xz planes; features concatenated: [N, 3*L*F]."""
+
+    PLANES = ((0, 1), (1, 2), (0, 2))
+
+    def __init__(self, levels: int = 16, features: int = 2, log2_table: int = 17, base: int = 16,
+                 finest: int = 1024, backend: Backend = "auto"):
+        super().__init__()
+        self.grids = nn.ModuleList(HashGrid(2, levels, features, log2_table, base, finest, backend)
+                                   for _ in self.PLANES)
+
+    @property
+    def out_dim(self) -> int:
+        return sum(g.out_dim for g in self.grids)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != 3:
+            raise InputError(f"tri-plane input must be [N, 3], got {tuple(x.shape)}")
+        return torch.cat([g(x[:, list(p)]) for g, p in zip(self.grids, self.PLANES)], -1)

@@ -1,0 +1,75 @@
+"""Hash-encoding speed: million encodings per second (forward, and forward+backward) for 100k
+points, for each backend present (torch always; cuda = gstalk's kernels and tcnn when a GPU
+and tiny-cuda-nn are there). Prints the device name.
+
+    python scripts/bench_encoding.py [--points 100000] [--levels 16] [--log2-table 19]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gstalk.deform.hashgrid import HashGrid, TriPlane  # noqa: E402
+from scripts.bench_render import device_name  # noqa: E402
+
+
+def bench(fn, device, reps=5):
+    fn()
+    ts = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--points", type=int, default=100_000)
+    ap.add_argument("--levels", type=int, default=16)
+    ap.add_argument("--log2-table", type=int, default=19)
+    args = ap.parse_args()
+    runs = [("torch", torch.device("cpu"))]
+    if torch.cuda.is_available():
+        runs += [("torch", torch.device("cuda")), ("cuda", torch.device("cuda"))]
+        try:
+            import tinycudann  # noqa: F401
+
+            runs.append(("tcnn", torch.device("cuda")))
+        except ImportError:
+            pass
+    print("| encoding | backend | device | points | fwd M/s | fwd+bwd M/s |")
+    print("|---|---|---|---:|---:|---:|")
+    for kind in ("hash3d", "triplane"):
+        for backend, dev in runs:
+            if kind == "hash3d":
+                enc = HashGrid(3, args.levels, 2, args.log2_table, 16, 2048, backend=backend).to(dev)
+            else:
+                enc = TriPlane(args.levels, 2, args.log2_table - 2, 16, 1024, backend=backend).to(dev)
+            x = torch.rand(args.points, 3, device=dev)
+
+            def fwd():
+                with torch.no_grad():
+                    enc(x)
+
+            def fwd_bwd():
+                enc(x).sum().backward()
+
+            tf, tb = bench(fwd, dev), bench(fwd_bwd, dev)
+            print(f"| {kind} | {backend} | {device_name(dev)} | {args.points} | {args.points / tf / 1e6:.2f} | "
+                  f"{args.points / tb / 1e6:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

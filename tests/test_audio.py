@@ -1,0 +1,106 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gstalk.audio.encoder import AudioEncoder, AudioModel, TemporalSmoother
+from gstalk.audio.features import (VISEMES, SilentAudioError, check_speech, compute_features, feature_dim,
+                                   load_external_features, phone_segments, viseme_features)
+from gstalk.errors import FileFormatError, InputError
+
+SR = 16000
+SPEECH = Path(__file__).resolve().parents[2] / "shared" / "data" / "speech_radio_8s.wav"
+
+
+def tone_burst(seconds=2.0, start=0.8, end=0.9, freq=1000.0):
+    t = np.arange(int(seconds * SR)) / SR
+    a = np.zeros_like(t, dtype=np.float32)
+    on = (t >= start) & (t < end)
+    a[on] = 0.5 * np.sin(2 * np.pi * freq * t[on])
+    return a
+
+
+def test_tone_burst_lands_in_the_right_frames():
+    f = compute_features(tone_burst(), n_frames=50, fps=25, kind="mel", window=32)
+    assert f.windows.shape == (50, 32, 83)
+    energy = f.windows[:, 16, 80]  # the window's centre frame, energy channel
+    loud = np.flatnonzero(energy > energy.min() + 0.5 * (energy.max() - energy.min()))
+    assert loud.min() == 20 and loud.max() == 22  # 0.80 s .. 0.88 s at 25 fps
+    # the window is centred: frame 20's window sees the onset in its middle
+    w = f.windows[20, :, 80]
+    assert w[16] > w[0] + 1 and w[16] > w[8]
+    # mel bands around 1 kHz light up
+    assert f.windows[21, 16, :80].argmax() in range(20, 45)
+
+
+def test_pitch_and_voicing():
+    t = np.arange(SR) / SR
+    a = (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32)
+    f = compute_features(a, n_frames=25, fps=25, kind="mel", window=4)
+    logf0, voiced = f.windows[5:20, 2, 81], f.windows[5:20, 2, 82]
+    assert np.all(voiced == 1) and np.allclose(np.exp(logf0) * 100, 200, rtol=0.05)
+
+
+@pytest.mark.parametrize("kind", ["mel", "phoneme", "mel+phoneme"])
+def test_feature_shapes(kind):
+    f = compute_features(tone_burst(1.2), n_frames=30, fps=25, kind=kind, window=16)
+    assert f.windows.shape == (30, 16, feature_dim(kind)) and f.windows.dtype == np.float32
+    assert np.isfinite(f.windows).all()
+
+
+def test_visemes_of_silence_and_one_hot():
+    v = viseme_features(np.zeros(SR, np.float32))
+    assert v.shape[1] == len(VISEMES) and np.all(v.sum(1) == 1) and np.all(v[:, 0] == 1)
+    with pytest.raises(InputError, match="unknown audio feature kind"):
+        compute_features(np.zeros(SR, np.float32), 10, 25, kind="wav2lip")
+
+
+@pytest.mark.skipif(not SPEECH.is_file(), reason="needs ../shared/data (opt-in real speech)")
+def test_phone_decoding_on_real_speech():
+    from gstalk.io.video import load_audio
+
+    segs = phone_segments(load_audio(SPEECH))
+    assert sum(1 for p, _, _ in segs if p != "SIL") > 30
+
+
+def test_external_features(tmp_path):
+    n = 40
+    np.save(tmp_path / "ds.npy", np.random.rand(n, 16, 29).astype(np.float32))
+    f = load_external_features(tmp_path / "ds.npy", n, 25)
+    assert f.kind == "deepspeech" and f.windows.shape == (n, 16, 29)
+    np.save(tmp_path / "hu.npy", np.random.rand(2 * n, 1024).astype(np.float32))
+    f = load_external_features(tmp_path / "hu.npy", n, 25)
+    assert f.kind == "hubert" and f.windows.shape == (n, 2, 1024)
+    np.save(tmp_path / "w2v.npy", np.arange(n + 1, dtype=np.float32)[:, None].repeat(44, 1))
+    f = load_external_features(tmp_path / "w2v.npy", n, 25, window=8)
+    assert f.kind == "wav2vec" and f.windows.shape == (n, 8, 44)
+    assert f.windows[10, 4, 0] == 10 and f.windows[10, 0, 0] == 6  # window centred on its frame
+    np.save(tmp_path / "short.npy", np.zeros((n - 10, 44), np.float32))
+    with pytest.raises(InputError, match="features for 30 frames but the video has 40 frames"):
+        load_external_features(tmp_path / "short.npy", n, 25)
+    with pytest.raises(FileFormatError):
+        load_external_features(tmp_path / "missing.npy", n, 25)
+
+
+def test_silence_is_refused():
+    with pytest.raises(SilentAudioError, match="silent"):
+        check_speech(np.zeros(SR, np.float32))
+    check_speech(tone_burst())
+
+
+def test_encoder_and_smoother():
+    enc = AudioEncoder(in_dim=83, window=32, code_dim=16)
+    assert enc(torch.randn(5, 32, 83)).shape == (5, 16)
+    with pytest.raises(ValueError):
+        enc(torch.randn(5, 16, 83))
+    sm = TemporalSmoother(16, k=2)
+    codes = torch.randn(10, 16)
+    out = sm(codes)
+    # uniform attention at initialisation: a 5-frame moving average with repeated edges
+    torch.testing.assert_close(out[5], codes[3:8].mean(0))
+    torch.testing.assert_close(out[0], (3 * codes[0] + codes[1] + codes[2]) / 5)
+    m = AudioModel(83, 32, 16)
+    w = torch.randn(12, 32, 83) * 3 + 1
+    m.set_normalisation(w)
+    assert m(w).shape == (12, 16)
