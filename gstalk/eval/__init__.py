@@ -1,0 +1,1 @@
+"""Metrics (PSNR, SSIM, landmark distance, mouth-audio sync) and evaluation of avatars."""
