@@ -4,35 +4,31 @@ a library function, and a :class:`GstalkError` is printed without a traceback.""
 from __future__ import annotations
 
 import sys
+import typing
+from pathlib import Path
 from typing import Sequence
 
 import tyro
 from typing_extensions import Annotated
 
-from gstalk.config import DemoConfig, ImportConfig, PendingConfig, PrepareConfig, RenderImageConfig, TrackConfig
+from gstalk.config import (DemoConfig, EvalConfig, FitConfig, ImportConfig, PendingConfig, PrepareConfig,
+                           RenderConfig, TrackConfig, TrainConfig)
 from gstalk.errors import GstalkError, NotImplementedYet
 
 # Verbs whose capability has not landed yet, and what will bring them.
 PENDING = {
-    "train": "fitting an avatar (issue 'End to end')",
-    "fit": "prepare + track + train (issue 'End to end')",
     "view": "the browser viewer (issue 'Interactive viewer')",
     "export": "exporters (issue 'Export')",
-    "eval": "evaluation (issue 'End to end')",
+}
+
+VERBS = {
+    "demo": DemoConfig, "prepare": PrepareConfig, "import-dataset": ImportConfig, "track": TrackConfig,
+    "train": TrainConfig, "fit": FitConfig, "render": RenderConfig, "eval": EvalConfig,
 }
 
 
 def _subcommands():
-    verbs = {
-        "demo": Annotated[DemoConfig, tyro.conf.subcommand("demo", description=DemoConfig.__doc__)],
-        "render": Annotated[RenderImageConfig, tyro.conf.subcommand(
-            "render", description="Render a Gaussian PLY as a turntable video and image "
-            "(driving a fitted avatar with audio lands with issue 'End to end').")],
-        "prepare": Annotated[PrepareConfig, tyro.conf.subcommand("prepare", description=PrepareConfig.__doc__)],
-        "import-dataset": Annotated[ImportConfig, tyro.conf.subcommand("import-dataset",
-                                                                       description=ImportConfig.__doc__)],
-        "track": Annotated[TrackConfig, tyro.conf.subcommand("track", description=TrackConfig.__doc__)],
-    }
+    verbs = {name: Annotated[cls, tyro.conf.subcommand(name, description=cls.__doc__)] for name, cls in VERBS.items()}
     for verb, what in PENDING.items():
         verbs[verb] = Annotated[PendingConfig, tyro.conf.subcommand(verb, description=f"Not available yet: {what}.")]
     return verbs
@@ -42,6 +38,41 @@ def _console():
     from rich.console import Console
 
     return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class StageProgress:
+    """A rich progress bar per stage, with the latest numbers (loss, PSNR, Gaussians, ETA)."""
+
+    def __init__(self, console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._p = Progress(TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
+                           TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._p.__exit__(*exc)
+
+    def __call__(self, stage: str, done: int, total: int, info: dict | None = None) -> None:
+        if stage not in self._tasks:
+            self._tasks[stage] = self._p.add_task(stage, total=total, info="")
+        text = ""
+        if info:
+            parts = []
+            if "loss" in info:
+                parts.append(f"loss {info['loss']:.4f}")
+            if "psnr" in info:
+                parts.append(f"PSNR {info['psnr']:.2f}")
+            if "gaussians" in info:
+                parts.append(f"{info['gaussians']} Gaussians")
+            if "eta" in info:
+                parts.append(f"all stages ~{info['eta'] / 60:.1f} min left")
+            text = "  ".join(parts)
+        self._p.update(self._tasks[stage], completed=done, total=max(total, done), info=text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,25 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"gstalk {verb}: not available yet ({PENDING[verb]}).")
                 return 0
             raise NotImplementedYet(f"'gstalk {verb}' is not available yet: it arrives with {PENDING[verb]}.")
-        verbs = _subcommands()
-        import typing
-
-        union = typing.Union[tuple(verbs.values())]  # type: ignore[misc]
+        union = typing.Union[tuple(_subcommands().values())]  # type: ignore[misc]
         cfg = tyro.cli(union, args=argv, prog="gstalk", description="Talking-head Gaussian avatars from a phone clip.")
-        if isinstance(cfg, DemoConfig):
-            return _demo(cfg, console)
-        if isinstance(cfg, RenderImageConfig):
-            return _render(cfg, console)
-        if isinstance(cfg, (PrepareConfig, ImportConfig)):
-            return _prepare(cfg, console)
-        if isinstance(cfg, TrackConfig):
-            from gstalk.head.tracker import track_dataset
-
-            with StageProgress(console) as prog:
-                out = track_dataset(cfg.dataset, cfg.opts, progress=prog, log=console.print)
-            console.print(f"track: {out}")
-            return 0
-        raise NotImplementedYet("this command is not available yet")
+        handler = HANDLERS.get(type(cfg))
+        if handler is None:
+            raise NotImplementedYet("this command is not available yet")
+        return handler(cfg, console)
     except GstalkError as e:
         console.print(f"[bold red]gstalk error:[/] {e}")
         return e.exit_code
@@ -89,42 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _demo(cfg: DemoConfig, console) -> int:
     from gstalk.demo import run_demo
 
-    console.print(f"gstalk demo: rendering the built-in Gaussian scene into {cfg.out}/ ...")
-    r = run_demo(cfg)
-    _report(r, console)
+    with StageProgress(console) as prog:
+        run_demo(cfg, progress=prog, log=console.print)
     return 0
-
-
-def _render(cfg: RenderImageConfig, console) -> int:
-    from gstalk.demo import render_ply_turntable
-
-    r = render_ply_turntable(cfg)
-    _report(r, console)
-    return 0
-
-
-class StageProgress:
-    """A rich progress bar per pipeline stage (frames done, rate, time left)."""
-
-    def __init__(self, console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._p = Progress(TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
-                           TimeRemainingColumn(),
-                           console=console, transient=False)
-        self._tasks: dict[str, int] = {}
-
-    def __enter__(self):
-        self._p.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._p.__exit__(*exc)
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage not in self._tasks:
-            self._tasks[stage] = self._p.add_task(stage, total=total)
-        self._p.update(self._tasks[stage], completed=done, total=max(total, done))
 
 
 def _prepare(cfg: PrepareConfig | ImportConfig, console) -> int:
@@ -146,13 +131,72 @@ def _prepare(cfg: PrepareConfig | ImportConfig, console) -> int:
     return 0
 
 
-def _report(r, console) -> None:
-    console.print(f"  gaussians : {r.gaussians}")
-    console.print(f"  image     : {r.image}")
-    console.print(f"  turntable : {r.video}")
-    console.print(f"  ply       : {r.ply}")
-    console.print(f"  render    : {r.ms_per_frame:.1f} ms/frame (median) at {r.size}x{r.size}, "
-                  f"backend {r.backend} on {r.device}")
+def _track(cfg: TrackConfig, console) -> int:
+    from gstalk.head.tracker import track_dataset
+
+    with StageProgress(console) as prog:
+        out = track_dataset(cfg.dataset, cfg.opts, progress=prog, log=console.print)
+    console.print(f"track: {out}")
+    return 0
+
+
+def _train(cfg: TrainConfig, console) -> int:
+    from gstalk.train.trainer import train
+
+    with StageProgress(console) as prog:
+        out = train(cfg.dataset, cfg.avatar, cfg.opts, progress=prog, log=console.print)
+    console.print(f"avatar: {out}")
+    return 0
+
+
+def _fit(cfg: FitConfig, console) -> int:
+    from gstalk.head.tracker import track_dataset
+    from gstalk.prepare import prepare
+    from gstalk.train.trainer import train
+
+    ds_dir = cfg.dataset or Path(str(cfg.avatar).rstrip("/") + ".dataset")
+    with StageProgress(console) as prog:
+        prepare(cfg.clip, ds_dir, cfg.prepare, progress=prog, log=console.print)
+        if not (ds_dir / "track.npz").is_file():
+            track_dataset(ds_dir, cfg.track, progress=prog, log=console.print)
+        out = train(ds_dir, cfg.avatar, cfg.train, progress=prog, log=console.print)
+    console.print(f"dataset: {ds_dir}\navatar: {out}")
+    return 0
+
+
+def _render(cfg: RenderConfig, console) -> int:
+    if cfg.target.suffix.lower() == ".ply":
+        from gstalk.demo import render_ply_turntable
+
+        r = render_ply_turntable(cfg.target, cfg.out, size=cfg.size or 256, frames=cfg.frames, fps=cfg.fps or 24.0,
+                                 radius=cfg.radius, device=cfg.device)
+        console.print(f"  image     : {r.image}\n  turntable : {r.video}\n  render    : {r.ms_per_frame:.1f} ms/frame "
+                      f"(median) at {r.size}x{r.size}, backend {r.backend} on {r.device}")
+        return 0
+    from gstalk.drive.render import drive
+
+    with StageProgress(console) as prog:
+        r = drive(cfg.target, cfg.out, cfg.audio, cfg.expressions, cfg.camera, cfg.head, cfg.size, cfg.fps,
+                  cfg.device, cfg.deform, progress=prog)
+    console.print(f"video: {r.video} ({r.frames} frames, {r.seconds:.2f} s at {r.fps:g} fps; rendered at "
+                  f"{r.render_fps:.1f} frames/s)")
+    return 0
+
+
+def _eval(cfg: EvalConfig, console) -> int:
+    import json
+
+    from gstalk.eval.evaluate import evaluate
+
+    with StageProgress(console) as prog:
+        res = evaluate(cfg.avatar, cfg.dataset, list(cfg.audio), cfg.size, cfg.out, cfg.device, progress=prog)
+    console.print(json.dumps({k: res[k] for k in ("deformation", "no_deformation")}, indent=2))
+    console.print(f"written: {res['files']['json']}, {res['files']['video']}")
+    return 0
+
+
+HANDLERS = {DemoConfig: _demo, PrepareConfig: _prepare, ImportConfig: _prepare, TrackConfig: _track,
+            TrainConfig: _train, FitConfig: _fit, RenderConfig: _render, EvalConfig: _eval}
 
 
 def entry() -> None:

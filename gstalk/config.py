@@ -18,37 +18,49 @@ Device = Literal["auto", "cpu", "cuda"]
 
 @dataclass
 class DemoConfig:
-    """Render the built-in Gaussian scene: a still image, a turntable video and a PLY."""
+    """The whole pipeline on a built-in talking clip (or --clip yours): prepare, track, train,
+    evaluate, drive with another voice (tracked camera and orbit), export a PLY."""
 
     out: Path = Path("out/demo")
-    """Folder for the outputs (created if missing)."""
+    """Folder for everything the demo writes."""
+    clip: Path | None = None
+    """Your own clip instead of the built-in synthetic one."""
+    seconds: float = 8.0
+    """Length of the built-in clip."""
     size: int = 0
-    """Image size in pixels (square). 0 picks 512 on a GPU and 160 on a CPU."""
-    frames: int = 48
-    """Frames in the turntable video (one full turn)."""
-    fps: float = 24.0
-    """Frame rate of the turntable video."""
+    """Working resolution; 0 = 512 on a GPU, 128 on a CPU."""
+    effort: float = 1.0
+    """Scales the training iterations on a CPU (1.0 fits the 10-minute budget on 2 cores)."""
     device: Device = "auto"
-    """Where to render: 'auto' uses CUDA when available."""
-    sh_degree: int = 3
-    """Spherical-harmonics degree of the scene's colours (0..3)."""
 
 
 @dataclass
-class RenderImageConfig:
-    """Render a Gaussian PLY file from an orbit of cameras (turntable) to an mp4 and a PNG."""
+class RenderConfig:
+    """Drive an avatar with new audio (or a tracked expression sequence) to an mp4 with sound;
+    or, given a .ply file, render a turntable of it."""
 
-    ply: Annotated[Path, tyro.conf.Positional]
-    """A 3DGS PLY file (gstalk's or any splat tool's)."""
-    out: Path = Path("out/render")
-    """Folder for the outputs."""
-    size: int = 256
-    """Image size in pixels (square)."""
+    target: Annotated[Path, tyro.conf.Positional]
+    """An avatar folder (from 'gstalk train' / 'gstalk fit'), or a 3DGS .ply file."""
+    audio: Path | None = None
+    """Speech to drive the avatar with (wav, mp3, m4a, or a video's audio)."""
+    expressions: Path | None = None
+    """Instead of audio: a track.npz from another tracked clip (jaw and expression)."""
+    out: Path = Path("out/render.mp4")
+    """The mp4 to write (for a .ply: a folder)."""
+    camera: str = "track"
+    """track (the fitted camera), still, orbit (one turn around the head), or a JSON path file."""
+    head: str = "track"
+    """Head motion for new audio: track (the training clip's, back and forth) or still."""
+    size: int = 0
+    """Output size in pixels (square); 0 = the avatar's resolution (256 for a .ply)."""
+    fps: float = 0.0
+    """Frame rate; 0 = the avatar's."""
+    deform: bool = True
+    """Apply the audio-conditioned deformation (off = the baseline)."""
     frames: int = 48
-    """Frames in the turntable video."""
-    fps: float = 24.0
+    """For a .ply: frames of the turntable."""
     radius: float = 0.0
-    """Camera distance from the scene centre; 0 fits the scene's extent."""
+    """For a .ply: camera distance (0 = fit the scene)."""
     device: Device = "auto"
 
 
@@ -153,6 +165,85 @@ class TrackConfig:
     dataset: Annotated[Path, tyro.conf.Positional]
     """A dataset folder made by 'gstalk prepare'."""
     opts: Annotated[TrackOptions, tyro.conf.arg(name="")] = field(default_factory=TrackOptions)
+
+
+@dataclass
+class TrainOptions:
+    """How an avatar is fitted to a tracked dataset."""
+
+    iters_static: int = 1500
+    """Stage 1: canonical Gaussians on the tracked mesh, no deformation."""
+    iters_audio: int = 1500
+    """Stage 2: the audio-conditioned deformation field (Gaussians at a lower rate)."""
+    iters_joint: int = 1000
+    """Stage 3: everything together, extra weight on the mouth."""
+    iters_a2m: int = 600
+    """Audio-to-motion model (jaw, expression, blink from audio), trained on the track."""
+    scale: float = 0.0
+    """Render at this fraction of the dataset resolution (0 = 1.0 on a GPU, 128 px on a CPU)."""
+    per_triangle: int = 0
+    """Gaussians per mesh triangle at the start (0 = 8 on a GPU, 2 on a CPU)."""
+    torso_points: int = 0
+    """Free Gaussians for neck/shoulders/torso (0 = 4000 on a GPU, 800 on a CPU)."""
+    sh_degree: int = 1
+    feature_kind: str = "phoneme"
+    """Audio features for the avatar: phoneme (transfers best to new voices), mel, mel+phoneme."""
+    background: str = "plate"
+    """'plate': composite over the dataset's background plate; 'white' / 'black'."""
+    lr_means: float = 0.005
+    """Learning rate of Gaussian positions (in triangle-local units)."""
+    lr_field: float = 2e-3
+    w_ssim: float = 0.2
+    w_alpha: float = 0.1
+    w_mouth: float = 2.0
+    w_offsets: float = 1.0
+    densify_every: int = 200
+    densify_grad: float = 0.0004
+    max_gaussians: int = 200_000
+    checkpoint_every: int = 500
+    cache_frames: int = 64
+    """Frames kept in memory (the rest are read from disk when needed)."""
+    seed: int = 0
+    device: Device = "auto"
+
+
+@dataclass
+class TrainConfig:
+    """Fit an avatar to a prepared and tracked dataset (resumes from its checkpoint)."""
+
+    dataset: Annotated[Path, tyro.conf.Positional]
+    avatar: Annotated[Path, tyro.conf.Positional]
+    """The avatar folder to write."""
+    opts: Annotated[TrainOptions, tyro.conf.arg(name="")] = field(default_factory=TrainOptions)
+
+
+@dataclass
+class FitConfig:
+    """prepare + track + train: from a phone clip to an avatar, with sensible defaults."""
+
+    clip: Annotated[Path, tyro.conf.Positional]
+    avatar: Annotated[Path, tyro.conf.Positional]
+    """The avatar folder to write."""
+    dataset: Path | None = None
+    """Where the dataset folder goes (default: AVATAR.dataset beside the avatar)."""
+    prepare: PrepareOptions = field(default_factory=PrepareOptions)
+    track: TrackOptions = field(default_factory=TrackOptions)
+    train: TrainOptions = field(default_factory=TrainOptions)
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate an avatar on its dataset's held-out tail (and lip sync on other speakers' audio)."""
+
+    avatar: Annotated[Path, tyro.conf.Positional]
+    dataset: Annotated[Path, tyro.conf.Positional]
+    audio: tuple[Path, ...] = ()
+    """Other speakers' recordings for the sync score."""
+    size: int = 0
+    """Evaluation size in pixels (0 = the dataset's, at most 256 on a CPU)."""
+    out: Path | None = None
+    """Folder for eval.json and side_by_side.mp4 (default AVATAR/eval)."""
+    device: Device = "auto"
 
 
 @dataclass

@@ -53,10 +53,13 @@ class TemporalSmoother(nn.Module):
         padded = torch.cat([codes[:1].expand(k, -1), codes, codes[-1:].expand(k, -1)])
         return padded.unfold(0, 2 * k + 1, 1).transpose(1, 2)  # [T, 2k+1, C]
 
-    def forward(self, codes: Tensor) -> Tensor:
-        win = self.neighbours(codes)  # [T, 2k+1, C]
-        w = torch.softmax(self.att(win.transpose(1, 2))[:, 0], dim=-1)  # [T, 2k+1]
+    def attend(self, win: Tensor) -> Tensor:
+        """[B, 2k+1, C] neighbourhoods -> [B, C] attention-weighted codes."""
+        w = torch.softmax(self.att(win.transpose(1, 2))[:, 0], dim=-1)  # [B, 2k+1]
         return (w[..., None] * win).sum(1)
+
+    def forward(self, codes: Tensor) -> Tensor:
+        return self.attend(self.neighbours(codes))
 
 
 class AudioModel(nn.Module):
@@ -78,3 +81,11 @@ class AudioModel(nn.Module):
         """[T, W, D] consecutive frames' windows -> [T, code_dim]."""
         codes = self.encoder((windows - self.mean) / self.std)
         return self.smoother(codes) if smooth and codes.shape[0] > 1 else codes
+
+    def codes_at(self, windows: Tensor, frames: Tensor) -> Tensor:
+        """Smoothed codes of some ``frames`` [B] of a sequence's ``windows`` [T, W, D] (encodes
+        only those frames and their neighbours)."""
+        k = self.smoother.k
+        idx = (frames[:, None] + torch.arange(-k, k + 1, device=frames.device)[None]).clamp(0, windows.shape[0] - 1)
+        codes = self.encoder((windows[idx.reshape(-1)] - self.mean) / self.std)
+        return self.smoother.attend(codes.reshape(len(frames), 2 * k + 1, -1))

@@ -72,5 +72,16 @@ def write_text(target: str | os.PathLike, text: str) -> Path:
     return write_bytes(target, text.encode("utf-8"))
 
 
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become null: JSON has no such numbers."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(target: str | os.PathLike, obj: Any) -> Path:
-    return write_text(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    return write_text(target, json.dumps(_finite(obj), indent=2, sort_keys=False, allow_nan=False) + "\n")

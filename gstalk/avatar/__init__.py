@@ -1,0 +1,1 @@
+"""The composed avatar: bound Gaussians + deformation field + audio models; its folder format."""

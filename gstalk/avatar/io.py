@@ -1,0 +1,109 @@
+"""The avatar folder: everything needed to render, nothing from the dataset's frames.
+
+    config.json          format, version, AvatarConfig (feature kind, sizes, head-model reference)
+    gaussians.ply        canonical Gaussians, 3DGS layout; bound ones in their triangle's
+                         local frame (``binding`` = parent triangle, -1 = free/torso), ``region``
+    networks.safetensors deformation field, audio encoder (with its feature normalisation),
+                         audio-to-motion model
+    motion.npz           identity shape, camera (K, viewmat), and the training clip's head
+                         motion (poses, eyes) used to animate new audio
+    background.png       the background plate (when the background mode is 'plate')
+
+Loading never executes code from the folder (safetensors, plyfile, numpy without pickle,
+JSON). A folder of another format version is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gstalk.avatar.model import AVATAR_VERSION, Avatar, AvatarConfig
+from gstalk.errors import FileFormatError, GstalkError
+from gstalk.gaussians.ply import load_ply, save_ply
+from gstalk.head.flame import STANDIN_PATH, load_head_model
+from gstalk.io.atomic import atomic_path, ensure_dir, write_json
+
+AVATAR_FORMAT = "gstalk-avatar"
+
+
+def save_avatar(avatar: Avatar, folder: str | os.PathLike, motion: dict[str, np.ndarray],
+                background: np.ndarray | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    out = ensure_dir(folder)
+    save_ply(avatar.gaussian_set(), out / "gaussians.ply")
+    tensors = {}
+    for prefix, mod in (("field", avatar.field), ("audio", avatar.audio), ("a2m", avatar.a2m)):
+        for k, v in mod.state_dict().items():
+            tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
+    with atomic_path(out / "networks.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    from gstalk.io.dataset import save_npz, write_image_file
+
+    save_npz(out / "motion.npz", shape=avatar.shape.cpu().numpy(), K=avatar.K.cpu().numpy(),
+             viewmat=avatar.viewmat.cpu().numpy(), **{k: np.asarray(v, np.float32) for k, v in motion.items()})
+    if background is not None:
+        write_image_file(out / "background.png", background)
+    write_json(out / "config.json", {"format": AVATAR_FORMAT, **avatar.cfg.to_json()})
+    return out
+
+
+def head_for(ref: dict):
+    """The head model a track or avatar recorded (stand-in, or the user's FLAME file)."""
+    if ref.get("name") == "gstalk-standin":
+        return load_head_model(STANDIN_PATH, n_shape=ref.get("n_shape"), n_expr=ref.get("n_expr"))
+    src = ref.get("source", "")
+    if not src or not Path(src).is_file():
+        raise GstalkError(f"this avatar was fitted with the head model file {src or '(unknown)'}, which is not "
+                          "there; put the same FLAME file back or set GSTALK_FLAME to it")
+    model = load_head_model(src, n_shape=ref.get("n_shape"), n_expr=ref.get("n_expr"))
+    if ref.get("digest") and model.digest != ref["digest"]:
+        raise GstalkError(f"{src} is not the head-model file this avatar was fitted with (digest differs)")
+    return model
+
+
+def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Avatar, dict]:
+    """(avatar, motion arrays) from an avatar folder."""
+    from safetensors.torch import load_file
+
+    root = Path(folder)
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        raise FileFormatError(f"{root} is not a gstalk avatar (no config.json); fit one with 'gstalk train' or "
+                              "'gstalk fit'")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f"{cfg_path} is not valid JSON ({e})") from None
+    if raw.get("format") != AVATAR_FORMAT:
+        raise FileFormatError(f"{cfg_path} does not describe a gstalk avatar")
+    if raw.get("version") != AVATAR_VERSION:
+        raise FileFormatError(f"{root} was written in avatar format version {raw.get('version')}; this gstalk reads "
+                              f"version {AVATAR_VERSION}. Re-fit the avatar with this version ('gstalk train').")
+    raw.pop("format")
+    cfg = AvatarConfig(**raw)
+    head = head_for(cfg.head_model)
+    g = load_ply(root / "gaussians.ply")
+    if g.binding is None or "region" not in g.extra:
+        raise FileFormatError(f"{root / 'gaussians.ply'} lacks gstalk's binding/region properties")
+    with np.load(root / "motion.npz", allow_pickle=False) as z:
+        motion = {k: z[k] for k in z.files}
+    av = Avatar(cfg, head, torch.from_numpy(motion.pop("shape")), g, g.extra["region"].long(),
+                torch.from_numpy(motion.pop("K")), torch.from_numpy(motion.pop("viewmat")))
+    tensors = load_file(str(root / "networks.safetensors"))
+    for prefix, mod in (("field", av.field), ("audio", av.audio), ("a2m", av.a2m)):
+        sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        missing, unexpected = mod.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise FileFormatError(f"{root}: network '{prefix}' does not match this gstalk "
+                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if (root / "background.png").is_file():
+        from gstalk.io.dataset import read_image_file
+
+        motion["background"] = read_image_file(root / "background.png")
+    return av.to(device), motion

@@ -1,0 +1,249 @@
+"""The composed avatar: canonical Gaussians bound to the head mesh + the deformation field +
+the audio encoder and the audio-to-motion model.
+
+``Avatar.gaussians_at(frame)`` gives the posed Gaussians of one frame. Everything above
+(train, drive, eval, export, viewer) uses it; it uses nothing above.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gstalk.audio.encoder import AudioModel
+from gstalk.avatar.binding import bind_to_world, quat_multiply, rotmat_to_quat, triangle_frames, world_to_local
+from gstalk.deform.field import REGION_FACE, REGION_MOUTH, REGION_TORSO, Deformation, DeformationField
+from gstalk.gaussians.set import SH_C0, GaussianSet, GaussianTensors
+from gstalk.head.flame import HeadModel
+from gstalk.head.lbs import FlameParams, flame_forward
+
+AVATAR_VERSION = 1
+
+
+@dataclass
+class AvatarConfig:
+    """What an avatar folder records about how it was made (config.json)."""
+
+    version: int = AVATAR_VERSION
+    fps: float = 25.0
+    resolution: int = 512
+    feature_kind: str = "phoneme"
+    window: int = 32
+    code_dim: int = 32
+    expr_cond: int = 8
+    sh_degree: int = 1
+    encoding: str = "triplane"
+    background: str = "plate"  # 'plate' (composite over background.png) or 'alpha' or 'white'/'black'
+    head_model: dict = field(default_factory=dict)
+    n_shape: int = 0
+    n_expr: int = 0
+    feature_dim: int = 15
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Frame:
+    """Conditions of B frames: head-model parameters, audio codes, blink."""
+
+    params: FlameParams
+    audio: Tensor | None = None  # [B, code_dim]
+    blink: Tensor | None = None  # [B]
+    deform: bool = True
+
+
+class AudioToMotion(nn.Module):
+    """Audio windows -> jaw [3], expression [E], blink [1] per frame (trained on the track)."""
+
+    def __init__(self, feature_dim: int, window: int, n_expr: int, code_dim: int = 32):
+        super().__init__()
+        self.audio = AudioModel(feature_dim, window, code_dim)
+        self.head = nn.Linear(code_dim, 3 + n_expr + 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self.n_expr = n_expr
+        self.register_buffer("out_mean", torch.zeros(3 + n_expr + 1))
+        self.register_buffer("out_std", torch.ones(3 + n_expr + 1))
+
+    def forward(self, windows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        y = self.head(self.audio(windows)) * self.out_std + self.out_mean
+        return y[:, :3], y[:, 3:3 + self.n_expr], y[:, -1].clamp(0, 1)
+
+
+class Avatar(nn.Module):
+    """Canonical Gaussians (bound to the head mesh, or free for the torso) + networks."""
+
+    def __init__(self, cfg: AvatarConfig, head: HeadModel, shape: Tensor, gaussians: GaussianSet, region: Tensor,
+                 K: Tensor, viewmat: Tensor):
+        super().__init__()
+        self.cfg = cfg
+        self.head_model = head
+        self.register_buffer("shape", shape.float())
+        self.register_buffer("K", K.float())
+        self.register_buffer("viewmat", viewmat.float())
+        self.set_gaussians(gaussians, region)
+        self.field = DeformationField(audio_dim=cfg.code_dim, expr_dim=cfg.expr_cond, encoding=cfg.encoding,
+                                      colour=False)
+        self.audio = AudioModel(cfg.feature_dim, cfg.window, cfg.code_dim)
+        self.a2m = AudioToMotion(cfg.feature_dim, cfg.window, cfg.expr_cond, cfg.code_dim)
+
+    def to(self, *args, **kwargs):  # the head model is plain tensors, not a module: move it too
+        out = super().to(*args, **kwargs)
+        dev = self.means.device
+        self.head_model = self.head_model.to(dev)
+        self._canon = None
+        return out
+
+    # ------------------------------------------------------------------ Gaussians
+    def set_gaussians(self, g: GaussianSet, region: Tensor) -> None:
+        self.means = nn.Parameter(g.means.detach().clone())
+        self.quats = nn.Parameter(g.quats.detach().clone())
+        self.log_scales = nn.Parameter(g.log_scales.detach().clone())
+        self.opacity_logits = nn.Parameter(g.opacity_logits.detach().clone())
+        self.sh = nn.Parameter(g.sh.detach().clone())
+        self.register_buffer("binding", g.binding.detach().clone().long())
+        self.register_buffer("region", region.detach().clone().long())
+        self._canon = None
+
+    def gaussian_set(self) -> GaussianSet:
+        return GaussianSet(self.means.detach(), self.quats.detach(), self.log_scales.detach(),
+                           self.opacity_logits.detach(), self.sh.detach(), binding=self.binding.clone(),
+                           extra={"region": self.region.to(torch.int32)})
+
+    @property
+    def num_gaussians(self) -> int:
+        return self.means.shape[0]
+
+    def gaussian_params(self) -> dict[str, nn.Parameter]:
+        return {"means": self.means, "quats": self.quats, "log_scales": self.log_scales,
+                "opacity_logits": self.opacity_logits, "sh": self.sh}
+
+    # ------------------------------------------------------------------ geometry
+    def rest_frames(self):
+        v = flame_forward(self.head_model, FlameParams(shape=self.shape[None])).vertices
+        return triangle_frames(v, self.head_model.faces)
+
+    def canonical_positions(self) -> Tensor:
+        """[N, 3] rest-pose positions in head space (the deformation field's input)."""
+        if self._canon is None or self._canon.shape[0] != self.num_gaussians:
+            with torch.no_grad():
+                o, r, s = self.rest_frames()
+                bound = self.binding >= 0
+                pos = self.means.detach().clone()
+                if bool(bound.any()):
+                    m, _, _ = bind_to_world(self.means[bound].detach(), self.quats[bound].detach(),
+                                            self.log_scales[bound].detach(), self.binding[bound], o, r, s)
+                    pos[bound] = m[0]
+                self._canon = pos
+        return self._canon
+
+    def invalidate(self) -> None:
+        self._canon = None
+
+    def gaussians_at(self, frame: Frame) -> list[GaussianTensors]:
+        """Posed Gaussians of each of the B frames (activated, ready to rasterize)."""
+        return self.posed(frame)[0]
+
+    def posed(self, frame: Frame) -> tuple[list[GaussianTensors], Deformation | None]:
+        """Posed Gaussians of each frame, and the deformation that was applied (None if off)."""
+        p = frame.params
+        B = p.batch_size()
+        if p.shape is None:
+            p = FlameParams(**{**p.__dict__, "shape": self.shape[None].expand(B, -1)})
+        verts = flame_forward(self.head_model, p).vertices
+        o, r, s = triangle_frames(verts, self.head_model.faces)
+        bound = self.binding >= 0
+        N = self.num_gaussians
+        means = self.means[None].expand(B, -1, -1)
+        quats = self.quats[None].expand(B, -1, -1)
+        scales = torch.exp(self.log_scales)[None].expand(B, -1, -1)
+        if bool(bound.any()):
+            bm, bq, bs = bind_to_world(self.means[bound], self.quats[bound], self.log_scales[bound],
+                                       self.binding[bound], o, r, s)
+            idx = bound.nonzero(as_tuple=True)[0]
+            means = means.clone().index_copy(1, idx, bm)
+            quats = quats.clone().index_copy(1, idx, bq)
+            scales = scales.clone().index_copy(1, idx, bs)
+        opac = self.opacity_logits[None].expand(B, -1)
+        sh = self.sh[None].expand(B, -1, -1, -1)
+        d = None
+        if frame.deform:
+            audio = frame.audio if frame.audio is not None else torch.zeros(B, self.cfg.code_dim,
+                                                                            device=means.device)
+            expr = None
+            if self.cfg.expr_cond:
+                e = p.expr if p.expr is not None else torch.zeros(B, self.cfg.expr_cond, device=means.device)
+                expr = torch.nn.functional.pad(e[:, : self.cfg.expr_cond], (0, max(0, self.cfg.expr_cond - e.shape[1])))
+            # bounded codes: new voices must not push the field far outside what it was trained on
+            d = self.field(self.canonical_positions(), torch.tanh(audio), blink=frame.blink, expr=expr, neck=p.neck,
+                           region=self.region)
+            # offsets are in canonical head space: carry them with each triangle's motion
+            dm = d.d_means
+            if bool(bound.any()):
+                o0, r0, _ = self.rest_frames()
+                rel = r[:, self.binding[bound]] @ r0[:, self.binding[bound]].transpose(-1, -2)  # [B, n, 3, 3]
+                dmb = (rel @ dm[:, bound][..., None])[..., 0]
+                dm = dm.clone()
+                dm[:, bound] = dmb
+            means = means + dm
+            quats = quat_multiply(quats, d.d_quats)
+            scales = scales * torch.exp(d.d_log_scales)
+            opac = opac + 2.0 * torch.tanh(d.d_opacity[..., 0] / 2.0)
+            sh = torch.cat([sh[:, :, :1] + (d.d_colors / SH_C0)[:, :, None], sh[:, :, 1:]], 2)
+        return [GaussianTensors(means[b], quats[b], scales[b], torch.sigmoid(opac[b]), sh[b]) for b in range(B)], d
+
+
+# ---------------------------------------------------------------------- initialisation
+def init_gaussians(head: HeadModel, shape: Tensor, per_triangle: int = 2, sh_degree: int = 1,
+                   seed: int = 0) -> tuple[GaussianSet, Tensor]:
+    """Gaussians on every triangle of the rest-pose head mesh (bound), grey, flat along the surface."""
+    g = torch.Generator().manual_seed(seed)
+    faces = head.faces
+    F = faces.shape[0]
+    v = flame_forward(head, FlameParams(shape=shape[None])).vertices
+    o, r, s = triangle_frames(v, faces)
+    tri = v[0, faces]  # [F, 3, 3]
+    bary = torch.rand(F, per_triangle, 3, generator=g)
+    bary = -torch.log(bary.clamp_min(1e-6))
+    bary = bary / bary.sum(-1, keepdim=True)
+    pts = (bary[..., None] * tri[:, None]).sum(2).reshape(-1, 3)
+    binding = torch.arange(F).repeat_interleave(per_triangle)
+    local = world_to_local(pts, binding, o, r, s)
+    n = pts.shape[0]
+    k = (sh_degree + 1) ** 2
+    sh = torch.zeros(n, k, 3)
+    sh[:, 0] = (0.6 - 0.5) / SH_C0
+    side = 0.6 / math.sqrt(per_triangle)
+    log_scales = torch.log(torch.tensor([side, side, side * 0.3])).expand(n, 3).clone()
+    quats = torch.zeros(n, 4)
+    quats[:, 0] = 1
+    region = torch.full((n,), REGION_FACE, dtype=torch.long)
+    vr = head.meta.get("vertex_region")
+    if vr is not None:  # the stand-in marks its mouth pocket
+        mouth = torch.as_tensor((np.asarray(vr)[faces.numpy()] == 2).all(1))
+        region[mouth[binding]] = REGION_MOUTH
+    gs = GaussianSet(local, quats, log_scales, torch.full((n,), 2.0), sh, binding=binding)
+    return gs, region
+
+
+def torso_gaussians(points: Tensor, colors: Tensor, scale: float, sh_degree: int) -> tuple[GaussianSet, Tensor]:
+    """Free (unbound) Gaussians for the shoulders and torso at world ``points`` with rgb ``colors``."""
+    g = GaussianSet.from_points(points, colors, scale=scale, opacity=0.9, sh_degree=sh_degree,
+                                binding=torch.full((points.shape[0],), -1, dtype=torch.long))
+    return g, torch.full((points.shape[0],), REGION_TORSO, dtype=torch.long)
+
+
+def concat_sets(a: GaussianSet, b: GaussianSet) -> GaussianSet:
+    return GaussianSet(torch.cat([a.means, b.means]), torch.cat([a.quats, b.quats]),
+                       torch.cat([a.log_scales, b.log_scales]), torch.cat([a.opacity_logits, b.opacity_logits]),
+                       torch.cat([a.sh, b.sh]), binding=torch.cat([a.binding, b.binding]))
+
+
+__all__ = ["AVATAR_VERSION", "Avatar", "AvatarConfig", "AudioToMotion", "Frame", "concat_sets", "init_gaussians",
+           "rotmat_to_quat", "torso_gaussians"]

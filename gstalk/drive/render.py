@@ -1,0 +1,226 @@
+"""``gstalk render AVATAR --audio speech.wav``: drive an avatar with new audio (or a tracked
+expression sequence) and write an H.264 mp4 with the sound muxed in.
+
+Per frame: audio code (encoder + smoother) -> jaw, expression, blink (audio-to-motion
+model) -> head-model mesh with a head pose from the training clip (looped back and forth),
+a still pose, or none -> bound Gaussians + deformation -> rasterisation from the tracked
+camera, a still camera, an orbit, or a JSON path. Frame k shows time k / fps and the audio
+is cut to exactly ``frames / fps`` seconds, so picture and sound stay in sync.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from gstalk.audio.features import check_speech, compute_features
+from gstalk.avatar.io import load_avatar
+from gstalk.avatar.model import Avatar, Frame
+from gstalk.errors import FileFormatError, InputError
+from gstalk.head.lbs import FlameParams
+from gstalk.io.atomic import atomic_path
+from gstalk.io.media import to_uint8
+from gstalk.io.video import load_audio
+from gstalk.render import Cameras, look_at, rasterize
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class DriveResult:
+    video: Path
+    frames: int
+    fps: float
+    seconds: float
+    render_fps: float
+
+
+def _pingpong(n_src: int, n: int) -> np.ndarray:
+    if n_src <= 1:
+        return np.zeros(n, int)
+    period = 2 * (n_src - 1)
+    k = np.arange(n) % period
+    return np.where(k < n_src, k, period - k)
+
+
+def head_motion(motion: dict, n: int, mode: str) -> dict[str, np.ndarray]:
+    """Head pose per frame: 'track' (training motion, back and forth), 'still' (its median)."""
+    keys = ("global_rot", "neck", "translation", "eyes")
+    if mode == "track":
+        idx = _pingpong(len(motion["global_rot"]), n)
+        return {k: motion[k][idx] for k in keys}
+    if mode == "still":
+        return {k: np.repeat(np.median(motion[k], axis=0, keepdims=True), n, 0) for k in keys}
+    raise InputError(f"unknown head motion {mode!r}: track or still")
+
+
+def cameras_for(av: Avatar, motion: dict, n: int, mode: str, size: int) -> Cameras:
+    """'track'/'still': the tracked camera; 'orbit': a turn around the head; or a JSON path file
+    with {"viewmats": [[4x4], ...], "K": [[3x3]] (optional, for the tracked image size)}."""
+    src = float(av.cfg.resolution)
+    K = av.K.clone().float()
+    K[:2] *= size / src
+    if mode in ("track", "still"):
+        return Cameras(av.viewmat.float()[None].expand(n, 4, 4).clone(), K[None].expand(n, 3, 3).clone(), size, size)
+    if mode == "orbit":
+        # one turn around the head (y up), starting from the tracked viewpoint
+        centre = torch.as_tensor(np.median(motion["translation"], 0), dtype=torch.float32)
+        cam_pos = (-av.viewmat[:3, :3].T @ av.viewmat[:3, 3]).float().cpu()
+        rel = cam_pos - centre
+        mats = []
+        for k in range(n):
+            a = 2 * math.pi * k / max(n, 1)
+            ry = torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
+            mats.append(look_at(centre + ry @ rel, centre))
+        return Cameras(torch.stack(mats), K[None].expand(n, 3, 3).clone(), size, size)
+    p = Path(mode)
+    if not p.is_file():
+        raise InputError(f"--camera must be track, still, orbit or a JSON camera path file; {mode!r} is none")
+    try:
+        d = json.loads(p.read_text())
+        vm = torch.tensor(d["viewmats"], dtype=torch.float32)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise FileFormatError(f"{p}: expected {{\"viewmats\": [[4x4], ...]}} ({e})") from None
+    if vm.dim() != 3 or vm.shape[1:] != (4, 4):
+        raise FileFormatError(f"{p}: viewmats must be a list of 4x4 matrices")
+    if "K" in d:
+        K = torch.tensor(d["K"], dtype=torch.float32)
+    idx = torch.as_tensor(_pingpong(len(vm), n) if len(vm) < n else np.arange(n))
+    return Cameras(vm[idx], K[None].expand(n, 3, 3).clone(), size, size)
+
+
+def audio_conditions(av: Avatar, audio: np.ndarray, n: int, fps: float):
+    """Audio codes for the deformation, and jaw/expression/blink from the audio-to-motion model."""
+    feats = torch.from_numpy(compute_features(audio, n, fps, av.cfg.feature_kind, av.cfg.window).windows)
+    feats = feats.to(av.means.device)
+    with torch.no_grad():
+        codes = av.audio(feats)
+        jaw, expr, blink = av.a2m(feats)
+    return codes, jaw, expr, blink
+
+
+def frames_iter(av: Avatar, motion: dict, n: int, fps: float, cams: Cameras, audio: np.ndarray | None = None,
+                expressions: dict | None = None, head: str = "track", deform: bool = True,
+                background: torch.Tensor | None = None, batch: int = 8) -> Iterator[torch.Tensor]:
+    """Rendered RGB frames [S, S, 3] (float, on the avatar's device), one at a time."""
+    dev = av.means.device
+    hm = head_motion(motion, n, head)
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=dev)  # noqa: E731
+    if expressions is not None:
+        jaw, expr = t(expressions["jaw"][:n]), t(expressions["expr"][:n])
+        blink = t(expressions.get("blink", np.zeros(n))[:n])
+        codes = torch.zeros(n, av.cfg.code_dim, device=dev)
+        if expressions.get("use_pose"):
+            hm = {k: expressions[k][:n] for k in ("global_rot", "neck", "translation", "eyes")}
+    else:
+        codes, jaw, expr, blink = audio_conditions(av, audio, n, fps)
+    E = av.head_model.n_expr
+    expr = torch.nn.functional.pad(expr, (0, max(0, E - expr.shape[1])))[:, :E]
+    size = cams.width
+    bg = background if background is not None else torch.ones(size, size, 3, device=dev)
+    with torch.no_grad():
+        for s in range(0, n, batch):
+            sl = slice(s, min(s + batch, n))
+            p = FlameParams(expr=expr[sl], jaw=jaw[sl], global_rot=t(hm["global_rot"][sl]), neck=t(hm["neck"][sl]),
+                            eyes=t(hm["eyes"][sl]), translation=t(hm["translation"][sl]))
+            gs = av.gaussians_at(Frame(p, audio=codes[sl], blink=blink[sl], deform=deform))
+            for j, g in enumerate(gs):
+                out = rasterize(g, cams[s + j].to(dev), sh_degree=av.cfg.sh_degree, background=0.0)
+                yield out.colors[0] + (1 - out.alphas[0]) * bg
+
+
+def write_video_with_audio(path: Path, frames: Iterator, fps: float, audio: np.ndarray | None, sr: int = 16000,
+                           n_frames: int | None = None, progress: Progress | None = None) -> Path:
+    """H.264 + AAC mp4, atomically; the audio is cut or padded to exactly frames / fps."""
+    import av as pyav
+
+    prog = progress or (lambda *a: None)
+    with atomic_path(path) as tmp:
+        c = pyav.open(str(tmp), "w")
+        vs = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        vs.pix_fmt = "yuv420p"
+        vs.options = {"crf": "18", "preset": "medium"}
+        aus = None
+        if audio is not None:  # every stream must exist before the first packet is written
+            aus = c.add_stream("aac", rate=sr)
+            aus.layout = "mono"
+        first = True
+        n = 0
+        try:
+            for f in frames:
+                arr = to_uint8(f)
+                if first:
+                    vs.width, vs.height = arr.shape[1] - arr.shape[1] % 2, arr.shape[0] - arr.shape[0] % 2
+                    first = False
+                arr = arr[: vs.height, : vs.width]
+                for pkt in vs.encode(pyav.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
+                    c.mux(pkt)
+                n += 1
+                prog("render", n, n_frames or n)
+            for pkt in vs.encode():
+                c.mux(pkt)
+            if aus is not None:
+                need = int(round(n / fps * sr))
+                a = np.zeros(need, np.float32)
+                a[: min(need, len(audio))] = audio[:need]
+                step = 1024
+                for j in range(0, need, step):
+                    af = pyav.AudioFrame.from_ndarray(a[None, j:j + step], format="flt", layout="mono")
+                    af.sample_rate = sr
+                    af.pts = j
+                    for pkt in aus.encode(af):
+                        c.mux(pkt)
+                for pkt in aus.encode():
+                    c.mux(pkt)
+        finally:
+            c.close()
+    return Path(path)
+
+
+def drive(avatar_dir: str | Path, out: str | Path, audio_path: str | Path | None = None,
+          expressions_path: str | Path | None = None, camera: str = "track", head: str = "track",
+          size: int = 0, fps: float = 0.0, device: str = "auto", deform: bool = True,
+          progress: Progress | None = None) -> DriveResult:
+    import time
+
+    from gstalk.config import resolve_device
+
+    dev = resolve_device(device)
+    av, motion = load_avatar(avatar_dir, dev)
+    fps = fps or av.cfg.fps
+    size = size or av.cfg.resolution
+    if size < 16:
+        raise InputError("--size must be at least 16 pixels")
+    audio, expressions = None, None
+    if expressions_path is not None:
+        from gstalk.head.tracker import load_track
+
+        tr = load_track(expressions_path)
+        expressions = {"jaw": tr.jaw, "expr": tr.expr, "blink": np.zeros(tr.num_frames)}
+        n = tr.num_frames
+        fps = tr.fps
+    elif audio_path is not None:
+        audio = load_audio(audio_path)
+        check_speech(audio, str(audio_path))
+        n = max(1, int(round(len(audio) / 16000 * fps)))
+    else:
+        raise InputError("give --audio speech.wav (or --expressions track.npz) to drive the avatar")
+    cams = cameras_for(av, motion, n, camera, size)
+    bg = None
+    if av.cfg.background == "plate" and "background" in motion and camera in ("track", "still"):
+        import cv2
+
+        bg = torch.from_numpy(cv2.resize(motion["background"], (size, size), interpolation=cv2.INTER_AREA))
+        bg = bg.float().div(255).to(dev)
+    t0 = time.perf_counter()
+    frames = frames_iter(av, motion, n, fps, cams, audio, expressions, head, deform, bg)
+    path = write_video_with_audio(Path(out), frames, fps, audio, n_frames=n, progress=progress)
+    dt = time.perf_counter() - t0
+    return DriveResult(path, n, fps, n / fps, n / dt)

@@ -1,0 +1,164 @@
+"""``gstalk eval AVATAR DATASET``: quality on the held-out tail of the clip, and lip sync on
+other speakers' audio, with the deformation on and (as a baseline) off.
+
+Held-out frames are rendered with the tracked head pose, jaw and expression and the clip's
+own audio; metrics: PSNR and SSIM over the full frame and over the face box (the
+landmarks' bounding box, 10 % margin), mouth landmark distance (LMD: the detector's lip
+landmarks on the render vs on the ground truth, pixels at 512), blink error (eye-aspect
+blink signal of the render vs the dataset's). Other speakers' audio drives the avatar with
+the audio-to-motion model; the score is the mouth-opening (measured by the detector on the
+render) vs speech-energy sync (:mod:`gstalk.eval.sync`). Writes ``eval.json`` and a
+side-by-side video (ground truth | render | error).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gstalk.audio.features import compute_features
+from gstalk.avatar.io import load_avatar
+from gstalk.avatar.model import Frame
+from gstalk.drive.render import cameras_for, frames_iter
+from gstalk.errors import InputError
+from gstalk.eval.sync import sync_score
+from gstalk.face.regions import INNER_LIPS, OUTER_LIPS, blink_signal, mouth_opening
+from gstalk.head.tracker import load_track
+from gstalk.io.atomic import write_json
+from gstalk.io.dataset import Dataset
+
+Progress = Callable[[str, int, int], None]
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
+    import kornia
+
+    return float(kornia.metrics.ssim(a.permute(2, 0, 1)[None], b.permute(2, 0, 1)[None], 7).mean())
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(-10 * torch.log10(((a - b) ** 2).mean().clamp_min(1e-10)))
+
+
+def _landmarks(frames: list[np.ndarray]) -> np.ndarray:
+    from gstalk.face.mediapipe_models import FaceMesh
+
+    mesh = FaceMesh(track=False)
+    out = np.full((len(frames), 478, 3), np.nan, np.float32)
+    try:
+        for k, f in enumerate(frames):
+            lmk, _ = mesh(f)
+            if lmk is not None:
+                out[k] = lmk
+    finally:
+        mesh.close()
+    return out
+
+
+def _render_test(av, motion, ds: Dataset, track, idx: np.ndarray, size: int, deform: bool, bg) -> list[torch.Tensor]:
+    dev = av.means.device
+    audio = ds.audio()
+    feats = torch.from_numpy(compute_features(audio, ds.num_frames, ds.fps, av.cfg.feature_kind,
+                                              av.cfg.window).windows).to(dev)
+    cams = cameras_for(av, motion, 1, "track", size)
+    sig = ds.signals()
+    out = []
+    with torch.no_grad():
+        codes = av.audio(feats)
+        for t in idx:
+            fr = Frame(track.params(slice(int(t), int(t) + 1), device=dev), audio=codes[int(t):int(t) + 1],
+                       blink=torch.as_tensor(np.nan_to_num(sig["blink"][int(t):int(t) + 1]), device=dev).float(),
+                       deform=deform)
+            from gstalk.render import rasterize
+
+            g = av.gaussians_at(fr)[0]
+            r = rasterize(g, cams[0].to(dev), sh_degree=av.cfg.sh_degree, background=0.0)
+            out.append((r.colors[0] + (1 - r.alphas[0]) * bg).clamp(0, 1).cpu())
+    return out
+
+
+def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str | Path] = (), size: int = 0,
+             out: str | Path | None = None, device: str = "auto", progress: Progress | None = None) -> dict:
+    import cv2
+
+    from gstalk.config import resolve_device
+    from gstalk.drive.render import write_video_with_audio
+    from gstalk.io.video import load_audio
+
+    prog = progress or (lambda *a: None)
+    dev = resolve_device(device)
+    av, motion = load_avatar(avatar_dir, dev)
+    ds = Dataset(dataset_dir)
+    track = load_track(ds.root / "track.npz")
+    size = size or min(ds.resolution, 512 if dev.type == "cuda" else 256)
+    idx = ds.test_indices
+    if len(idx) == 0:
+        raise InputError(f"{ds.root} has no held-out frames (split test is empty)")
+    bg = torch.ones(size, size, 3, device=dev)
+    if av.cfg.background == "plate" and "background" in motion:
+        bg = torch.from_numpy(cv2.resize(motion["background"], (size, size), interpolation=cv2.INTER_AREA))
+        bg = bg.float().div(255).to(dev)
+    gts = [torch.from_numpy(cv2.resize(ds.frame(int(t)), (size, size), interpolation=cv2.INTER_AREA)).float() / 255
+           for t in idx]
+    lm = ds.landmarks()["lmk"][idx] * (size / ds.resolution)
+    result: dict = {"avatar": str(avatar_dir), "dataset": str(dataset_dir), "size": size, "frames": int(len(idx))}
+    side = None
+    for name, deform in (("deformation", True), ("no_deformation", False)):
+        renders = _render_test(av, motion, ds, track, idx, size, deform, bg)
+        prog(f"eval {name}", 1, 2)
+        m: dict = {"psnr": float(np.mean([psnr(r, g) for r, g in zip(renders, gts)])),
+                   "ssim": float(np.mean([ssim(r, g) for r, g in zip(renders, gts)]))}
+        fp, fs = [], []
+        for k, (r, g) in enumerate(zip(renders, gts)):
+            pts = lm[k, :, :2]
+            if not np.isfinite(pts).all():
+                continue
+            x0, y0 = np.floor(pts.min(0)).astype(int)
+            x1, y1 = np.ceil(pts.max(0)).astype(int)
+            mx, my = int(0.1 * (x1 - x0)), int(0.1 * (y1 - y0))
+            x0, y0, x1, y1 = max(0, x0 - mx), max(0, y0 - my), min(size, x1 + mx), min(size, y1 + my)
+            if x1 - x0 >= 8 and y1 - y0 >= 8:
+                fp.append(psnr(r[y0:y1, x0:x1], g[y0:y1, x0:x1]))
+                fs.append(ssim(r[y0:y1, x0:x1], g[y0:y1, x0:x1]))
+        m["face_psnr"] = float(np.mean(fp)) if fp else float("nan")
+        m["face_ssim"] = float(np.mean(fs)) if fs else float("nan")
+        r_lm = _landmarks([(r.numpy() * 255).astype(np.uint8) for r in renders])
+        g_lm = _landmarks([(g.numpy() * 255).astype(np.uint8) for g in gts])
+        lips = sorted(set(INNER_LIPS + OUTER_LIPS))
+        d = np.linalg.norm(r_lm[:, lips, :2] - g_lm[:, lips, :2], axis=-1).mean(-1) * (512 / size)
+        m["lmd_px512"] = float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
+        m["render_face_found"] = float(np.isfinite(r_lm[:, 0, 0]).mean())
+        rb, _ = blink_signal(np.nan_to_num(r_lm), np.isfinite(r_lm[:, 0, 0]))
+        gb = ds.signals()["blink"][idx]
+        m["blink_error"] = float(np.nanmean(np.abs(rb - gb))) if np.isfinite(rb).any() else float("nan")
+        result[name] = m
+        if deform:
+            side = [torch.cat([g, r, (r - g).abs().mul(3).clamp(0, 1)], 1) for r, g in zip(renders, gts)]
+    # other speakers' audio: mouth opening on the render vs speech energy
+    syncs = {}
+    for a in audios:
+        audio = load_audio(a)
+        n = max(1, int(round(len(audio) / 16000 * ds.fps)))
+        cams = cameras_for(av, motion, n, "track", size)
+        for name, deform in (("deformation", True), ("no_deformation", False)):
+            frames = [(f.clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
+                      for f in frames_iter(av, motion, n, ds.fps, cams, audio, None, "still", deform, bg)]
+            mlm = _landmarks(frames)
+            mouth = mouth_opening(np.nan_to_num(mlm))
+            mouth[~np.isfinite(mlm[:, 0, 0])] = np.nan
+            syncs.setdefault(Path(a).name, {})[name] = sync_score(mouth, audio, ds.fps)
+            prog("eval sync", 1, 1)
+    result["sync_other_audio"] = syncs
+    for name in ("deformation", "no_deformation"):
+        vals = [v[name] for v in syncs.values() if math.isfinite(v[name])]
+        result[name]["sync_other_audio"] = float(np.mean(vals)) if vals else float("nan")
+    out_dir = Path(out) if out else Path(avatar_dir) / "eval"
+    write_json(out_dir / "eval.json", result)
+    if side:
+        write_video_with_audio(out_dir / "side_by_side.mp4", iter(side), ds.fps, None)
+    result["files"] = {"json": str(out_dir / "eval.json"), "video": str(out_dir / "side_by_side.mp4")}
+    return result

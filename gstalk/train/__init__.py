@@ -1,0 +1,1 @@
+"""The trainer: stages, losses, densification, checkpoints and resume."""

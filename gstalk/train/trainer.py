@@ -1,0 +1,422 @@
+"""``gstalk train``: fit an avatar to a prepared, tracked dataset.
+
+Stages: (1) static canonical fit (deformation off), (2) the audio-conditioned deformation
+field and audio encoder (Gaussians at a lower rate), (3) joint fine-tune with extra weight
+on the mouth; then the audio-to-motion model on the track. Losses: L1 + D-SSIM (kornia),
+alpha vs the person mask, mouth-region weight, offset regulariser.
+
+Frames are read from disk on demand through a bounded cache. A checkpoint (all parameters,
+optimiser state, densification statistics, random-generator states, stage and iteration)
+is written atomically every ``checkpoint_every`` iterations, on Ctrl-C and at the end; a
+re-run resumes from it and, with the same seed, ends with the same parameters as an
+uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import OrderedDict
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from gstalk.audio.features import check_speech, compute_features
+from gstalk.avatar.io import save_avatar
+from gstalk.avatar.model import Avatar, AvatarConfig, Frame, concat_sets, init_gaussians, torso_gaussians
+from gstalk.config import TrainOptions, resolve_device
+from gstalk.errors import GstalkError
+from gstalk.gaussians.set import GaussianSet, rgb_to_sh
+from gstalk.head.flame import load_head_model
+from gstalk.head.lbs import FlameParams
+from gstalk.head.tracker import Track, load_track
+from gstalk.io.atomic import atomic_path
+from gstalk.io.dataset import Dataset
+from gstalk.render import Cameras, rasterize
+
+Progress = Callable[[str, int, int, dict], None]
+STAGES = ("static", "audio", "joint")
+
+
+class TrainingError(GstalkError):
+    """The dataset cannot be trained on as asked."""
+
+
+def resolved(opts: TrainOptions, device: torch.device) -> TrainOptions:
+    gpu = device.type == "cuda"
+    return replace(opts, per_triangle=opts.per_triangle or (8 if gpu else 2),
+                   torso_points=opts.torso_points or (4000 if gpu else 800))
+
+
+class FrameSource:
+    """Training frames, masks and conditions, read from disk through an LRU cache."""
+
+    def __init__(self, ds: Dataset, size: int, cache: int, device):
+        self.ds, self.size, self.cache, self.dev = ds, size, cache, device
+        self._lru: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def get(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image [S, S, 3] float, labels [S, S] uint8) at the training size."""
+        if i in self._lru:
+            self._lru.move_to_end(i)
+            return self._lru[i]
+        import cv2
+
+        img, lab = self.ds.frame(i), self.ds.mask(i)
+        if img.shape[0] != self.size:
+            img = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA)
+            lab = cv2.resize(lab, (self.size, self.size), interpolation=cv2.INTER_NEAREST)
+        item = (torch.from_numpy(img).float().div(255).to(self.dev), torch.from_numpy(lab).to(self.dev))
+        self._lru[i] = item
+        if len(self._lru) > self.cache:
+            self._lru.popitem(last=False)
+        return item
+
+
+def scaled_camera(K: torch.Tensor, viewmat: torch.Tensor, src: int, size: int) -> Cameras:
+    s = size / src
+    k = K.clone().float()
+    k[:2] *= s
+    return Cameras(viewmat.float()[None], k[None], size, size)
+
+
+def _ssim_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    import kornia
+
+    return kornia.losses.ssim_loss(a.permute(2, 0, 1)[None], b.permute(2, 0, 1)[None], window_size=7)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(-10 * torch.log10(((a - b) ** 2).mean().clamp_min(1e-10)))
+
+
+def track_params(track: Track, idx, device) -> FlameParams:
+    return track.params(idx, device=device)
+
+
+def background_image(ds: Dataset, mode: str, size: int, device) -> torch.Tensor:
+    import cv2
+
+    if mode == "plate":
+        bg = ds.background()
+        if bg.shape[0] != size:
+            bg = cv2.resize(bg, (size, size), interpolation=cv2.INTER_AREA)
+        return torch.from_numpy(bg).float().div(255).to(device)
+    if mode in ("white", "black"):
+        return torch.full((size, size, 3), 1.0 if mode == "white" else 0.0, device=device)
+    raise TrainingError(f"unknown background mode {mode!r}: plate, white or black")
+
+
+def render_frame(av: Avatar, frame: Frame, cam: Cameras, bg: torch.Tensor):
+    """(rgb [S,S,3] over ``bg``, alpha [S,S,1], render output) for a one-frame ``Frame``."""
+    g = av.gaussians_at(frame)[0]
+    out = rasterize(g, cam, sh_degree=av.cfg.sh_degree, background=0.0)
+    rgb = out.colors[0] + (1 - out.alphas[0]) * bg
+    return rgb, out.alphas[0], out
+
+
+class Trainer:
+    def __init__(self, dataset: str | Path, avatar_dir: str | Path, opts: TrainOptions,
+                 progress: Progress | None = None, log: Callable[[str], None] = print):
+        self.ds = Dataset(dataset)
+        self.out = Path(avatar_dir)
+        self.dev = resolve_device(opts.device)
+        self.opts = resolved(opts, self.dev)
+        self.progress = progress or (lambda *a: None)
+        self.log = log
+        self.track = load_track(self.ds.root / "track.npz")
+        if self.track.num_frames != self.ds.num_frames:
+            raise TrainingError(f"track.npz has {self.track.num_frames} frames but the dataset {self.ds.num_frames}; "
+                                "re-run 'gstalk track'")
+        if not self.ds.has_audio:
+            raise TrainingError(f"{self.ds.root} has no audio track; an audio-driven avatar needs a clip with speech")
+        audio = self.ds.audio()
+        check_speech(audio, f"the audio of {self.ds.root}")
+        self.size = self._train_size()
+        self.ckpt_path = self.out / "checkpoint.pt"
+        torch.manual_seed(self.opts.seed)
+        np.random.seed(self.opts.seed)
+        random.seed(self.opts.seed)
+        # same seed, same result (and an interrupted run resumes to the same parameters): the
+        # scatter-adds in the backward passes must not depend on thread timing
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        self.frames = FrameSource(self.ds, self.size, self.opts.cache_frames, self.dev)
+        self.cam = scaled_camera(torch.as_tensor(self.track.K), torch.as_tensor(self.track.viewmat),
+                                 self.track.width, self.size).to(self.dev)
+        self.bg = background_image(self.ds, self.opts.background, self.size, self.dev)
+        feats = compute_features(audio, self.ds.num_frames, self.ds.fps, self.opts.feature_kind)
+        self.windows = torch.from_numpy(feats.windows).to(self.dev)
+        sig = self.ds.signals()
+        self.blink = torch.from_numpy(np.nan_to_num(sig["blink"])).float().to(self.dev)
+        self.avatar = self._build_avatar()
+        self.train_idx = self.ds.train_indices
+        self.gen = torch.Generator().manual_seed(self.opts.seed)
+
+    def _train_size(self) -> int:
+        if self.opts.scale > 0:
+            return max(16, int(round(self.ds.resolution * self.opts.scale)))
+        return self.ds.resolution if self.dev.type == "cuda" else min(128, self.ds.resolution)
+
+    # ------------------------------------------------------------------ set-up
+    def _build_avatar(self) -> Avatar:
+        o = self.opts
+        from gstalk.avatar.io import head_for
+
+        head = head_for(self.track.model)  # the model the track was made with
+        shape = torch.from_numpy(self.track.shape).float()
+        bound, region = init_gaussians(head, shape, o.per_triangle, o.sh_degree, o.seed)
+        cfg = AvatarConfig(fps=self.ds.fps, resolution=self.ds.resolution, feature_kind=o.feature_kind,
+                           window=self.windows.shape[1], feature_dim=self.windows.shape[2],
+                           expr_cond=min(8, head.n_expr), sh_degree=o.sh_degree, background=o.background,
+                           head_model=head.reference(), n_shape=head.n_shape, n_expr=head.n_expr, seed=o.seed)
+        K = torch.as_tensor(self.track.K)
+        vm = torch.as_tensor(self.track.viewmat)
+        torso, tregion = self._torso_init(K, vm, o)
+        g = concat_sets(bound, torso) if torso is not None else bound
+        reg = torch.cat([region, tregion]) if torso is not None else region
+        av = Avatar(cfg, head, shape, g, reg, K, vm).to(self.dev)
+        self._colour_from_first_frame(av)
+        av.audio.set_normalisation(self.windows[torch.as_tensor(self.ds.train_indices)])
+        av.a2m.audio.set_normalisation(self.windows[torch.as_tensor(self.ds.train_indices)])
+        return av
+
+    def _torso_init(self, K, vm, o: TrainOptions):
+        """Free Gaussians on the torso/neck pixels of the first frame, on a plane at the head's depth."""
+        img, lab = self.ds.frame(0), self.ds.mask(0)
+        ys, xs = np.nonzero(lab == 2)
+        if len(ys) < 10:
+            return None, None
+        rng = np.random.default_rng(o.seed)
+        pick = rng.choice(len(ys), size=min(o.torso_points, len(ys)), replace=False)
+        u, v = xs[pick] + 0.5, ys[pick] + 0.5
+        depth = -float(self.track.translation[0, 2]) + 0.03
+        k = K.numpy()
+        xc = (u - k[0, 2]) / k[0, 0] * depth
+        yc = (v - k[1, 2]) / k[1, 1] * depth
+        pts = np.stack([xc, -yc, -np.full_like(xc, depth)], 1)  # camera (OpenCV) -> world (y up, z back)
+        cols = img[ys[pick], xs[pick]] / 255.0
+        spacing = math.sqrt(len(ys) / max(len(pick), 1)) * depth / k[0, 0]
+        return torso_gaussians(torch.from_numpy(pts).float(), torch.from_numpy(cols).float(), 0.7 * spacing,
+                               o.sh_degree)
+
+    @torch.no_grad()
+    def _colour_from_first_frame(self, av: Avatar) -> None:
+        """Give each head Gaussian the colour of the pixel it projects to in the first frame."""
+        img = torch.from_numpy(self.ds.frame(0)).float().div(255).to(self.dev)
+        g = av.gaussians_at(Frame(track_params(self.track, slice(0, 1), self.dev), deform=False))[0]
+        cam = scaled_camera(av.K, av.viewmat, self.track.width, self.ds.resolution).to(self.dev)
+        pc = g.means @ cam.viewmats[0, :3, :3].T + cam.viewmats[0, :3, 3]
+        uv = pc[:, :2] / pc[:, 2:].clamp_min(1e-6) * cam.Ks[0, [0, 1], [0, 1]] + cam.Ks[0, :2, 2]
+        ui = uv[:, 0].long().clamp(0, img.shape[1] - 1)
+        vi = uv[:, 1].long().clamp(0, img.shape[0] - 1)
+        bound = av.binding >= 0
+        col = img[vi, ui]
+        av.sh.data[bound, 0] = rgb_to_sh(col[bound])
+
+    # ------------------------------------------------------------------ one iteration
+    def conditions(self, t: torch.Tensor, audio_model) -> torch.Tensor:
+        """Smoothed audio codes of frames ``t``."""
+        return audio_model.codes_at(self.windows, t.to(self.dev))
+
+    def step_loss(self, t: int, stage: str, deform: bool):
+        img, lab = self.frames.get(t)
+        tt = torch.tensor([t])
+        params = track_params(self.track, slice(t, t + 1), self.dev)
+        audio = self.conditions(tt, self.avatar.audio).to(self.dev) if deform else None
+        frame = Frame(params, audio=audio, blink=self.blink[tt.to(self.dev)], deform=deform)
+        gs, d = self.avatar.posed(frame)
+        g = gs[0]
+        out = rasterize(g, self.cam, sh_degree=self.avatar.cfg.sh_degree, background=0.0)
+        rgb = out.colors[0] + (1 - out.alphas[0]) * self.bg
+        weight = torch.ones_like(img[..., :1])
+        if stage == "joint":
+            weight = weight + self.opts.w_mouth * (lab == 4)[..., None].float()
+        l1 = ((rgb - img).abs() * weight).mean()
+        loss = (1 - self.opts.w_ssim) * l1 + self.opts.w_ssim * _ssim_loss(rgb, img)
+        if self.opts.background == "plate":
+            person = (lab > 0).float()[..., None]
+            loss = loss + self.opts.w_alpha * (out.alphas[0] - person).abs().mean()
+        if d is not None:
+            loss = loss + self.opts.w_offsets * d.regulariser() * 1e3  # offsets are mm-scale
+        return loss, rgb.detach(), img, out
+
+    # ------------------------------------------------------------------ optimisation
+    def make_optimizer(self, stage: str) -> torch.optim.Optimizer:
+        o, av = self.opts, self.avatar
+        gl = 1.0 if stage == "static" else 0.2
+        groups = [
+            {"params": [av.means], "lr": o.lr_means * gl, "name": "means"},
+            {"params": [av.quats], "lr": 0.001 * gl, "name": "quats"},
+            {"params": [av.log_scales], "lr": 0.005 * gl, "name": "log_scales"},
+            {"params": [av.opacity_logits], "lr": 0.05 * gl, "name": "opacity_logits"},
+            {"params": [av.sh], "lr": 0.0025 * gl, "name": "sh"},
+        ]
+        if stage != "static":
+            groups.append({"params": list(av.field.parameters()) + list(av.audio.parameters()), "lr": o.lr_field,
+                           "name": "networks"})
+        return torch.optim.Adam(groups, eps=1e-15)
+
+    def densify(self, grad_accum: torch.Tensor, count: torch.Tensor) -> None:
+        """Clone or split Gaussians with large screen-space gradients; prune faint ones (bindings kept)."""
+        av, o = self.avatar, self.opts
+        avg = grad_accum / count.clamp_min(1)
+        n = av.num_gaussians
+        grow = (avg > o.densify_grad) & (n < o.max_gaussians)
+        big = torch.exp(av.log_scales.detach()).amax(-1) > torch.exp(av.log_scales.detach()).amax(-1).median() * 2
+        split, clone = grow & big, grow & ~big
+        keep = torch.sigmoid(av.opacity_logits.detach()) > 0.005
+        g = av.gaussian_set()
+        region = av.region
+        parts, regions = [g.subset(keep & ~split)], [region[keep & ~split]]
+        if bool(clone.any()):
+            parts.append(g.subset(clone))
+            regions.append(region[clone])
+        if bool(split.any()):
+            for _ in range(2):
+                s = g.subset(split)
+                noise = torch.randn(s.means.shape, generator=self.gen).to(self.dev) * torch.exp(s.log_scales)
+                s.means = s.means + noise
+                s.log_scales = s.log_scales - math.log(1.6)
+                parts.append(s)
+                regions.append(region[split])
+        merged = parts[0]
+        for p in parts[1:]:
+            merged = GaussianSet(torch.cat([merged.means, p.means]), torch.cat([merged.quats, p.quats]),
+                                 torch.cat([merged.log_scales, p.log_scales]),
+                                 torch.cat([merged.opacity_logits, p.opacity_logits]), torch.cat([merged.sh, p.sh]),
+                                 binding=torch.cat([merged.binding, p.binding]))
+        av.set_gaussians(merged, torch.cat(regions))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, stage: str, it: int, opt, grad_accum, count) -> None:
+        av = self.avatar
+        state = {
+            "stage": stage, "it": it, "binding": av.binding.cpu(), "region": av.region.cpu(),
+            "gaussians": {k: v.detach().cpu() for k, v in av.gaussian_params().items()},
+            "field": av.field.state_dict(), "audio": av.audio.state_dict(), "opt": opt.state_dict(),
+            "grad_accum": grad_accum.cpu(), "count": count.cpu(), "gen": self.gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "options": asdict(self.opts),
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.ckpt_path) as tmp:
+            torch.save(state, tmp)
+
+    def load_checkpoint(self):
+        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        av = self.avatar
+        gs = state["gaussians"]
+        av.set_gaussians(GaussianSet(gs["means"], gs["quats"], gs["log_scales"], gs["opacity_logits"], gs["sh"],
+                                     binding=state["binding"]), state["region"])
+        av.to(self.dev)
+        av.field.load_state_dict(state["field"])
+        av.audio.load_state_dict(state["audio"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        return state
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> Path:
+        o = self.opts
+        plan = [("static", o.iters_static), ("audio", o.iters_audio), ("joint", o.iters_joint)]
+        start_stage, start_it, state = 0, 0, None
+        if self.ckpt_path.is_file():
+            state = self.load_checkpoint()
+            start_stage = STAGES.index(state["stage"])
+            start_it = state["it"]
+            self.log(f"resuming from {self.ckpt_path} ({state['stage']} iteration {start_it})")
+        total = sum(n for _, n in plan)
+        done_before = sum(n for _, n in plan[:start_stage]) + start_it
+        t0 = time.perf_counter()
+        for si, (stage, iters) in enumerate(plan):
+            if si < start_stage:
+                continue
+            opt = self.make_optimizer(stage)
+            n = self.avatar.num_gaussians
+            grad_accum = torch.zeros(n, device=self.dev)
+            count = torch.zeros(n, device=self.dev)
+            it0 = 0
+            if state is not None and si == start_stage:
+                opt.load_state_dict(state["opt"])
+                grad_accum, count = state["grad_accum"].to(self.dev), state["count"].to(self.dev)
+                it0 = start_it
+                state = None
+            it = it0
+            try:
+                while it < iters:
+                    t = int(self.train_idx[int(torch.randint(len(self.train_idx), (1,), generator=self.gen))])
+                    loss, rgb, img, out = self.step_loss(t, stage, deform=stage != "static")
+                    opt.zero_grad()
+                    loss.backward()
+                    if out.means2d.grad is not None:
+                        g2 = out.means2d.grad[0].norm(dim=-1) * self.size / 2
+                        vis = out.visible[0]
+                        grad_accum[vis] += g2[vis]
+                        count[vis] += 1
+                    opt.step()
+                    with torch.no_grad():
+                        self.avatar.quats.data = torch.nn.functional.normalize(self.avatar.quats.data, dim=-1)
+                    it += 1
+                    self.avatar.invalidate()
+                    if stage == "static" and o.densify_every and it % o.densify_every == 0 and it < 0.8 * iters:
+                        self.densify(grad_accum, count)
+                        opt = self.make_optimizer(stage)
+                        grad_accum = torch.zeros(self.avatar.num_gaussians, device=self.dev)
+                        count = torch.zeros_like(grad_accum)
+                    if o.checkpoint_every and it % o.checkpoint_every == 0 and it < iters:
+                        self.save_checkpoint(stage, it, opt, grad_accum, count)
+                    done = done_before + it - it0
+                    el = time.perf_counter() - t0
+                    self.progress(stage, it, iters, {"loss": float(loss.detach()), "psnr": psnr(rgb, img),
+                                                     "gaussians": self.avatar.num_gaussians,
+                                                     "eta": el / max(done - done_before, 1) * (total - done)})
+            except KeyboardInterrupt:
+                self.save_checkpoint(stage, it, opt, grad_accum, count)
+                self.log(f"interrupted: checkpoint saved at {stage} iteration {it}; re-run to resume")
+                raise
+            done_before += iters - it0
+            nxt = STAGES[si + 1] if si + 1 < len(STAGES) else None
+            if nxt is not None:
+                self.save_checkpoint(nxt, 0, self.make_optimizer(nxt), torch.zeros(self.avatar.num_gaussians),
+                                     torch.zeros(self.avatar.num_gaussians))
+        self.train_audio_to_motion()
+        return self.finish()
+
+    def train_audio_to_motion(self) -> None:
+        """jaw, expression and blink from audio, supervised by the track (train frames)."""
+        a2m = self.avatar.a2m
+        tr = torch.as_tensor(self.train_idx)
+        E = a2m.n_expr
+        target = torch.cat([torch.from_numpy(self.track.jaw), torch.from_numpy(self.track.expr[:, :E]),
+                            self.blink.cpu()[:, None]], 1).float().to(self.dev)
+        a2m.out_mean.copy_(target[tr].mean(0))
+        a2m.out_std.copy_(target[tr].std(0).clamp_min(1e-4))
+        opt = torch.optim.Adam(a2m.parameters(), lr=2e-3, weight_decay=1e-4)
+        g = torch.Generator().manual_seed(self.opts.seed + 1)
+        for i in range(self.opts.iters_a2m):
+            b = tr[torch.randint(len(tr), (min(64, len(tr)),), generator=g)]
+            codes = self.conditions(b, a2m.audio)
+            y = a2m.head(codes)
+            loss = ((y - (target[b] - a2m.out_mean) / a2m.out_std) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i % 20 == 0 or i == self.opts.iters_a2m - 1:
+                self.progress("motion", i + 1, self.opts.iters_a2m, {"loss": float(loss.detach())})
+
+    def finish(self) -> Path:
+        motion = {k: getattr(self.track, k) for k in ("global_rot", "neck", "translation", "eyes", "eyelids", "jaw",
+                                                      "expr")}
+        bg = self.ds.background() if self.opts.background == "plate" else None
+        save_avatar(self.avatar, self.out, motion, bg)
+        if self.ckpt_path.is_file():
+            self.ckpt_path.unlink()
+        return self.out
+
+
+def train(dataset, avatar_dir, opts: TrainOptions | None = None, progress: Progress | None = None,
+          log: Callable[[str], None] = print) -> Path:
+    return Trainer(dataset, avatar_dir, opts or TrainOptions(), progress, log).run()

@@ -1,0 +1,154 @@
+"""The whole pipeline on a tiny synthetic talking clip (CPU, small sizes, few iterations)."""
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from gstalk.config import PrepareOptions, TrackOptions, TrainOptions
+from gstalk.errors import GstalkError
+
+TINY = TrainOptions(iters_static=120, iters_audio=120, iters_joint=60, iters_a2m=60, scale=1.0, per_triangle=1,
+                    torso_points=200, densify_every=60, checkpoint_every=0, device="cpu", feature_kind="mel")
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    from gstalk.demo import make_talking_clip
+    from gstalk.head.tracker import track_dataset
+    from gstalk.prepare import prepare
+
+    root = tmp_path_factory.mktemp("e2e")
+    clip = make_talking_clip(root / "clip.mp4", seconds=4.0, size=128)
+    ds = prepare(clip, root / "ds", PrepareOptions(resolution=64, preview=False), log=lambda m: None)
+    # the clip is made with the stand-in itself; tracking only 2 expression directions (mouth
+    # open, lip press) leaves the lips' rounding and spreading to the audio-driven deformation
+    track_dataset(ds.root, TrackOptions(iters_rigid=100, iters_shape=100, iters_all=150, focal_search=False,
+                                        preview=False, device="cpu", n_expr=2), log=lambda m: None)
+    return root, ds.root
+
+
+@pytest.fixture(scope="module")
+def avatar(tracked):
+    from gstalk.train.trainer import train
+
+    root, ds = tracked
+    return train(ds, root / "avatar", TINY, log=lambda m: None)
+
+
+def test_avatar_folder_is_self_contained(avatar):
+    names = sorted(p.name for p in avatar.iterdir())
+    assert names == ["background.png", "config.json", "gaussians.ply", "motion.npz", "networks.safetensors"]
+    cfg = json.loads((avatar / "config.json").read_text())
+    assert cfg["format"] == "gstalk-avatar" and cfg["head_model"]["name"] == "gstalk-standin"
+    from gstalk.avatar.io import load_avatar
+
+    av, motion = load_avatar(avatar)
+    assert av.num_gaussians > 0 and (av.binding >= 0).any() and (av.binding < 0).any()
+    assert motion["global_rot"].shape[1] == 3
+
+
+def test_held_out_quality_with_and_without_deformation(avatar, tracked):
+    from gstalk.eval.evaluate import evaluate
+
+    _, ds = tracked
+    res = evaluate(avatar, ds, size=64, device="cpu")
+    d, b = res["deformation"], res["no_deformation"]
+    for m in (d, b):
+        for k in ("psnr", "ssim", "face_psnr", "face_ssim"):
+            assert math.isfinite(m[k])
+    # at this test size the lips' residual motion is about a pixel: the deformation must not
+    # hurt; that it beats the baseline is not shown here (see docs/benchmarks.md)
+    assert d["psnr"] > 25.0 and abs(d["psnr"] - b["psnr"]) < 1.0, (d["psnr"], b["psnr"])
+    assert d["render_face_found"] > 0.5
+    data = json.loads((avatar / "eval" / "eval.json").read_text())
+    assert {"deformation", "no_deformation", "sync_other_audio", "frames"} <= set(data)
+    assert (avatar / "eval" / "side_by_side.mp4").is_file()
+
+
+def test_render_with_new_audio_is_in_sync(avatar, tmp_path):
+    import av as pyav
+
+    from gstalk.demo import synth_speech
+    from gstalk.drive.render import drive
+    from gstalk.io.video import write_wav
+
+    voice, _ = synth_speech(2.3, seed=3, f0=180.0)
+    write_wav(tmp_path / "v.wav", voice)
+    r = drive(avatar, tmp_path / "out.mp4", tmp_path / "v.wav", size=48, fps=20.0, device="cpu")
+    assert r.frames == 46 and r.fps == 20.0
+    with pyav.open(str(r.video)) as c:
+        v, a = c.streams.video[0], c.streams.audio[0]
+        nv = sum(1 for _ in c.decode(v))
+        assert nv == 46 and float(v.average_rate) == 20.0 and v.codec_context.name == "h264"
+    with pyav.open(str(r.video)) as c:
+        rate = c.streams.audio[0].sample_rate
+        samples = sum(f.samples for f in c.decode(audio=0))
+    assert abs(samples / rate - 46 / 20.0) < 1 / 20.0
+    r2 = drive(avatar, tmp_path / "orbit.mp4", tmp_path / "v.wav", size=48, camera="orbit", head="still",
+               device="cpu")
+    assert r2.frames == round(2.3 * 25)
+    with pytest.raises(GstalkError, match="silent"):
+        write_wav(tmp_path / "quiet.wav", np.zeros(16000))
+        drive(avatar, tmp_path / "q.mp4", tmp_path / "quiet.wav", device="cpu")
+
+
+def test_resume_gives_the_same_result(tracked, tmp_path):
+    from gstalk.train.trainer import Trainer
+
+    _, ds = tracked
+    opts = replace(TINY, iters_static=40, iters_audio=30, iters_joint=10, iters_a2m=10, densify_every=20,
+                   checkpoint_every=10)
+    straight = Trainer(ds, tmp_path / "a", opts, log=lambda m: None).run()
+
+    def stop(stage, it, total, info):
+        if stage == "audio" and it == 15:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(ds, tmp_path / "b", opts, progress=stop, log=lambda m: None).run()
+    assert (tmp_path / "b" / "checkpoint.pt").is_file() and not (tmp_path / "b" / "config.json").exists()
+    resumed = Trainer(ds, tmp_path / "b", opts, log=lambda m: None).run()
+    from gstalk.avatar.io import load_avatar
+
+    a, _ = load_avatar(straight)
+    b, _ = load_avatar(resumed)
+    assert a.num_gaussians == b.num_gaussians
+    for k, v in a.gaussian_params().items():
+        torch.testing.assert_close(v, b.gaussian_params()[k], msg=k)
+    for (ka, va), (kb, vb) in zip(a.field.state_dict().items(), b.field.state_dict().items()):
+        torch.testing.assert_close(va, vb, msg=ka)
+
+
+def test_training_needs_audio(tmp_path):
+    from gstalk.train.trainer import TrainingError, Trainer
+
+    from synthclip import make_clip
+    from gstalk.head.tracker import track_dataset
+    from gstalk.prepare import prepare
+
+    clip = make_clip(tmp_path / "c.mp4", seconds=2.2, audio=False, vfr=False, rotation=0)
+    prepare(clip.path, tmp_path / "ds", PrepareOptions(resolution=48, preview=False), log=lambda m: None)
+    track_dataset(tmp_path / "ds", TrackOptions(iters_rigid=20, iters_shape=20, iters_all=20, focal_search=False,
+                                                preview=False), log=lambda m: None)
+    with pytest.raises(TrainingError, match="no audio"):
+        Trainer(tmp_path / "ds", tmp_path / "av", TINY)
+
+
+def test_old_avatar_versions_are_refused(avatar, tmp_path):
+    import shutil
+
+    from gstalk.avatar.io import load_avatar
+    from gstalk.errors import FileFormatError
+
+    shutil.copytree(avatar, tmp_path / "old", ignore=shutil.ignore_patterns("eval"))
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    cfg["version"] = 0
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FileFormatError, match="version 0"):
+        load_avatar(tmp_path / "old")
+    with pytest.raises(FileFormatError, match="not a gstalk avatar"):
+        load_avatar(tmp_path)
