@@ -40,6 +40,14 @@ __device__ __forceinline__ void cell(const float* x, int res, int* p0, float* fr
 }
 
 template <int D>
+__device__ __forceinline__ bool fits_dense(int res, uint32_t table_size) {
+  double cells = 1.0;
+#pragma unroll
+  for (int d = 0; d < D; ++d) cells *= double(res + 1);
+  return cells <= double(table_size);
+}
+
+template <int D>
 __global__ void hash_forward_kernel(const float* __restrict__ x, const float* __restrict__ tables,
                                     const int* __restrict__ res, float* __restrict__ out, int n, int levels,
                                     uint32_t table_size, int features) {
@@ -50,9 +58,7 @@ __global__ void hash_forward_kernel(const float* __restrict__ x, const float* __
   int p0[D];
   float fr[D];
   cell<D>(x + size_t(i) * D, r, p0, fr);
-  double cells = 1.0;
-  for (int d = 0; d < D; ++d) cells *= double(r + 1);
-  const bool dense = cells <= double(table_size);
+  const bool dense = fits_dense<D>(r, table_size);
   float acc[kMaxFeatures] = {0.f};
   const float* table = tables + size_t(l) * table_size * features;
 #pragma unroll
@@ -78,9 +84,7 @@ __global__ void hash_backward_kernel(const float* __restrict__ grad, const float
   int p0[D];
   float fr[D];
   cell<D>(x + size_t(i) * D, r, p0, fr);
-  double cells = 1.0;
-  for (int d = 0; d < D; ++d) cells *= double(r + 1);
-  const bool dense = cells <= double(table_size);
+  const bool dense = fits_dense<D>(r, table_size);
   const float* g = grad + size_t(i) * levels * features + size_t(l) * features;
   float* gt = grad_tables + size_t(l) * table_size * features;
 #pragma unroll

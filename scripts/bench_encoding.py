@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -17,21 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gstalk.deform.hashgrid import HashGrid, TriPlane  # noqa: E402
-from scripts.bench_render import device_name  # noqa: E402
-
-
-def bench(fn, device, reps=5):
-    fn()
-    ts = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
+from scripts.bench_render import device_name, time_it  # noqa: E402
 
 
 def main() -> None:
@@ -66,7 +51,7 @@ def main() -> None:
             def fwd_bwd():
                 enc(x).sum().backward()
 
-            tf, tb = bench(fwd, dev), bench(fwd_bwd, dev)
+            tf, tb = time_it(fwd, dev, 3, 1.0) / 1000, time_it(fwd_bwd, dev, 3, 1.0) / 1000
             print(f"| {kind} | {backend} | {device_name(dev)} | {args.points} | {args.points / tf / 1e6:.2f} | "
                   f"{args.points / tb / 1e6:.2f} |", flush=True)
 
