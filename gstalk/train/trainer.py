@@ -285,10 +285,7 @@ class Trainer:
                 regions.append(region[split])
         merged = parts[0]
         for p in parts[1:]:
-            merged = GaussianSet(torch.cat([merged.means, p.means]), torch.cat([merged.quats, p.quats]),
-                                 torch.cat([merged.log_scales, p.log_scales]),
-                                 torch.cat([merged.opacity_logits, p.opacity_logits]), torch.cat([merged.sh, p.sh]),
-                                 binding=torch.cat([merged.binding, p.binding]))
+            merged = concat_sets(merged, p)
         av.set_gaussians(merged, torch.cat(regions))
 
     # ------------------------------------------------------------------ checkpoints
