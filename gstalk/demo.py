@@ -125,7 +125,6 @@ def _photo_head(per_triangle: int = 3):
 def make_talking_clip(path: Path, seconds: float = 8.0, size: int = 256, fps: float = 25.0, seed: int = 0) -> Path:
     """Render the photo head speaking synthesized audio to an mp4 with sound."""
     from gstalk.avatar.model import Avatar, AvatarConfig, Frame
-    from gstalk.drive.render import write_video_with_audio
     from gstalk.head.lbs import FlameParams
     from gstalk.head.tracker import VIEWMAT
     from gstalk.render import Cameras, intrinsics_from_fov
@@ -160,7 +159,7 @@ def make_talking_clip(path: Path, seconds: float = 8.0, size: int = 256, fps: fl
                 out = rasterize(gk, cam, sh_degree=0, background=0.0)
                 yield out.colors[0] + (1 - out.alphas[0]) * bg
 
-    return write_video_with_audio(Path(path), frames(), fps, audio)
+    return write_video(Path(path), frames(), fps, audio)
 
 
 # ---------------------------------------------------------------------- the demo

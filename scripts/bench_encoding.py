@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gstalk.deform.hashgrid import HashGrid, TriPlane  # noqa: E402
-from scripts.bench_render import device_name, time_it  # noqa: E402
+from gstalk.eval.bench import device_name, time_it  # noqa: E402
 
 
 def main() -> None:

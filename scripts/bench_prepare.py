@@ -11,7 +11,6 @@ pipeline, preview included), fraction of frames with a face / with landmarks, pe
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import shutil
 import sys
@@ -21,17 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gstalk.config import PrepareOptions  # noqa: E402
+from gstalk.eval.bench import cpu_name  # noqa: E402
 from gstalk.prepare import prepare  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def main() -> None:

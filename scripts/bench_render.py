@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gstalk.gaussians import GaussianSet  # noqa: E402
+from gstalk.eval.bench import device_name, time_it  # noqa: E402
 from gstalk.render import orbit_cameras, rasterize  # noqa: E402
 
 
@@ -41,35 +39,6 @@ def scene(n: int, device: torch.device) -> GaussianSet:
         sh=torch.randn(n, 16, 3, generator=g) * 0.3,
     )
     return gs.to(device)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {model}, {torch.get_num_threads()} threads"
-
-
-def time_it(fn, device, min_reps: int, budget_s: float) -> float:
-    fn()  # warm-up (JIT compile, allocator)
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 50):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gstalk.config import TrackOptions  # noqa: E402
 from gstalk.head.tracker import load_track, track_dataset  # noqa: E402
-from scripts.bench_prepare import cpu_name  # noqa: E402
+from gstalk.eval.bench import cpu_name  # noqa: E402
 
 
 def main() -> None:

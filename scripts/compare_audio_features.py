@@ -28,7 +28,7 @@ from gstalk.audio.features import compute_features  # noqa: E402
 from gstalk.eval.sync import sync_score  # noqa: E402
 from gstalk.io.dataset import Dataset  # noqa: E402
 from gstalk.io.video import load_audio  # noqa: E402
-from scripts.bench_prepare import cpu_name  # noqa: E402
+from gstalk.eval.bench import cpu_name  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -47,7 +47,6 @@ def make_clip(path: Path, seconds: float = 3.0, size=(192, 256), rotation: int =
     while times[-1] < seconds - 0.06:
         times.append(times[-1] + (rng.uniform(0.028, 0.052) if vfr else 1 / 25))
     times = np.asarray(times)
-    F = len(times)
     u = times / seconds
     transforms = []
     container = av.open(str(path), "w")

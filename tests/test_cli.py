@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from gstalk.cli import main
-from gstalk.gaussians import GaussianSet, load_ply, save_ply
+from gstalk.gaussians import GaussianSet, save_ply
 from gstalk.io.media import probe_video
 
 

@@ -89,7 +89,6 @@ def test_field_learns_an_audio_to_offset_mapping():
     audio = torch.randn(32, 8)
     target = 0.01 * torch.tanh(audio[:, None, :3]) * mouth[None, :, None]  # [B, N, 3]
     opt = torch.optim.Adam(f.parameters(), lr=3e-3)
-    h = None
     losses = []
     for _ in range(300):
         d = f(x, audio)

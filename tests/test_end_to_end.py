@@ -81,7 +81,8 @@ def test_render_with_new_audio_is_in_sync(avatar, tmp_path):
     r = drive(avatar, tmp_path / "out.mp4", tmp_path / "v.wav", size=48, fps=20.0, device="cpu")
     assert r.frames == 46 and r.fps == 20.0
     with pyav.open(str(r.video)) as c:
-        v, a = c.streams.video[0], c.streams.audio[0]
+        v = c.streams.video[0]
+        assert c.streams.audio[0].codec_context.name == "aac"
         nv = sum(1 for _ in c.decode(v))
         assert nv == 46 and float(v.average_rate) == 20.0 and v.codec_context.name == "h264"
     with pyav.open(str(r.video)) as c:

@@ -6,7 +6,7 @@ import torch
 from conftest import cuda, front_camera, small_scene
 from gstalk.errors import InputError
 from gstalk.gaussians import GaussianSet, GaussianTensors
-from gstalk.render import Cameras, look_at, orbit_cameras, rasterize
+from gstalk.render import Cameras, orbit_cameras, rasterize
 from gstalk.render.project import covariance_3d, eval_sh, project, quat_to_rotmat
 
 

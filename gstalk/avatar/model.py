@@ -20,6 +20,7 @@ from gstalk.deform.field import REGION_FACE, REGION_MOUTH, REGION_TORSO, Deforma
 from gstalk.gaussians.set import SH_C0, GaussianSet, GaussianTensors
 from gstalk.head.flame import HeadModel
 from gstalk.head.lbs import FlameParams, flame_forward
+from gstalk.render import Cameras, RenderOutput, rasterize
 
 AVATAR_VERSION = 1
 
@@ -87,6 +88,7 @@ class Avatar(nn.Module):
         self.register_buffer("shape", shape.float())
         self.register_buffer("K", K.float())
         self.register_buffer("viewmat", viewmat.float())
+        self._rest = None
         self.set_gaussians(gaussians, region)
         self.field = DeformationField(audio_dim=cfg.code_dim, expr_dim=cfg.expr_cond, encoding=cfg.encoding,
                                       colour=False)
@@ -98,6 +100,7 @@ class Avatar(nn.Module):
         dev = self.means.device
         self.head_model = self.head_model.to(dev)
         self._canon = None
+        self._rest = None
         return out
 
     # ------------------------------------------------------------------ Gaussians
@@ -126,8 +129,12 @@ class Avatar(nn.Module):
 
     # ------------------------------------------------------------------ geometry
     def rest_frames(self):
-        v = flame_forward(self.head_model, FlameParams(shape=self.shape[None])).vertices
-        return triangle_frames(v, self.head_model.faces)
+        """Triangle frames of the identity's rest mesh (cached: they depend only on the shape)."""
+        if self._rest is None:
+            with torch.no_grad():
+                v = flame_forward(self.head_model, FlameParams(shape=self.shape[None])).vertices
+                self._rest = triangle_frames(v, self.head_model.faces)
+        return self._rest
 
     def canonical_positions(self) -> Tensor:
         """[N, 3] rest-pose positions in head space (the deformation field's input)."""
@@ -159,7 +166,6 @@ class Avatar(nn.Module):
         verts = flame_forward(self.head_model, p).vertices
         o, r, s = triangle_frames(verts, self.head_model.faces)
         bound = self.binding >= 0
-        N = self.num_gaussians
         means = self.means[None].expand(B, -1, -1)
         quats = self.quats[None].expand(B, -1, -1)
         scales = torch.exp(self.log_scales)[None].expand(B, -1, -1)
@@ -186,7 +192,7 @@ class Avatar(nn.Module):
             # offsets are in canonical head space: carry them with each triangle's motion
             dm = d.d_means
             if bool(bound.any()):
-                o0, r0, _ = self.rest_frames()
+                _, r0, _ = self.rest_frames()
                 rel = r[:, self.binding[bound]] @ r0[:, self.binding[bound]].transpose(-1, -2)  # [B, n, 3, 3]
                 dmb = (rel @ dm[:, bound][..., None])[..., 0]
                 dm = dm.clone()
@@ -197,6 +203,13 @@ class Avatar(nn.Module):
             opac = opac + 2.0 * torch.tanh(d.d_opacity[..., 0] / 2.0)
             sh = torch.cat([sh[:, :, :1] + (d.d_colors / SH_C0)[:, :, None], sh[:, :, 1:]], 2)
         return [GaussianTensors(means[b], quats[b], scales[b], torch.sigmoid(opac[b]), sh[b]) for b in range(B)], d
+
+
+def render_frame(av: Avatar, g: GaussianTensors, cam: Cameras, bg: Tensor) -> tuple[Tensor, Tensor, RenderOutput]:
+    """Rasterize one frame's posed Gaussians over the background image ``bg`` [S, S, 3]:
+    (rgb [S, S, 3], alpha [S, S, 1], the render output)."""
+    out = rasterize(g, cam, sh_degree=av.cfg.sh_degree, background=0.0)
+    return out.colors[0] + (1 - out.alphas[0]) * bg, out.alphas[0], out
 
 
 # ---------------------------------------------------------------------- initialisation

@@ -156,11 +156,3 @@ class DeformationField(nn.Module):
         col = 0.1 * out[..., 11:14] if self.colour else torch.zeros(B, N, 3, device=x.device)
         return Deformation(d_means=0.01 * out[..., 0:3], d_quats=d_q, d_log_scales=0.1 * out[..., 7:10],
                            d_opacity=out[..., 10:11], d_colors=col)
-
-
-def quat_multiply(a: Tensor, b: Tensor) -> Tensor:
-    """Hamilton product of (w, x, y, z) quaternions, broadcasting."""
-    aw, ax, ay, az = a.unbind(-1)
-    bw, bx, by, bz = b.unbind(-1)
-    return torch.stack([aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
-                        aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw], -1)

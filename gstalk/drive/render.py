@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -22,13 +21,12 @@ import torch
 
 from gstalk.audio.features import check_speech, compute_features
 from gstalk.avatar.io import load_avatar
-from gstalk.avatar.model import Avatar, Frame
+from gstalk.avatar.model import Avatar, Frame, render_frame
 from gstalk.errors import FileFormatError, InputError
 from gstalk.head.lbs import FlameParams
-from gstalk.io.atomic import atomic_path
-from gstalk.io.media import to_uint8
+from gstalk.io.media import write_video
 from gstalk.io.video import load_audio
-from gstalk.render import Cameras, look_at, rasterize
+from gstalk.render import Cameras, look_at
 
 Progress = Callable[[str, int, int], None]
 
@@ -132,56 +130,7 @@ def frames_iter(av: Avatar, motion: dict, n: int, fps: float, cams: Cameras, aud
                             eyes=t(hm["eyes"][sl]), translation=t(hm["translation"][sl]))
             gs = av.gaussians_at(Frame(p, audio=codes[sl], blink=blink[sl], deform=deform))
             for j, g in enumerate(gs):
-                out = rasterize(g, cams[s + j].to(dev), sh_degree=av.cfg.sh_degree, background=0.0)
-                yield out.colors[0] + (1 - out.alphas[0]) * bg
-
-
-def write_video_with_audio(path: Path, frames: Iterator, fps: float, audio: np.ndarray | None, sr: int = 16000,
-                           n_frames: int | None = None, progress: Progress | None = None) -> Path:
-    """H.264 + AAC mp4, atomically; the audio is cut or padded to exactly frames / fps."""
-    import av as pyav
-
-    prog = progress or (lambda *a: None)
-    with atomic_path(path) as tmp:
-        c = pyav.open(str(tmp), "w")
-        vs = c.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-        vs.pix_fmt = "yuv420p"
-        vs.options = {"crf": "18", "preset": "medium"}
-        aus = None
-        if audio is not None:  # every stream must exist before the first packet is written
-            aus = c.add_stream("aac", rate=sr)
-            aus.layout = "mono"
-        first = True
-        n = 0
-        try:
-            for f in frames:
-                arr = to_uint8(f)
-                if first:
-                    vs.width, vs.height = arr.shape[1] - arr.shape[1] % 2, arr.shape[0] - arr.shape[0] % 2
-                    first = False
-                arr = arr[: vs.height, : vs.width]
-                for pkt in vs.encode(pyav.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
-                    c.mux(pkt)
-                n += 1
-                prog("render", n, n_frames or n)
-            for pkt in vs.encode():
-                c.mux(pkt)
-            if aus is not None:
-                need = int(round(n / fps * sr))
-                a = np.zeros(need, np.float32)
-                a[: min(need, len(audio))] = audio[:need]
-                step = 1024
-                for j in range(0, need, step):
-                    af = pyav.AudioFrame.from_ndarray(a[None, j:j + step], format="flt", layout="mono")
-                    af.sample_rate = sr
-                    af.pts = j
-                    for pkt in aus.encode(af):
-                        c.mux(pkt)
-                for pkt in aus.encode():
-                    c.mux(pkt)
-        finally:
-            c.close()
-    return Path(path)
+                yield render_frame(av, g, cams[s + j].to(dev), bg)[0]
 
 
 def drive(avatar_dir: str | Path, out: str | Path, audio_path: str | Path | None = None,
@@ -221,6 +170,6 @@ def drive(avatar_dir: str | Path, out: str | Path, audio_path: str | Path | None
         bg = bg.float().div(255).to(dev)
     t0 = time.perf_counter()
     frames = frames_iter(av, motion, n, fps, cams, audio, expressions, head, deform, bg)
-    path = write_video_with_audio(Path(out), frames, fps, audio, n_frames=n, progress=progress)
+    path = write_video(Path(out), frames, fps, audio, n_frames=n, progress=progress)
     dt = time.perf_counter() - t0
     return DriveResult(path, n, fps, n / fps, n / dt)

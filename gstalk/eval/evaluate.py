@@ -22,7 +22,7 @@ import torch
 
 from gstalk.audio.features import compute_features
 from gstalk.avatar.io import load_avatar
-from gstalk.avatar.model import Frame
+from gstalk.avatar.model import Frame, render_frame
 from gstalk.drive.render import cameras_for, frames_iter
 from gstalk.errors import InputError
 from gstalk.eval.sync import sync_score
@@ -73,11 +73,8 @@ def _render_test(av, motion, ds: Dataset, track, idx: np.ndarray, size: int, def
             fr = Frame(track.params(slice(int(t), int(t) + 1), device=dev), audio=codes[int(t):int(t) + 1],
                        blink=torch.as_tensor(np.nan_to_num(sig["blink"][int(t):int(t) + 1]), device=dev).float(),
                        deform=deform)
-            from gstalk.render import rasterize
-
-            g = av.gaussians_at(fr)[0]
-            r = rasterize(g, cams[0].to(dev), sh_degree=av.cfg.sh_degree, background=0.0)
-            out.append((r.colors[0] + (1 - r.alphas[0]) * bg).clamp(0, 1).cpu())
+            rgb, _, _ = render_frame(av, av.gaussians_at(fr)[0], cams[0].to(dev), bg)
+            out.append(rgb.clamp(0, 1).cpu())
     return out
 
 
@@ -86,7 +83,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     import cv2
 
     from gstalk.config import resolve_device
-    from gstalk.drive.render import write_video_with_audio
+    from gstalk.io.media import write_video
     from gstalk.io.video import load_audio
 
     prog = progress or (lambda *a: None)
@@ -159,6 +156,6 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     out_dir = Path(out) if out else Path(avatar_dir) / "eval"
     write_json(out_dir / "eval.json", result)
     if side:
-        write_video_with_audio(out_dir / "side_by_side.mp4", iter(side), ds.fps, None)
+        write_video(out_dir / "side_by_side.mp4", side, ds.fps)
     result["files"] = {"json": str(out_dir / "eval.json"), "video": str(out_dir / "side_by_side.mp4")}
     return result

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gstalk.errors import FileFormatError, GstalkError
+from gstalk.errors import GstalkError
 
 FLAME_ENV = "GSTALK_FLAME"
 """Environment variable naming an official FLAME file to use instead of the stand-in."""

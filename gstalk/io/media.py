@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from fractions import Fraction
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -35,21 +36,31 @@ def write_image(path: str | os.PathLike, image) -> Path:
     return Path(path)
 
 
-def write_video(path: str | os.PathLike, frames: Iterable, fps: float = 25.0, crf: int = 18) -> Path:
-    """Encode frames ([H, W, 3] float in [0, 1] or uint8) to an H.264 mp4, atomically.
+def write_video(path: str | os.PathLike, frames: Iterable, fps: float = 25.0, audio: np.ndarray | None = None,
+                sample_rate: int = 16000, crf: int = 18, progress: Callable[[str, int, int], None] | None = None,
+                n_frames: int | None = None) -> Path:
+    """Encode frames ([H, W, 3] float in [0, 1] or uint8) to an H.264 mp4, atomically, with
+    ``audio`` (mono float) muxed in as AAC and cut or padded to exactly frames / fps.
 
     Frames are streamed: only one is held at a time. Odd sizes are padded by one pixel
     (yuv420p needs even dimensions).
     """
     import av
 
+    prog = progress or (lambda *a: None)
     n = 0
     with atomic_path(path) as tmp:
         try:
             container = av.open(str(tmp), mode="w")
         except (OSError, av.error.FFmpegError) as e:
             raise OutputError(f"cannot write video {path}: {e}") from None
-        stream = None
+        stream = container.add_stream("libx264", rate=fps_fraction(fps))
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "medium"}
+        astream = None
+        if audio is not None:  # every stream must exist before the first packet is written
+            astream = container.add_stream("aac", rate=sample_rate)
+            astream.layout = "mono"
         try:
             for frame in frames:
                 arr = to_uint8(frame)
@@ -58,25 +69,38 @@ def write_video(path: str | os.PathLike, frames: Iterable, fps: float = 25.0, cr
                 h, w = arr.shape[:2]
                 if h % 2 or w % 2:
                     arr = np.pad(arr, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-                if stream is None:
-                    from fractions import Fraction
-
-                    stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+                if n == 0:
                     stream.width, stream.height = arr.shape[1], arr.shape[0]
-                    stream.pix_fmt = "yuv420p"
-                    stream.options = {"crf": str(crf), "preset": "medium"}
                 elif (arr.shape[1], arr.shape[0]) != (stream.width, stream.height):
                     raise InputError("all video frames must have the same size")
                 for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                     container.mux(packet)
                 n += 1
-            if stream is None:
+                prog("render", n, n_frames or n)
+            if n == 0:
                 raise InputError("no frames to write")
             for packet in stream.encode():
                 container.mux(packet)
+            if astream is not None:
+                need = int(round(n / fps * sample_rate))
+                a = np.zeros(need, np.float32)
+                a[: min(need, len(audio))] = np.asarray(audio, np.float32)[:need]
+                for j in range(0, need, 1024):
+                    af = av.AudioFrame.from_ndarray(a[None, j:j + 1024], format="flt", layout="mono")
+                    af.sample_rate = sample_rate
+                    af.pts = j
+                    for packet in astream.encode(af):
+                        container.mux(packet)
+                for packet in astream.encode():
+                    container.mux(packet)
         finally:
             container.close()
     return Path(path)
+
+
+def fps_fraction(fps: float) -> Fraction:
+    """A frame rate as the exact fraction the encoder wants (29.97 -> 30000/1001)."""
+    return Fraction(fps).limit_denominator(1001)
 
 
 def probe_video(path: str | os.PathLike) -> dict:

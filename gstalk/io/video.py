@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
@@ -240,8 +239,4 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = 160
     return Path(path)
 
 
-def fps_fraction(fps: float) -> Fraction:
-    return Fraction(fps).limit_denominator(1001)
-
-
-__all__ = ["VideoInfo", "fps_fraction", "iter_frames", "load_audio", "probe", "read_audio", "write_wav"]
+__all__ = ["VideoInfo", "iter_frames", "load_audio", "probe", "read_audio", "write_wav"]

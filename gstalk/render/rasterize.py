@@ -150,7 +150,7 @@ def rasterize(
     cams = _as_cameras(cameras)
     dev, dt = g.means.device, g.means.dtype
     cams = cams.to(device=dev, dtype=dt)
-    ncam, width, height = len(cams), cams.width, cams.height
+    ncam = len(cams)
     d = 3 if sh_degree is not None else g.colors.shape[1]
     bg = _background(background, ncam, d, dev, dt)
     which = select_backend(backend, dev)

@@ -27,16 +27,15 @@ import torch
 
 from gstalk.audio.features import check_speech, compute_features
 from gstalk.avatar.io import save_avatar
-from gstalk.avatar.model import Avatar, AvatarConfig, Frame, concat_sets, init_gaussians, torso_gaussians
+from gstalk.avatar.model import (Avatar, AvatarConfig, Frame, concat_sets, init_gaussians, render_frame,
+                                 torso_gaussians)
 from gstalk.config import TrainOptions, resolve_device
 from gstalk.errors import GstalkError
 from gstalk.gaussians.set import GaussianSet, rgb_to_sh
-from gstalk.head.flame import load_head_model
-from gstalk.head.lbs import FlameParams
-from gstalk.head.tracker import Track, load_track
+from gstalk.head.tracker import load_track
 from gstalk.io.atomic import atomic_path
 from gstalk.io.dataset import Dataset
-from gstalk.render import Cameras, rasterize
+from gstalk.render import Cameras
 
 Progress = Callable[[str, int, int, dict], None]
 STAGES = ("static", "audio", "joint")
@@ -94,10 +93,6 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(-10 * torch.log10(((a - b) ** 2).mean().clamp_min(1e-10)))
 
 
-def track_params(track: Track, idx, device) -> FlameParams:
-    return track.params(idx, device=device)
-
-
 def background_image(ds: Dataset, mode: str, size: int, device) -> torch.Tensor:
     import cv2
 
@@ -109,14 +104,6 @@ def background_image(ds: Dataset, mode: str, size: int, device) -> torch.Tensor:
     if mode in ("white", "black"):
         return torch.full((size, size, 3), 1.0 if mode == "white" else 0.0, device=device)
     raise TrainingError(f"unknown background mode {mode!r}: plate, white or black")
-
-
-def render_frame(av: Avatar, frame: Frame, cam: Cameras, bg: torch.Tensor):
-    """(rgb [S,S,3] over ``bg``, alpha [S,S,1], render output) for a one-frame ``Frame``."""
-    g = av.gaussians_at(frame)[0]
-    out = rasterize(g, cam, sh_degree=av.cfg.sh_degree, background=0.0)
-    rgb = out.colors[0] + (1 - out.alphas[0]) * bg
-    return rgb, out.alphas[0], out
 
 
 class Trainer:
@@ -141,9 +128,6 @@ class Trainer:
         torch.manual_seed(self.opts.seed)
         np.random.seed(self.opts.seed)
         random.seed(self.opts.seed)
-        # same seed, same result (and an interrupted run resumes to the same parameters): the
-        # scatter-adds in the backward passes must not depend on thread timing
-        torch.use_deterministic_algorithms(True, warn_only=True)
         self.frames = FrameSource(self.ds, self.size, self.opts.cache_frames, self.dev)
         self.cam = scaled_camera(torch.as_tensor(self.track.K), torch.as_tensor(self.track.viewmat),
                                  self.track.width, self.size).to(self.dev)
@@ -207,7 +191,7 @@ class Trainer:
     def _colour_from_first_frame(self, av: Avatar) -> None:
         """Give each head Gaussian the colour of the pixel it projects to in the first frame."""
         img = torch.from_numpy(self.ds.frame(0)).float().div(255).to(self.dev)
-        g = av.gaussians_at(Frame(track_params(self.track, slice(0, 1), self.dev), deform=False))[0]
+        g = av.gaussians_at(Frame(self.track.params(slice(0, 1), device=self.dev), deform=False))[0]
         cam = scaled_camera(av.K, av.viewmat, self.track.width, self.ds.resolution).to(self.dev)
         pc = g.means @ cam.viewmats[0, :3, :3].T + cam.viewmats[0, :3, 3]
         uv = pc[:, :2] / pc[:, 2:].clamp_min(1e-6) * cam.Ks[0, [0, 1], [0, 1]] + cam.Ks[0, :2, 2]
@@ -225,13 +209,11 @@ class Trainer:
     def step_loss(self, t: int, stage: str, deform: bool):
         img, lab = self.frames.get(t)
         tt = torch.tensor([t])
-        params = track_params(self.track, slice(t, t + 1), self.dev)
+        params = self.track.params(slice(t, t + 1), device=self.dev)
         audio = self.conditions(tt, self.avatar.audio).to(self.dev) if deform else None
         frame = Frame(params, audio=audio, blink=self.blink[tt.to(self.dev)], deform=deform)
         gs, d = self.avatar.posed(frame)
-        g = gs[0]
-        out = rasterize(g, self.cam, sh_degree=self.avatar.cfg.sh_degree, background=0.0)
-        rgb = out.colors[0] + (1 - out.alphas[0]) * self.bg
+        rgb, alpha, out = render_frame(self.avatar, gs[0], self.cam, self.bg)
         weight = torch.ones_like(img[..., :1])
         if stage == "joint":
             weight = weight + self.opts.w_mouth * (lab == 4)[..., None].float()
@@ -239,7 +221,7 @@ class Trainer:
         loss = (1 - self.opts.w_ssim) * l1 + self.opts.w_ssim * _ssim_loss(rgb, img)
         if self.opts.background == "plate":
             person = (lab > 0).float()[..., None]
-            loss = loss + self.opts.w_alpha * (out.alphas[0] - person).abs().mean()
+            loss = loss + self.opts.w_alpha * (alpha - person).abs().mean()
         if d is not None:
             loss = loss + self.opts.w_offsets * d.regulariser() * 1e3  # offsets are mm-scale
         return loss, rgb.detach(), img, out
@@ -317,6 +299,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self) -> Path:
+        # same seed, same result (and an interrupted run resumes to the same parameters): the
+        # scatter-adds in the backward passes must not depend on thread timing
+        was = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            return self._run()
+        finally:
+            torch.use_deterministic_algorithms(was)
+
+    def _run(self) -> Path:
         o = self.opts
         plan = [("static", o.iters_static), ("audio", o.iters_audio), ("joint", o.iters_joint)]
         start_stage, start_it, state = 0, 0, None
