@@ -11,19 +11,18 @@ from typing import Sequence
 import tyro
 from typing_extensions import Annotated
 
-from gstalk.config import (DemoConfig, EvalConfig, FitConfig, ImportConfig, PendingConfig, PrepareConfig,
+from gstalk.config import (DemoConfig, EvalConfig, ExportConfig, FitConfig, ImportConfig, PendingConfig, PrepareConfig,
                            RenderConfig, TrackConfig, TrainConfig)
 from gstalk.errors import GstalkError, NotImplementedYet
 
 # Verbs whose capability has not landed yet, and what will bring them.
 PENDING = {
     "view": "the browser viewer (issue 'Interactive viewer')",
-    "export": "exporters (issue 'Export')",
 }
 
 VERBS = {
     "demo": DemoConfig, "prepare": PrepareConfig, "import-dataset": ImportConfig, "track": TrackConfig,
-    "train": TrainConfig, "fit": FitConfig, "render": RenderConfig, "eval": EvalConfig,
+    "train": TrainConfig, "fit": FitConfig, "render": RenderConfig, "eval": EvalConfig, "export": ExportConfig,
 }
 
 
@@ -169,7 +168,7 @@ def _render(cfg: RenderConfig, console) -> int:
         from gstalk.demo import render_ply_turntable
 
         r = render_ply_turntable(cfg.target, cfg.out, size=cfg.size or 256, frames=cfg.frames, fps=cfg.fps or 24.0,
-                                 radius=cfg.radius, device=cfg.device)
+                                 radius=cfg.radius, axes=cfg.axes, device=cfg.device)
         console.print(f"  image     : {r.image}\n  turntable : {r.video}\n  render    : {r.ms_per_frame:.1f} ms/frame "
                       f"(median) at {r.size}x{r.size}, backend {r.backend} on {r.device}")
         return 0
@@ -195,8 +194,24 @@ def _eval(cfg: EvalConfig, console) -> int:
     return 0
 
 
+def _export(cfg: ExportConfig, console) -> int:
+    from gstalk.export.exporter import export
+
+    with StageProgress(console) as prog:
+        r = export(cfg.avatar, cfg.out, tuple(cfg.format), cfg.audio, cfg.expressions, cfg.frame, cfg.max_frames,
+                   cfg.fps, cfg.head, cfg.axes, cfg.deform, cfg.device, progress=prog)
+    sizes = r.sizes()
+    console.print(f"exported {r.gaussians} Gaussians" + (f", {r.frames} frames at {r.fps:g} fps" if r.frames else "")
+                  + f" to {r.out} in {r.seconds:.1f} s")
+    for fmt, files in r.files.items():
+        shown = str(files[0]) if len(files) == 1 else f"{files[0].parent}/ ({len(files)} files)"
+        console.print(f"  {fmt:<15} {shown}  {sizes[fmt] / 1e6:.2f} MB")
+    return 0
+
+
 HANDLERS = {DemoConfig: _demo, PrepareConfig: _prepare, ImportConfig: _prepare, TrackConfig: _track,
-            TrainConfig: _train, FitConfig: _fit, RenderConfig: _render, EvalConfig: _eval}
+            TrainConfig: _train, FitConfig: _fit, RenderConfig: _render, EvalConfig: _eval,
+            ExportConfig: _export}
 
 
 def entry() -> None:

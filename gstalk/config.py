@@ -61,6 +61,8 @@ class RenderConfig:
     """For a .ply: frames of the turntable."""
     radius: float = 0.0
     """For a .ply: camera distance (0 = fit the scene)."""
+    axes: Literal["rdf", "rub"] = "rdf"
+    """For a .ply: its axes, rdf (y down, as 3DGS training and 'gstalk export' write) or rub (y up)."""
     device: Device = "auto"
 
 
@@ -243,6 +245,39 @@ class EvalConfig:
     """Evaluation size in pixels (0 = the dataset's, at most 256 on a CPU)."""
     out: Path | None = None
     """Folder for eval.json and side_by_side.mp4 (default AVATAR/eval)."""
+    device: Device = "auto"
+
+
+ExportFormat = Literal["ply", "splat", "compressed-ply", "ply-sequence", "viser", "mesh-obj", "mesh-ply", "glb", "all"]
+
+
+@dataclass
+class ExportConfig:
+    """Write an avatar in the formats other tools read: 3DGS PLY, .splat, PlayCanvas compressed
+    PLY, a per-frame PLY sequence, a viser recording, head-mesh OBJ/PLY sequences and a GLB."""
+
+    avatar: Annotated[Path, tyro.conf.Positional]
+    """The avatar folder."""
+    format: tuple[ExportFormat, ...] = ("ply", "splat", "compressed-ply")
+    """One or more formats (or all)."""
+    out: Path = Path("out/export")
+    """Folder to write into."""
+    audio: Path | None = None
+    """Speech that drives the animated formats (default: the training clip's own motion)."""
+    expressions: Path | None = None
+    """Instead of audio: a track.npz to drive the animated formats."""
+    frame: int = -1
+    """Static formats: -1 = the canonical avatar (rest pose, neutral, at the origin); k = frame k of the sequence."""
+    max_frames: int = 0
+    """Cap on the frames of animated formats (0 = all)."""
+    fps: float = 0.0
+    """Frame rate of animated formats for audio (0 = the avatar's)."""
+    head: str = "track"
+    """Head motion for audio: track or still."""
+    axes: Literal["rdf", "rub"] = "rdf"
+    """Axes of splat files: rdf (x right, y down, z forward, what splat viewers expect) or rub (gstalk's, y up)."""
+    deform: bool = True
+    """Apply the audio-conditioned deformation."""
     device: Device = "auto"
 
 

@@ -22,7 +22,7 @@ import torch
 
 from gstalk.config import DemoConfig, PrepareOptions, TrackOptions, TrainOptions, resolve_device
 from gstalk.errors import InputError
-from gstalk.gaussians import GaussianSet, load_ply, rgb_to_sh, save_ply
+from gstalk.gaussians import load_ply, rgb_to_sh
 from gstalk.io.atomic import ensure_dir
 from gstalk.io.media import write_image, write_video
 from gstalk.render import orbit_cameras, rasterize
@@ -232,35 +232,20 @@ def run_demo(cfg: DemoConfig, progress=None, log: Callable[[str], None] = print)
                   device=cfg.device, progress=prog)
     timings["drive_s"] = time.perf_counter() - t
     timings["drive_fps"] = talk.render_fps
-    ply = export_frame_ply(avatar, out / "avatar_frame0.ply", device=cfg.device)
+    from gstalk.export.exporter import export
+
+    exp = export(avatar, out / "export", ("ply", "splat", "compressed-ply"), frame=0, device=cfg.device)
+    ply = exp.files["ply"][0]
     timings["total_s"] = time.perf_counter() - t0
     r = DemoResult(clip, ds_dir, avatar, [talk.video, orbit.video], ply, timings, ev)
     d, b = ev["deformation"], ev["no_deformation"]
     log(f"clip      : {clip}\ndataset   : {ds_dir}\navatar    : {avatar}\nvideos    : {talk.video}, {orbit.video}\n"
-        f"ply       : {ply}\nheld-out  : PSNR {d['psnr']:.2f} dB (no deformation {b['psnr']:.2f}), face PSNR "
+        f"export    : {ply.parent} (avatar.ply, .splat, .compressed.ply: frame 0, viewer axes)\n"
+        f"held-out  : PSNR {d['psnr']:.2f} dB (no deformation {b['psnr']:.2f}), face PSNR "
         f"{d['face_psnr']:.2f} ({b['face_psnr']:.2f}), LMD {d['lmd_px512']:.2f} px ({b['lmd_px512']:.2f})\n"
         f"eval      : {ev['files']['json']}, {ev['files']['video']}\n"
         f"time      : " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + f"  [{device}]")
     return r
-
-
-def export_frame_ply(avatar_dir: Path, path: Path, frame: int = 0, device: str = "auto") -> Path:
-    """The avatar posed at a frame of its training motion, as a standard 3DGS PLY (world space)."""
-    from gstalk.avatar.io import load_avatar
-    from gstalk.avatar.model import Frame
-    from gstalk.head.lbs import FlameParams
-
-    av, motion = load_avatar(avatar_dir, resolve_device(device))
-    f32 = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=av.means.device)  # noqa: E731
-    p = FlameParams(jaw=f32(motion["jaw"][frame:frame + 1]), expr=f32(motion["expr"][frame:frame + 1]),
-                    global_rot=f32(motion["global_rot"][frame:frame + 1]), neck=f32(motion["neck"][frame:frame + 1]),
-                    eyes=f32(motion["eyes"][frame:frame + 1]), translation=f32(motion["translation"][frame:frame + 1]))
-    with torch.no_grad():
-        g = av.gaussians_at(Frame(p, deform=False))[0]
-    op = g.opacities.clamp(1e-6, 1 - 1e-6)
-    gs = GaussianSet(g.means.cpu(), g.quats.cpu(), torch.log(g.scales).cpu(), torch.log(op / (1 - op)).cpu(),
-                     g.colors.cpu())
-    return save_ply(gs, path)
 
 
 # ---------------------------------------------------------------------- PLY turntable
@@ -276,9 +261,13 @@ class TurntableResult:
 
 
 def render_ply_turntable(ply: Path, out: Path, size: int = 256, frames: int = 48, fps: float = 24.0,
-                         radius: float = 0.0, device: str = "auto") -> TurntableResult:
+                         radius: float = 0.0, axes: str = "rdf", device: str = "auto") -> TurntableResult:
+    """A turntable (y up) of a 3DGS PLY whose axes are ``axes`` (see gstalk/export/axes.py)."""
+    from gstalk.export.axes import convert_axes
+
     dev = resolve_device(device)
     g = load_ply(ply)
+    g = convert_axes(g, axes)  # the RUB<->RDF turn is its own inverse
     if len(g) == 0:
         raise InputError(f"{ply} holds no Gaussians")
     if size < 16 or frames < 1:

@@ -22,7 +22,7 @@ def test_render_ply_turntable(tmp_path):
     assert (tmp_path / "r" / "scene.png").is_file()
 
 
-@pytest.mark.parametrize("verb", ["view", "export"])
+@pytest.mark.parametrize("verb", ["view"])
 def test_pending_verbs_say_so(verb, capsys):
     assert main([verb, "something"]) == 3
     assert "not available yet" in capsys.readouterr().err

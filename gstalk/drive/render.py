@@ -22,6 +22,7 @@ import torch
 from gstalk.audio.features import check_speech, compute_features
 from gstalk.avatar.io import load_avatar
 from gstalk.avatar.model import Avatar, Frame, render_frame
+from gstalk.gaussians.set import GaussianTensors
 from gstalk.errors import FileFormatError, InputError
 from gstalk.head.lbs import FlameParams
 from gstalk.io.media import write_video
@@ -104,10 +105,28 @@ def audio_conditions(av: Avatar, audio: np.ndarray, n: int, fps: float):
     return codes, jaw, expr, blink
 
 
-def frames_iter(av: Avatar, motion: dict, n: int, fps: float, cams: Cameras, audio: np.ndarray | None = None,
-                expressions: dict | None = None, head: str = "track", deform: bool = True,
-                background: torch.Tensor | None = None, batch: int = 8) -> Iterator[torch.Tensor]:
-    """Rendered RGB frames [S, S, 3] (float, on the avatar's device), one at a time."""
+@dataclass
+class Conditions:
+    """What drives each of n frames: head-model parameters, audio codes and blink."""
+
+    params: FlameParams
+    codes: torch.Tensor  # [n, code_dim]
+    blink: torch.Tensor  # [n]
+    fps: float
+
+    @property
+    def num_frames(self) -> int:
+        return self.codes.shape[0]
+
+    def slice(self, sl: slice) -> "Conditions":
+        p = FlameParams(**{k: (None if v is None else v[sl]) for k, v in self.params.__dict__.items()})
+        return Conditions(p, self.codes[sl], self.blink[sl], self.fps)
+
+
+def conditions_for(av: Avatar, motion: dict, n: int, fps: float, audio: np.ndarray | None = None,
+                   expressions: dict | None = None, head: str = "track") -> Conditions:
+    """Per-frame conditions from new audio (through the audio-to-motion model), or from tracked
+    expressions (``expressions`` with jaw, expr, optional blink and, with ``use_pose``, the head pose)."""
     dev = av.means.device
     hm = head_motion(motion, n, head)
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=dev)  # noqa: E731
@@ -117,20 +136,59 @@ def frames_iter(av: Avatar, motion: dict, n: int, fps: float, cams: Cameras, aud
         codes = torch.zeros(n, av.cfg.code_dim, device=dev)
         if expressions.get("use_pose"):
             hm = {k: expressions[k][:n] for k in ("global_rot", "neck", "translation", "eyes")}
-    else:
+    elif audio is not None:
         codes, jaw, expr, blink = audio_conditions(av, audio, n, fps)
+    else:
+        raise InputError("no driving signal: give audio or tracked expressions")
     E = av.head_model.n_expr
     expr = torch.nn.functional.pad(expr, (0, max(0, E - expr.shape[1])))[:, :E]
+    p = FlameParams(expr=expr, jaw=jaw, global_rot=t(hm["global_rot"]), neck=t(hm["neck"]), eyes=t(hm["eyes"]),
+                    translation=t(hm["translation"]))
+    return Conditions(p, codes, blink, fps)
+
+
+def training_expressions(motion: dict) -> dict:
+    """The training clip's own tracked motion as a driving sequence (pose included)."""
+    return {**{k: motion[k] for k in ("jaw", "expr", "global_rot", "neck", "translation", "eyes")},
+            "use_pose": True}
+
+
+def posed_iter(av: Avatar, cond: Conditions, deform: bool = True, batch: int = 8) -> Iterator[GaussianTensors]:
+    """The posed (and deformed) Gaussians of each frame, one at a time."""
+    with torch.no_grad():
+        for s in range(0, cond.num_frames, batch):
+            c = cond.slice(slice(s, min(s + batch, cond.num_frames)))
+            yield from av.gaussians_at(Frame(c.params, audio=c.codes, blink=c.blink, deform=deform))
+
+
+def frames_iter(av: Avatar, motion: dict, n: int, fps: float, cams: Cameras, audio: np.ndarray | None = None,
+                expressions: dict | None = None, head: str = "track", deform: bool = True,
+                background: torch.Tensor | None = None, batch: int = 8) -> Iterator[torch.Tensor]:
+    """Rendered RGB frames [S, S, 3] (float, on the avatar's device), one at a time."""
+    dev = av.means.device
+    cond = conditions_for(av, motion, n, fps, audio, expressions, head)
     size = cams.width
     bg = background if background is not None else torch.ones(size, size, 3, device=dev)
     with torch.no_grad():
-        for s in range(0, n, batch):
-            sl = slice(s, min(s + batch, n))
-            p = FlameParams(expr=expr[sl], jaw=jaw[sl], global_rot=t(hm["global_rot"][sl]), neck=t(hm["neck"][sl]),
-                            eyes=t(hm["eyes"][sl]), translation=t(hm["translation"][sl]))
-            gs = av.gaussians_at(Frame(p, audio=codes[sl], blink=blink[sl], deform=deform))
-            for j, g in enumerate(gs):
-                yield render_frame(av, g, cams[s + j].to(dev), bg)[0]
+        for k, g in enumerate(posed_iter(av, cond, deform, batch)):
+            yield render_frame(av, g, cams[k].to(dev), bg)[0]
+
+
+def load_driver(audio_path: str | Path | None, expressions_path: str | Path | None, fps: float,
+                required: bool = True) -> tuple[np.ndarray | None, dict | None, int, float]:
+    """(audio, expressions, frame count, fps) from --audio or --expressions."""
+    if expressions_path is not None:
+        from gstalk.head.tracker import load_track
+
+        tr = load_track(expressions_path)
+        return None, {"jaw": tr.jaw, "expr": tr.expr, "blink": np.zeros(tr.num_frames)}, tr.num_frames, tr.fps
+    if audio_path is not None:
+        audio = load_audio(audio_path)
+        check_speech(audio, str(audio_path))
+        return audio, None, max(1, int(round(len(audio) / 16000 * fps))), fps
+    if required:
+        raise InputError("give --audio speech.wav (or --expressions track.npz) to drive the avatar")
+    return None, None, 0, fps
 
 
 def drive(avatar_dir: str | Path, out: str | Path, audio_path: str | Path | None = None,
@@ -147,20 +205,7 @@ def drive(avatar_dir: str | Path, out: str | Path, audio_path: str | Path | None
     size = size or av.cfg.resolution
     if size < 16:
         raise InputError("--size must be at least 16 pixels")
-    audio, expressions = None, None
-    if expressions_path is not None:
-        from gstalk.head.tracker import load_track
-
-        tr = load_track(expressions_path)
-        expressions = {"jaw": tr.jaw, "expr": tr.expr, "blink": np.zeros(tr.num_frames)}
-        n = tr.num_frames
-        fps = tr.fps
-    elif audio_path is not None:
-        audio = load_audio(audio_path)
-        check_speech(audio, str(audio_path))
-        n = max(1, int(round(len(audio) / 16000 * fps)))
-    else:
-        raise InputError("give --audio speech.wav (or --expressions track.npz) to drive the avatar")
+    audio, expressions, n, fps = load_driver(audio_path, expressions_path, fps)
     cams = cameras_for(av, motion, n, camera, size)
     bg = None
     if av.cfg.background == "plate" and "background" in motion and camera in ("track", "still"):

@@ -1,0 +1,1 @@
+"""Exporters: the avatar for other splat viewers, engines and VR (see exporter.py)."""
