@@ -11,25 +11,19 @@ from typing import Sequence
 import tyro
 from typing_extensions import Annotated
 
-from gstalk.config import (DemoConfig, EvalConfig, ExportConfig, FitConfig, ImportConfig, PendingConfig, PrepareConfig,
-                           RenderConfig, TrackConfig, TrainConfig)
-from gstalk.errors import GstalkError, NotImplementedYet
-
-# Verbs whose capability has not landed yet, and what will bring them.
-PENDING = {
-    "view": "the browser viewer (issue 'Interactive viewer')",
-}
+from gstalk.config import (DemoConfig, EvalConfig, ExportConfig, FitConfig, ImportConfig, PrepareConfig,
+                           RenderConfig, TrackConfig, TrainConfig, ViewConfig)
+from gstalk.errors import GstalkError
 
 VERBS = {
     "demo": DemoConfig, "prepare": PrepareConfig, "import-dataset": ImportConfig, "track": TrackConfig,
     "train": TrainConfig, "fit": FitConfig, "render": RenderConfig, "eval": EvalConfig, "export": ExportConfig,
+    "view": ViewConfig,
 }
 
 
 def _subcommands():
     verbs = {name: Annotated[cls, tyro.conf.subcommand(name, description=cls.__doc__)] for name, cls in VERBS.items()}
-    for verb, what in PENDING.items():
-        verbs[verb] = Annotated[PendingConfig, tyro.conf.subcommand(verb, description=f"Not available yet: {what}.")]
     return verbs
 
 
@@ -81,19 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(f"gstalk {__version__}")
         return 0
-    verb = next((a for a in argv if not a.startswith("-")), None)
     console = _console()
     try:
-        if verb in PENDING:
-            if any(a in ("-h", "--help") for a in argv):
-                print(f"gstalk {verb}: not available yet ({PENDING[verb]}).")
-                return 0
-            raise NotImplementedYet(f"'gstalk {verb}' is not available yet: it arrives with {PENDING[verb]}.")
         union = typing.Union[tuple(_subcommands().values())]  # type: ignore[misc]
         cfg = tyro.cli(union, args=argv, prog="gstalk", description="Talking-head Gaussian avatars from a phone clip.")
         handler = HANDLERS.get(type(cfg))
         if handler is None:
-            raise NotImplementedYet("this command is not available yet")
+            raise GstalkError(f"no handler for {type(cfg).__name__}")
         return handler(cfg, console)
     except GstalkError as e:
         console.print(f"[bold red]gstalk error:[/] {e}")
@@ -209,9 +197,21 @@ def _export(cfg: ExportConfig, console) -> int:
     return 0
 
 
+def _view(cfg: ViewConfig, console) -> int:
+    from gstalk.viewer.app import AvatarViewer
+
+    v = AvatarViewer(cfg.avatar, cfg.host, cfg.port, cfg.audio, cfg.device, cfg.out, cfg.render, cfg.size)
+    console.print(f"gstalk viewer: {v.url}  ({v.num_frames} frames, {v.av.num_gaussians} Gaussians, "
+                  f"{cfg.render} rendering on {v.dev.type}; Ctrl-C to stop)")
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] listening on {cfg.host}: anyone on that network can see this face")
+    v.serve_forever()
+    return 0
+
+
 HANDLERS = {DemoConfig: _demo, PrepareConfig: _prepare, ImportConfig: _prepare, TrackConfig: _track,
             TrainConfig: _train, FitConfig: _fit, RenderConfig: _render, EvalConfig: _eval,
-            ExportConfig: _export}
+            ExportConfig: _export, ViewConfig: _view}
 
 
 def entry() -> None:

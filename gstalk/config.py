@@ -282,11 +282,24 @@ class ExportConfig:
 
 
 @dataclass
-class PendingConfig:
-    """A command whose capability has not landed yet; it says so and exits non-zero."""
+class ViewConfig:
+    """Open a fitted avatar in a local browser viewer: play, scrub, drive with uploaded audio,
+    manual jaw/expression/blink, camera presets, export a frame, render a video."""
 
-    args: Annotated[tuple[str, ...], tyro.conf.Positional] = ()
-    """Arguments (ignored until the command exists)."""
+    avatar: Annotated[Path, tyro.conf.Positional]
+    """The avatar folder."""
+    audio: Path | None = None
+    """Speech to drive it with at start (default: the training clip's own motion)."""
+    host: str = "127.0.0.1"
+    """Address to listen on. The default is this machine only; give 0.0.0.0 to share it on your network on purpose."""
+    port: int = 8080
+    out: Path = Path("out/view")
+    """Folder for exported frames and rendered videos."""
+    render: Literal["browser", "server"] = "browser"
+    """browser: splats drawn by the browser (smooth orbiting); server: rasterized here with full SH colour."""
+    size: int = 256
+    """Image height for server rendering and rendered videos."""
+    device: Device = "auto"
 
 
 def resolve_device(device: Device):

@@ -25,8 +25,3 @@ class FileFormatError(GstalkError):
 class OutputError(GstalkError):
     """An output location cannot be written."""
 
-
-class NotImplementedYet(GstalkError):
-    """A command whose capability has not landed yet."""
-
-    exit_code = 3

@@ -2,7 +2,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from gstalk.cli import main
 from gstalk.gaussians import GaussianSet, save_ply
@@ -20,12 +19,6 @@ def test_render_ply_turntable(tmp_path):
     assert img.shape == (32, 32, 3) and img[14:18, 14:18].mean() < img[:2, :2].mean()  # scene darker than white bg
     assert probe_video(tmp_path / "r" / "scene_turntable.mp4")["frames"] == 2
     assert (tmp_path / "r" / "scene.png").is_file()
-
-
-@pytest.mark.parametrize("verb", ["view"])
-def test_pending_verbs_say_so(verb, capsys):
-    assert main([verb, "something"]) == 3
-    assert "not available yet" in capsys.readouterr().err
 
 
 def test_bad_input_is_a_message_not_a_traceback(tmp_path):

@@ -1,0 +1,1 @@
+"""The browser viewer (viser): see app.py."""
