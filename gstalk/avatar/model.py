@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from gstalk.audio.encoder import AudioModel
-from gstalk.avatar.binding import bind_to_world, quat_multiply, rotmat_to_quat, triangle_frames, world_to_local
+from gstalk.avatar.binding import bind_to_world, rotmat_to_quat, triangle_frames, world_to_local
 from gstalk.deform.field import REGION_FACE, REGION_MOUTH, REGION_TORSO, Deformation, DeformationField
 from gstalk.gaussians.set import SH_C0, GaussianSet, GaussianTensors
 from gstalk.head.flame import HeadModel
@@ -157,49 +157,44 @@ class Avatar(nn.Module):
         """Posed Gaussians of each of the B frames (activated, ready to rasterize)."""
         return self.posed(frame)[0]
 
-    def posed(self, frame: Frame) -> tuple[list[GaussianTensors], Deformation | None]:
-        """Posed Gaussians of each frame, and the deformation that was applied (None if off)."""
-        p = frame.params
+    def skin(self, p: FlameParams) -> tuple[Tensor, Tensor, Tensor]:
+        """Head model -> posed triangle frames (origins, rotations, scales) of every frame."""
         B = p.batch_size()
         if p.shape is None:
             p = FlameParams(**{**p.__dict__, "shape": self.shape[None].expand(B, -1)})
         verts = flame_forward(self.head_model, p).vertices
-        o, r, s = triangle_frames(verts, self.head_model.faces)
-        bound = self.binding >= 0
-        means = self.means[None].expand(B, -1, -1)
-        quats = self.quats[None].expand(B, -1, -1)
-        scales = torch.exp(self.log_scales)[None].expand(B, -1, -1)
-        if bool(bound.any()):
-            bm, bq, bs = bind_to_world(self.means[bound], self.quats[bound], self.log_scales[bound],
-                                       self.binding[bound], o, r, s)
-            idx = bound.nonzero(as_tuple=True)[0]
-            means = means.clone().index_copy(1, idx, bm)
-            quats = quats.clone().index_copy(1, idx, bq)
-            scales = scales.clone().index_copy(1, idx, bs)
+        return triangle_frames(verts, self.head_model.faces)
+
+    def deformation(self, frame: Frame) -> Deformation:
+        """The deformation field's outputs for every Gaussian of every frame."""
+        p = frame.params
+        B = p.batch_size()
+        dev = self.means.device
+        audio = frame.audio if frame.audio is not None else torch.zeros(B, self.cfg.code_dim, device=dev)
+        expr = None
+        if self.cfg.expr_cond:
+            e = p.expr if p.expr is not None else torch.zeros(B, self.cfg.expr_cond, device=dev)
+            expr = torch.nn.functional.pad(e[:, : self.cfg.expr_cond], (0, max(0, self.cfg.expr_cond - e.shape[1])))
+        # bounded codes: new voices must not push the field far outside what it was trained on
+        return self.field(self.canonical_positions(), torch.tanh(audio), blink=frame.blink, expr=expr, neck=p.neck,
+                          region=self.region)
+
+    def posed(self, frame: Frame, backend: str = "auto") -> tuple[list[GaussianTensors], Deformation | None]:
+        """Posed Gaussians of each frame, and the deformation that was applied (None if off).
+        ``backend``: the posing step's (see gstalk/avatar/posing.py)."""
+        from gstalk.avatar.posing import pose_gaussians
+
+        o, r, s = self.skin(frame.params)
+        B = o.shape[0]
+        d = self.deformation(frame) if frame.deform else None
+        _, r0, _ = self.rest_frames()
+        means, quats, scales = pose_gaussians(
+            o, r, s, r0[0], self.means, self.quats, self.log_scales, self.binding,
+            None if d is None else d.d_means, None if d is None else d.d_quats,
+            None if d is None else d.d_log_scales, backend=backend)
         opac = self.opacity_logits[None].expand(B, -1)
         sh = self.sh[None].expand(B, -1, -1, -1)
-        d = None
-        if frame.deform:
-            audio = frame.audio if frame.audio is not None else torch.zeros(B, self.cfg.code_dim,
-                                                                            device=means.device)
-            expr = None
-            if self.cfg.expr_cond:
-                e = p.expr if p.expr is not None else torch.zeros(B, self.cfg.expr_cond, device=means.device)
-                expr = torch.nn.functional.pad(e[:, : self.cfg.expr_cond], (0, max(0, self.cfg.expr_cond - e.shape[1])))
-            # bounded codes: new voices must not push the field far outside what it was trained on
-            d = self.field(self.canonical_positions(), torch.tanh(audio), blink=frame.blink, expr=expr, neck=p.neck,
-                           region=self.region)
-            # offsets are in canonical head space: carry them with each triangle's motion
-            dm = d.d_means
-            if bool(bound.any()):
-                _, r0, _ = self.rest_frames()
-                rel = r[:, self.binding[bound]] @ r0[:, self.binding[bound]].transpose(-1, -2)  # [B, n, 3, 3]
-                dmb = (rel @ dm[:, bound][..., None])[..., 0]
-                dm = dm.clone()
-                dm[:, bound] = dmb
-            means = means + dm
-            quats = quat_multiply(quats, d.d_quats)
-            scales = scales * torch.exp(d.d_log_scales)
+        if d is not None:
             opac = opac + 2.0 * torch.tanh(d.d_opacity[..., 0] / 2.0)
             sh = torch.cat([sh[:, :, :1] + (d.d_colors / SH_C0)[:, :, None], sh[:, :, 1:]], 2)
         return [GaussianTensors(means[b], quats[b], scales[b], torch.sigmoid(opac[b]), sh[b]) for b in range(B)], d

@@ -1,0 +1,167 @@
+"""The whole per-frame path, stage by stage, and training iterations per second.
+
+    python scripts/bench.py                          # GPU: 50k/100k/200k Gaussians at 512 px
+    python scripts/bench.py --counts 5000 --size 128 --json out.json
+
+Per frame (batch 1, what a live driver does): audio features and code (computed for a 4 s
+clip, per frame), head-model skinning and triangle frames, the deformation field, the posing
+step (triangle binding + deformation outputs, per Gaussian) with the PyTorch reference and,
+on CUDA, the fused kernel, rasterisation, and copy-out (the image to host memory as uint8);
+then the whole path with each posing backend, timed end to end. Training: iterations per
+second of one synthetic training step (pose + deform + rasterize + L1 + backward + Adam).
+
+The avatar is built in memory on the stand-in head (Gaussians spread over its triangles, a
+randomised deformation field), so the numbers do not depend on a fit. On a CPU it runs at
+a small size and says so. Prints a table naming the device; ``--json`` writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gstalk.avatar.model import Avatar, AvatarConfig, Frame, init_gaussians  # noqa: E402
+from gstalk.avatar.posing import cuda_kernel_available, pose_gaussians  # noqa: E402
+from gstalk.eval.bench import device_name, time_it  # noqa: E402
+from gstalk.head.flame import STANDIN_PATH, load_head_model  # noqa: E402
+from gstalk.head.lbs import FlameParams  # noqa: E402
+from gstalk.head.tracker import VIEWMAT  # noqa: E402
+from gstalk.render import Cameras, rasterize  # noqa: E402
+
+
+def bench_avatar(n: int, size: int, device: torch.device, sh_degree: int = 3) -> Avatar:
+    head = load_head_model(STANDIN_PATH)
+    shape = torch.zeros(head.n_shape)
+    per_tri = max(1, -(-n // head.faces.shape[0]))  # enough per triangle, then cut to n
+    g, region = init_gaussians(head, shape, per_triangle=per_tri, sh_degree=sh_degree, seed=0)
+    keep = torch.arange(min(n, len(g)))
+    g, region = g.subset(keep), region[keep]
+    gen = torch.Generator().manual_seed(0)
+    g.sh = torch.randn(g.sh.shape, generator=gen) * 0.3
+    cfg = AvatarConfig(resolution=size, feature_kind="mel", window=16, feature_dim=83, sh_degree=sh_degree,
+                       expr_cond=8, head_model=head.reference(), n_shape=head.n_shape, n_expr=head.n_expr)
+    f = 1.6 * size
+    K = torch.tensor([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1.0]])
+    av = Avatar(cfg, head, shape, g, region, K, torch.as_tensor(VIEWMAT, dtype=torch.float32))
+    with torch.no_grad():
+        for p in av.field.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return av.to(device)
+
+
+def frame_params(av: Avatar, device, t: float = 0.3) -> FlameParams:
+    z = lambda k: torch.zeros(1, k, device=device)  # noqa: E731
+    return FlameParams(expr=torch.full((1, av.head_model.n_expr), 0.2, device=device),
+                       jaw=torch.tensor([[0.1 + 0.05 * np.sin(t), 0, 0]], device=device, dtype=torch.float32),
+                       global_rot=torch.tensor([[0.0, 0.2, 0.0]], device=device), neck=z(3), eyes=z(6),
+                       translation=torch.tensor([[0.0, 0.0, -0.6]], device=device))
+
+
+def run(n: int, size: int, device: torch.device, budget: float) -> dict:
+    from gstalk.audio.features import compute_features
+    from gstalk.demo import synth_speech
+
+    av = bench_avatar(n, size, device)
+    cam = Cameras(av.viewmat[None], av.K[None], size, size).to(device)
+    p = frame_params(av, device)
+    audio, _ = synth_speech(4.0, seed=3)
+    n_frames = 100
+    rows: dict[str, float] = {}
+    with torch.no_grad():
+        feats = compute_features(audio, n_frames, 25.0, "mel", 16).windows
+        win = torch.from_numpy(feats).to(device)
+        rows["audio features (per frame)"] = time_it(lambda: compute_features(audio, n_frames, 25.0, "mel", 16),
+                                                     device, budget_s=budget) / n_frames
+        rows["audio code"] = time_it(lambda: av.audio(win[:1]), device, budget_s=budget)
+        code = av.audio(win[:1])
+        frame = Frame(p, audio=code, blink=torch.zeros(1, device=device))
+        rows["skinning + triangle frames"] = time_it(lambda: av.skin(p), device, budget_s=budget)
+        av.canonical_positions()
+        rows["deformation field"] = time_it(lambda: av.deformation(frame), device, budget_s=budget)
+        o, r, s = av.skin(p)
+        d = av.deformation(frame)
+        r0 = av.rest_frames()[1][0]
+        args = (o, r, s, r0, av.means, av.quats, av.log_scales, av.binding, d.d_means, d.d_quats, d.d_log_scales)
+        backends = ["torch"] + (["cuda"] if device.type == "cuda" and cuda_kernel_available() else [])
+        for b in backends:
+            rows[f"posing step [{b}]"] = time_it(lambda: pose_gaussians(*args, backend=b), device, budget_s=budget)
+        g = av.posed(frame)[0][0]
+        rows["rasterisation"] = time_it(lambda: rasterize(g, cam, sh_degree=av.cfg.sh_degree), device,
+                                        budget_s=budget)
+        img = rasterize(g, cam, sh_degree=av.cfg.sh_degree).colors[0]
+        rows["copy-out (uint8 to host)"] = time_it(lambda: (img.clamp(0, 1) * 255).to(torch.uint8).cpu(), device,
+                                                   budget_s=budget)
+
+        def whole(b):
+            c = av.audio(win[:1])
+            gs, _ = av.posed(Frame(p, audio=c, blink=torch.zeros(1, device=device)), backend=b)
+            out = rasterize(gs[0], cam, sh_degree=av.cfg.sh_degree).colors[0]
+            return (out.clamp(0, 1) * 255).to(torch.uint8).cpu()
+
+        for b in backends:
+            rows[f"whole frame [{b}]"] = time_it(lambda: whole(b), device, budget_s=budget)
+
+    # training: one synthetic step
+    target = torch.rand(size, size, 3, device=device)
+    params = [av.means, av.quats, av.log_scales, av.opacity_logits, av.sh, *av.field.parameters()]
+    opt = torch.optim.Adam(params, lr=1e-3)
+
+    def step():
+        gs, _ = av.posed(Frame(p, audio=code.detach(), blink=torch.zeros(1, device=device)), backend="torch")
+        out = rasterize(gs[0], cam, sh_degree=av.cfg.sh_degree).colors[0]
+        loss = (out - target).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        av.invalidate()
+
+    rows["training iteration"] = time_it(step, device, budget_s=budget)
+    return {"gaussians": av.num_gaussians, "size": size, "ms": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--counts", type=int, nargs="*", default=None)
+    ap.add_argument("--size", type=int, default=0, help="image size (0: 512 on a GPU, 128 on a CPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--budget", type=float, default=2.0, help="seconds of repeats per measurement")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    gpu = dev.type == "cuda"
+    counts = a.counts or ([50_000, 100_000, 200_000] if gpu else [5_000, 20_000])
+    size = a.size or (512 if gpu else 128)
+    name = device_name(dev)
+    print(f"device: {name}  (torch {torch.__version__})")
+    if not gpu:
+        print("no CUDA GPU: running at a small size; the targets are GPU numbers")
+    results = []
+    for n in counts:
+        t0 = time.perf_counter()
+        r = run(n, size, dev, a.budget)
+        results.append(r)
+        print(f"\n{r['gaussians']} Gaussians at {size}x{size} ({time.perf_counter() - t0:.0f} s)")
+        for k, ms in r["ms"].items():
+            rate = f"{1000 / ms:9.1f} /s" if k.startswith(("whole", "training")) else ""
+            print(f"  {k:<30} {ms:10.3f} ms {rate}")
+        if "posing step [cuda]" in r["ms"]:
+            ratio = r["ms"]["posing step [torch]"] / r["ms"]["posing step [cuda]"]
+            whole = r["ms"]["whole frame [torch]"] / r["ms"]["whole frame [cuda]"]
+            print(f"  fused posing kernel: {ratio:.1f}x the reference step, {whole:.2f}x the whole frame")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "size": size,
+                                      "results": results}, indent=2))
+        print(f"\nwritten: {a.json}")
+
+
+if __name__ == "__main__":
+    main()

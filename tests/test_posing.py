@@ -1,0 +1,130 @@
+"""The per-Gaussian posing step: the PyTorch twin against the step written out from its
+definition (triangle binding, then the deformation), its gradients, and the fused CUDA kernel
+against the twin (skipped without a GPU)."""
+
+import pytest
+import torch
+
+from conftest import cuda
+from gstalk.avatar.binding import bind_to_world, quat_multiply, triangle_frames
+from gstalk.avatar.posing import pose_gaussians, pose_gaussians_torch
+
+
+def _inputs(B=3, V=40, F=30, N=200, seed=0, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    verts_rest = r(1, V, 3)
+    verts = verts_rest + 0.1 * r(B, V, 3)
+    faces = torch.randint(V, (F, 3), generator=g)
+    faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
+    o, rot, s = triangle_frames(verts, faces)
+    _, r0, _ = triangle_frames(verts_rest, faces)
+    n_tri = faces.shape[0]
+    binding = torch.randint(n_tri, (N,), generator=g)
+    binding[::7] = -1  # some free Gaussians (torso)
+    lm, lq, ls = 0.3 * r(N, 3), r(N, 4), 0.2 * r(N, 3) - 2
+    dm, dq, dls = 0.05 * r(B, N, 3), torch.tensor([1.0, 0, 0, 0], dtype=dtype) + 0.1 * r(B, N, 4), 0.1 * r(B, N, 3)
+    out = dict(tri_o=o, tri_r=rot, tri_s=s, rest_r=r0[0], local_means=lm, local_quats=lq, local_log_scales=ls,
+               binding=binding, d_means=dm, d_quats=dq, d_log_scales=dls)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def _by_definition(a, deform=True):
+    """Binding for the bound Gaussians, world values for the free ones, then the deformation."""
+    B, N = a["tri_o"].shape[0], a["local_means"].shape[0]
+    bound = a["binding"] >= 0
+    means = a["local_means"][None].expand(B, -1, -1).clone()
+    quats = a["local_quats"][None].expand(B, -1, -1).clone()
+    scales = torch.exp(a["local_log_scales"])[None].expand(B, -1, -1).clone()
+    bm, bq, bs = bind_to_world(a["local_means"][bound], a["local_quats"][bound], a["local_log_scales"][bound],
+                               a["binding"][bound], a["tri_o"], a["tri_r"], a["tri_s"])
+    means[:, bound], quats[:, bound], scales[:, bound] = bm, bq, bs
+    if deform:
+        f = a["binding"][bound]
+        dm = a["d_means"].clone()
+        rel = a["tri_r"][:, f] @ a["rest_r"][f].transpose(-1, -2)
+        dm[:, bound] = (rel @ a["d_means"][:, bound][..., None])[..., 0]
+        means = means + dm
+        quats = quat_multiply(quats, a["d_quats"])
+        scales = scales * torch.exp(a["d_log_scales"])
+    return means, quats, scales
+
+
+@pytest.mark.parametrize("deform", [True, False])
+def test_twin_matches_the_definition(deform):
+    a = _inputs()
+    if not deform:
+        a.update(d_means=None, d_quats=None, d_log_scales=None)
+    got = pose_gaussians_torch(**a)
+    want = _by_definition(a, deform)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    free = a["binding"] < 0
+    if not deform:  # free Gaussians keep their world values
+        torch.testing.assert_close(got[0][:, free], a["local_means"][free][None].expand(3, -1, -1))
+
+
+def test_twin_gradients():
+    a = _inputs(B=2, V=12, F=10, N=12, dtype=torch.float64)
+    names = ["local_means", "local_quats", "local_log_scales", "d_means", "d_quats", "d_log_scales", "tri_o", "tri_s"]
+    leaves = {k: a[k].clone().requires_grad_(True) for k in names}
+
+    def f(*xs):
+        b = {**a, **dict(zip(names, xs))}
+        return pose_gaussians_torch(**b)
+
+    assert torch.autograd.gradcheck(f, tuple(leaves[k] for k in names), eps=1e-6, atol=1e-5)
+
+
+def test_auto_backend_on_cpu_is_the_twin():
+    a = _inputs()
+    for x, y in zip(pose_gaussians(**a), pose_gaussians_torch(**a)):
+        assert torch.equal(x, y)
+
+
+@cuda
+@pytest.mark.parametrize("deform", [True, False])
+def test_cuda_kernel_matches_twin(deform):
+    a = _inputs(B=4, V=500, F=800, N=20000, device="cuda")
+    if not deform:
+        a.update(d_means=None, d_quats=None, d_log_scales=None)
+    ref = pose_gaussians(**a, backend="torch")
+    got = pose_gaussians(**a, backend="cuda")
+    for x, y in zip(got, ref):
+        torch.testing.assert_close(x, y, atol=2e-5, rtol=2e-5)
+
+
+@cuda
+def test_avatar_posed_with_the_kernel_matches_the_twin(tmp_path):
+    from gstalk.avatar.io import load_avatar
+    from gstalk.drive.render import conditions_for, training_expressions
+    from gstalk.avatar.model import Frame
+
+    from tinyavatar import make_avatar
+
+    av, motion = load_avatar(make_avatar(tmp_path / "av"), "cuda")
+    c = conditions_for(av, motion, 4, 25.0, None, training_expressions(motion))
+    with torch.no_grad():
+        ref, _ = av.posed(Frame(c.params, c.codes, c.blink), backend="torch")
+        got, _ = av.posed(Frame(c.params, c.codes, c.blink), backend="cuda")
+    for g, r in zip(got, ref):
+        for x, y in zip(g, r):
+            torch.testing.assert_close(x, y, atol=2e-5, rtol=2e-5)
+
+
+def test_benchmark_script_measures_every_stage():
+    """scripts/bench.py at a tiny size: every stage of the per-frame path gets a finite time."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+    spec = importlib.util.spec_from_file_location("gstalk_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    r = mod.run(600, 32, torch.device("cpu"), budget=0.0)
+    assert r["gaussians"] == 600
+    stages = ["audio features (per frame)", "audio code", "skinning + triangle frames", "deformation field",
+              "posing step [torch]", "rasterisation", "copy-out (uint8 to host)", "whole frame [torch]",
+              "training iteration"]
+    assert list(r["ms"]) == stages
+    assert all(0 < v < 60_000 for v in r["ms"].values())
