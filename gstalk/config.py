@@ -137,6 +137,11 @@ class TrackOptions:
     iters_rigid: int = 250
     iters_shape: int = 300
     iters_all: int = 400
+    iters_silhouette: int = 100
+    """Stage 4, refinement against the dataset's person masks (0 = off; skipped without masks)."""
+    w_silhouette: float = 0.5
+    """Weight of the silhouette term (squared distance outside the person mask per head vertex, in
+    1/256 of the image height)."""
     init_fov_deg: float = 28.0
     """Initial vertical field of view of the (cropped) camera; refined during tracking."""
     min_fov_deg: float = 10.0

@@ -6,7 +6,13 @@ metrical-tracker do):
 2. identity: the shape coefficients over keyframes (spread in time and pose), with those
    frames' pose and expression;
 3. all frames at once, batched: expression, jaw, neck, eyes, eyelids, pose, with temporal
-   smoothness (first and second differences) on every per-frame quantity.
+   smoothness (first and second differences) on every per-frame quantity;
+4. silhouette (when the dataset has masks): every skull and face vertex must project inside
+   the person mask. The term is the squared distance from each projected vertex to the mask
+   (in 1/256 of the image height), read from a distance transform by bilinear sampling so
+   that it is differentiable; it is one-sided because hair and ears extend the mask beyond the head
+   model, and it works with the landmark term and the same smoothness. It corrects heads that
+   the landmarks leave too wide, too large or too far off the face's outline.
 
 The camera is fixed for the clip: OpenCV camera at the world origin looking along world
 -z with image y = world -y (``viewmat = diag(1, -1, -1, 1)``); the head model's own frame
@@ -177,10 +183,42 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
     return 0.1 * (v * v).sum(-1).mean() + (a * a).sum(-1).mean()
 
 
+def silhouette_vertices(model: HeadModel, emb: LandmarkEmbedding) -> torch.Tensor:
+    """Indices of the head-model vertices that must lie inside the person's silhouette: skull
+    and face (the stand-in's regions), or for other models every vertex above the chin."""
+    names = model.meta.get("region_names")
+    vr = model.meta.get("vertex_region")
+    if names is not None and vr is not None:
+        names = [str(n) for n in np.asarray(names)]
+        keep = np.isin(np.asarray(vr), [names.index(n) for n in ("face", "skull") if n in names])
+        return torch.as_tensor(np.flatnonzero(keep))
+    v = model.v_template.cpu()
+    idx = list(emb.landmark_indices.numpy())
+    chin_face = int(emb.face_idx[idx.index(152)]) if 152 in idx else None
+    chin_y = float(v[model.faces[chin_face]].mean(0)[1]) if chin_face is not None else float(v[:, 1].median())
+    return torch.nonzero(v[:, 1] > chin_y).flatten()
+
+
+def mask_distances(person: np.ndarray, size: int = 128) -> np.ndarray:
+    """[T, H, W] bool person masks -> [T, size, size] distance from each pixel to the mask (0
+    inside), in 1/256 of the image height (so the silhouette weight does not depend on the
+    resolution)."""
+    import cv2
+
+    T = person.shape[0]
+    out = np.zeros((T, size, size), np.float32)
+    for t in range(T):
+        m = cv2.resize(person[t].astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+        out[t] = cv2.distanceTransform((m == 0).astype(np.uint8), cv2.DIST_L2, 3)
+    return out * (256.0 / size)
+
+
 def fit_landmarks(lmk2d: np.ndarray, valid: np.ndarray, width: int, height: int, model: HeadModel,
                   emb: LandmarkEmbedding, opts: TrackOptions | None = None, progress: Progress | None = None,
-                  device: str | torch.device = "cpu", focal: float | None = None, fps: float = 25.0) -> Track:
-    """Fit FLAME parameters to a landmark track ``lmk2d`` [T, >=478, 2] (pixels)."""
+                  device: str | torch.device = "cpu", focal: float | None = None, fps: float = 25.0,
+                  person_masks: np.ndarray | None = None) -> Track:
+    """Fit FLAME parameters to a landmark track ``lmk2d`` [T, >=478, 2] (pixels); with
+    ``person_masks`` [T, H, W] (bool, same pixels), refine against them (stage 4)."""
     opts = opts or TrackOptions()
     prog = progress or (lambda s, i, n: None)
     T = lmk2d.shape[0]
@@ -320,6 +358,36 @@ def fit_landmarks(lmk2d: np.ndarray, valid: np.ndarray, width: int, height: int,
          {"params": [rot, neck], "lr": 0.003}, {"params": [head_uv], "lr": 0.1}, {"params": [log_s], "lr": 0.001},
          {"params": [shape], "lr": 0.005}] + focal_group, loss_all)
 
+    # --- stage 4: silhouette against the person masks
+    if person_masks is not None and opts.iters_silhouette > 0:
+        dist_maps = mask_distances(person_masks)
+        dmap = torch.as_tensor(dist_maps, device=dev)[:, None]  # [T, 1, s, s]
+        sil_v = silhouette_vertices(model, emb).to(dev)
+        wsil = opts.w_silhouette
+        has_mask = torch.as_tensor(person_masks.reshape(T, -1).any(1) & valid, device=dev).float()
+
+        def outside(frames):
+            v = flame_forward(model, params(frames), vertex_ids=sil_v).vertices
+            uv = fit.project(v, focal_px())
+            grid = torch.stack([uv[..., 0] / width * 2 - 1, uv[..., 1] / height * 2 - 1], -1)[:, None]  # [B,1,V,2]
+            d = torch.nn.functional.grid_sample(dmap[frames], grid, mode="bilinear", padding_mode="border",
+                                                align_corners=False)[:, 0, 0]  # [B, V], 1/256 of the height
+            return d
+
+        def loss_sil():
+            d, _ = fit.data_term(params(all_frames), focal_px(), all_frames)
+            out = outside(all_frames)
+            sil = ((out ** 2).mean(-1) * has_mask).sum() / has_mask.sum().clamp_min(1)
+            sm = (0.2 * _smooth(expr) + _smooth(jaw) * 10 + _smooth(neck) * 10 + _smooth(rot) * 10
+                  + _smooth(head_uv) * 1e-3 + _smooth(log_s[:, None]) * 100)
+            reg = opts.w_shape * (shape**2).sum() + opts.w_expr * (expr**2).sum(-1).mean()
+            return d + wsil * sil + reg + opts.w_smooth * sm
+
+        run("silhouette", opts.iters_silhouette,
+            [{"params": [shape], "lr": 0.01}, {"params": [expr, jaw], "lr": 0.005},
+             {"params": [rot, neck], "lr": 0.002}, {"params": [head_uv], "lr": 0.05},
+             {"params": [log_s], "lr": 0.001}], loss_sil)
+
     with torch.no_grad():
         _, dist = fit.data_term(params(all_frames), focal_px(), all_frames)
         fval = float(focal_px())
@@ -378,8 +446,11 @@ def track_dataset(dataset_dir: str | Path, opts: TrackOptions | None = None, pro
     valid = lm["valid"].astype(bool)
     if (~valid).any():
         log(f"{int((~valid).sum())} frames have no landmarks: they are interpolated and flagged in the track")
+    person = None
+    if opts.iters_silhouette > 0 and ds.mask_path(0).is_file():
+        person = np.stack([ds.mask(i) > 0 for i in range(ds.num_frames)])  # labels: 0 = background
     track = fit_landmarks(lm["lmk"], valid, ds.resolution, ds.resolution, model, emb, opts, progress, dev,
-                          fps=ds.fps)
+                          fps=ds.fps, person_masks=person)
     secs = time.perf_counter() - t0
     out = save_track(track, ds.root / "track.npz")
     log(f"tracked {track.num_frames} frames with {model.name} ({model.n_shape} shape, {model.n_expr} expression) "
