@@ -63,6 +63,8 @@ class RenderConfig:
     """For a .ply: camera distance (0 = fit the scene)."""
     axes: Literal["rdf", "rub"] = "rdf"
     """For a .ply: its axes, rdf (y down, as 3DGS training and 'gstalk export' write) or rub (y up)."""
+    compile: bool = False
+    """torch.compile the deformation field (faster per frame after a one-off compile of tens of seconds)."""
     device: Device = "auto"
 
 
@@ -304,6 +306,8 @@ class ViewConfig:
     """browser: splats drawn by the browser (smooth orbiting); server: rasterized here with full SH colour."""
     size: int = 256
     """Image height for server rendering and rendered videos."""
+    compile: bool = False
+    """torch.compile the deformation field (faster per frame after a one-off compile of tens of seconds)."""
     device: Device = "auto"
 
 

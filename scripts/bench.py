@@ -7,7 +7,9 @@ Per frame (batch 1, what a live driver does): audio features and code (computed 
 clip, per frame), head-model skinning and triangle frames, the deformation field, the posing
 step (triangle binding + deformation outputs, per Gaussian) with the PyTorch reference and,
 on CUDA, the fused kernel, rasterisation, and copy-out (the image to host memory as uint8);
-then the whole path with each posing backend, timed end to end. Training: iterations per
+then the whole path with each posing backend, timed end to end; with ``--compile`` also the
+deformation field compiled by ``torch.compile`` (with CUDA graphs on a GPU) and the whole path
+with it. Training: iterations per
 second of one synthetic training step (pose + deform + rasterize + L1 + backward + Adam).
 
 The avatar is built in memory on the stand-in head (Gaussians spread over its triangles, a
@@ -65,7 +67,7 @@ def frame_params(av: Avatar, device, t: float = 0.3) -> FlameParams:
                        translation=torch.tensor([[0.0, 0.0, -0.6]], device=device))
 
 
-def run(n: int, size: int, device: torch.device, budget: float) -> dict:
+def run(n: int, size: int, device: torch.device, budget: float, compile_field: bool = False) -> dict:
     from gstalk.audio.features import compute_features
     from gstalk.demo import synth_speech
 
@@ -108,6 +110,15 @@ def run(n: int, size: int, device: torch.device, budget: float) -> dict:
 
         for b in backends:
             rows[f"whole frame [{b}]"] = time_it(lambda: whole(b), device, budget_s=budget)
+        if compile_field:  # torch.compile of the deformation field (CUDA graphs too on a GPU)
+            av.compile_field(mode="reduce-overhead" if device.type == "cuda" else None)
+            t0 = time.perf_counter()
+            av.deformation(frame)
+            rows["(one-off field compile)"] = 1000 * (time.perf_counter() - t0)
+            rows["deformation field [compiled]"] = time_it(lambda: av.deformation(frame), device, budget_s=budget)
+            b = backends[-1]
+            rows[f"whole frame [{b}, compiled field]"] = time_it(lambda: whole(b), device, budget_s=budget)
+            object.__setattr__(av, "_compiled", None)  # training below uses the eager field
 
     # training: one synthetic step
     target = torch.rand(size, size, 3, device=device)
@@ -134,6 +145,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of repeats per measurement")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd deformation field")
     a = ap.parse_args()
     dev = torch.device(a.device)
     gpu = dev.type == "cuda"
@@ -146,16 +158,19 @@ def main() -> None:
     results = []
     for n in counts:
         t0 = time.perf_counter()
-        r = run(n, size, dev, a.budget)
+        r = run(n, size, dev, a.budget, a.compile)
         results.append(r)
         print(f"\n{r['gaussians']} Gaussians at {size}x{size} ({time.perf_counter() - t0:.0f} s)")
         for k, ms in r["ms"].items():
             rate = f"{1000 / ms:9.1f} /s" if k.startswith(("whole", "training")) else ""
-            print(f"  {k:<30} {ms:10.3f} ms {rate}")
+            print(f"  {k:<38} {ms:10.3f} ms {rate}")
         if "posing step [cuda]" in r["ms"]:
             ratio = r["ms"]["posing step [torch]"] / r["ms"]["posing step [cuda]"]
             whole = r["ms"]["whole frame [torch]"] / r["ms"]["whole frame [cuda]"]
             print(f"  fused posing kernel: {ratio:.1f}x the reference step, {whole:.2f}x the whole frame")
+        if "deformation field [compiled]" in r["ms"]:
+            print(f"  compiled field: {r['ms']['deformation field'] / r['ms']['deformation field [compiled]']:.1f}x "
+                  "the eager field")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "size": size,

@@ -89,6 +89,7 @@ class Avatar(nn.Module):
         self.register_buffer("K", K.float())
         self.register_buffer("viewmat", viewmat.float())
         self._rest = None
+        object.__setattr__(self, "_compiled", None)  # see compile_field(); not a submodule
         self.set_gaussians(gaussians, region)
         self.field = DeformationField(audio_dim=cfg.code_dim, expr_dim=cfg.expr_cond, encoding=cfg.encoding,
                                       colour=False)
@@ -176,8 +177,17 @@ class Avatar(nn.Module):
             e = p.expr if p.expr is not None else torch.zeros(B, self.cfg.expr_cond, device=dev)
             expr = torch.nn.functional.pad(e[:, : self.cfg.expr_cond], (0, max(0, self.cfg.expr_cond - e.shape[1])))
         # bounded codes: new voices must not push the field far outside what it was trained on
-        return self.field(self.canonical_positions(), torch.tanh(audio), blink=frame.blink, expr=expr, neck=p.neck,
-                          region=self.region)
+        field = self._compiled if (self._compiled is not None and not torch.is_grad_enabled()) else self.field
+        return field(self.canonical_positions(), torch.tanh(audio), blink=frame.blink, expr=expr, neck=p.neck,
+                     region=self.region)
+
+    def compile_field(self, mode: str | None = None, backend: str = "inductor", fullgraph: bool = True) -> "Avatar":
+        """Use a ``torch.compile``d deformation field for inference (no-grad calls; training keeps
+        the eager module). ``mode`` 'reduce-overhead' adds CUDA graphs on a GPU. The first call
+        compiles (tens of seconds on a CPU)."""
+        object.__setattr__(self, "_compiled", torch.compile(self.field, mode=mode, backend=backend,
+                                                            fullgraph=fullgraph, dynamic=False))
+        return self
 
     def posed(self, frame: Frame, backend: str = "auto") -> tuple[list[GaussianTensors], Deformation | None]:
         """Posed Gaussians of each frame, and the deformation that was applied (None if off).

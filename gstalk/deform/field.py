@@ -141,12 +141,15 @@ class DeformationField(nn.Module):
         cond = torch.cat(streams, -1)  # [B, N, C]
         out = self.face_out(self.face_in(h, cond))  # [B, N, 11|14]
         if region is not None:
+            # the branches are skipped when no Gaussian needs them (eager); a compiled graph has
+            # no data-dependent branches and always evaluates them
+            whole = torch.compiler.is_compiling()
             mouth = (region == REGION_MOUTH)[None, :, None]
-            if bool(mouth.any()):
+            if whole or bool(mouth.any()):
                 m_out = self.mouth_out(self.mouth_in(h, audio[:, None, :]))
                 out = torch.where(mouth, m_out, out)
             torso = (region == REGION_TORSO)[None, :, None]
-            if bool(torso.any()):
+            if whole or bool(torso.any()):
                 nk = torch.zeros(B, 3, device=x.device) if neck is None else neck
                 t_out = self.torso_out(self.torso_in(h, nk[:, None, :]))
                 t_full = torch.cat([t_out, torch.zeros(B, N, out.shape[-1] - 3, device=x.device)], -1)

@@ -194,13 +194,15 @@ def load_driver(audio_path: str | Path | None, expressions_path: str | Path | No
 def drive(avatar_dir: str | Path, out: str | Path, audio_path: str | Path | None = None,
           expressions_path: str | Path | None = None, camera: str = "track", head: str = "track",
           size: int = 0, fps: float = 0.0, device: str = "auto", deform: bool = True,
-          progress: Progress | None = None) -> DriveResult:
+          progress: Progress | None = None, compile_field: bool = False) -> DriveResult:
     import time
 
     from gstalk.config import resolve_device
 
     dev = resolve_device(device)
     av, motion = load_avatar(avatar_dir, dev)
+    if compile_field:
+        av.compile_field(mode="reduce-overhead" if dev.type == "cuda" else None)
     fps = fps or av.cfg.fps
     size = size or av.cfg.resolution
     if size < 16:

@@ -52,8 +52,8 @@ class AvatarViewer:
     """The viewer's state and its viser server. ``serve_forever`` blocks; tests use ``start``."""
 
     def __init__(self, avatar_dir: str | Path, host: str = "127.0.0.1", port: int = 8080,
-                 audio: str | Path | None = None, device: str = "auto", out: str | Path = "out/view", render: str = "browser", size: int = 256,
-                 log=print):
+                 audio: str | Path | None = None, device: str = "auto", out: str | Path = "out/view",
+                 render: str = "browser", size: int = 256, log=print, compile_field: bool = False):
         import contextlib
 
         import viser
@@ -66,6 +66,8 @@ class AvatarViewer:
             raise InputError("--render must be browser or server")
         self.dev = resolve_device(device)
         self.av, self.motion = load_avatar(avatar_dir, self.dev)
+        if compile_field:  # the first frame pays the compile
+            self.av.compile_field(mode="reduce-overhead" if self.dev.type == "cuda" else None)
         self.out = Path(out)
         self.render_mode = render
         self.size = size
