@@ -56,7 +56,10 @@ def _ext():
     return _load("gstalk_pose", ["pose.cpp", "pose_kernels.cu"])
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_kernel_available() -> bool:
+    """Whether the fused kernel builds and loads here (asked once: a failed build is not retried
+    on every frame)."""
     if not torch.cuda.is_available():
         return False
     try:
