@@ -223,20 +223,26 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     return a
 
 
-def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = 16000) -> Path:
-    """16-bit PCM mono WAV, atomically."""
+def wav_bytes(audio: np.ndarray, sample_rate: int = 16000) -> bytes:
+    """16-bit PCM mono WAV file contents."""
+    import io
     import wave
 
-    from gstalk.io.atomic import atomic_path
-
     pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).round().astype("<i2")
-    with atomic_path(path) as tmp:
-        with wave.open(str(tmp), "wb") as w:
-            w.setnchannels(1)
-            w.setsampwidth(2)
-            w.setframerate(sample_rate)
-            w.writeframes(pcm.tobytes())
-    return Path(path)
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
+    return buf.getvalue()
 
 
-__all__ = ["VideoInfo", "iter_frames", "load_audio", "probe", "read_audio", "write_wav"]
+def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = 16000) -> Path:
+    """16-bit PCM mono WAV, atomically."""
+    from gstalk.io.atomic import write_bytes
+
+    return write_bytes(path, wav_bytes(audio, sample_rate))
+
+
+__all__ = ["VideoInfo", "iter_frames", "load_audio", "probe", "read_audio", "wav_bytes", "write_wav"]

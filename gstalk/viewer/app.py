@@ -35,19 +35,6 @@ SPEEDS = (0.25, 0.5, 1.0, 1.5, 2.0)
 N_EXPR_SLIDERS = 3
 
 
-def _wav_bytes(audio: np.ndarray, sr: int = 16000) -> bytes:
-    import wave
-
-    pcm = (np.clip(audio, -1, 1) * 32767).round().astype("<i2")
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(sr)
-        w.writeframes(pcm.tobytes())
-    return buf.getvalue()
-
-
 class AvatarViewer:
     """The viewer's state and its viser server. ``serve_forever`` blocks; tests use ``start``."""
 
@@ -195,16 +182,15 @@ class AvatarViewer:
     def _server_render(self, client, g) -> None:
         from gstalk.gaussians.set import GaussianTensors
         from gstalk.render import Cameras, rasterize
+        from gstalk.render.project import quat_to_rotmat
 
         cam = client.camera
         h = self.size
         w = max(16, int(round(h * float(cam.aspect))))
-        q = np.asarray(cam.wxyz, np.float64)
-        R = _quat_to_mat(q)
-        c2w = np.eye(4)
-        c2w[:3, :3] = R
-        c2w[:3, 3] = np.asarray(cam.position, np.float64)
-        vm = torch.as_tensor(np.linalg.inv(c2w), dtype=torch.float32, device=self.dev)
+        c2w = torch.eye(4, dtype=torch.float64)  # viser's camera: OpenCV axes, camera-to-world
+        c2w[:3, :3] = quat_to_rotmat(torch.as_tensor(np.asarray(cam.wxyz), dtype=torch.float64))
+        c2w[:3, 3] = torch.as_tensor(np.asarray(cam.position), dtype=torch.float64)
+        vm = torch.linalg.inv(c2w).float().to(self.dev)
         f = 0.5 * h / math.tan(0.5 * float(cam.fov))
         K = torch.tensor([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1.0]], device=self.dev)
         shifted = GaussianTensors(g.means - torch.as_tensor(self._centre, device=g.means.device), g.quats, g.scales,
@@ -315,7 +301,9 @@ class AvatarViewer:
             self.audio_html.content = ""
             return
         start = int(round(self.frame / self.fps * 16000))
-        data = base64.b64encode(_wav_bytes(self.audio[start:])).decode("ascii")
+        from gstalk.io.video import wav_bytes
+
+        data = base64.b64encode(wav_bytes(self.audio[start:])).decode("ascii")
         self.audio_html.content = f'<audio autoplay src="data:audio/wav;base64,{data}"></audio>'
 
     def set_playing(self, on: bool) -> None:
@@ -445,13 +433,6 @@ class AvatarViewer:
                 time.sleep(1.0)
         finally:
             self.stop()
-
-
-def _quat_to_mat(q: np.ndarray) -> np.ndarray:
-    w, x, y, z = q / np.linalg.norm(q)
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
 
 
 __all__ = ["AvatarViewer"]
