@@ -374,14 +374,10 @@ def fit_landmarks(lmk2d: np.ndarray, valid: np.ndarray, width: int, height: int,
                                                 align_corners=False)[:, 0, 0]  # [B, V], 1/256 of the height
             return d
 
-        def loss_sil():
-            d, _ = fit.data_term(params(all_frames), focal_px(), all_frames)
+        def loss_sil():  # stage 3's landmarks, priors and smoothness, plus the silhouette
             out = outside(all_frames)
             sil = ((out ** 2).mean(-1) * has_mask).sum() / has_mask.sum().clamp_min(1)
-            sm = (0.2 * _smooth(expr) + _smooth(jaw) * 10 + _smooth(neck) * 10 + _smooth(rot) * 10
-                  + _smooth(head_uv) * 1e-3 + _smooth(log_s[:, None]) * 100)
-            reg = opts.w_shape * (shape**2).sum() + opts.w_expr * (expr**2).sum(-1).mean()
-            return d + wsil * sil + reg + opts.w_smooth * sm
+            return loss_all() + wsil * sil
 
         run("silhouette", opts.iters_silhouette,
             [{"params": [shape], "lr": 0.01}, {"params": [expr, jaw], "lr": 0.005},
