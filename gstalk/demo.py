@@ -95,11 +95,11 @@ def _photo_head(per_triangle: int = 3):
     from gstalk.avatar.model import init_gaussians
     from gstalk.head.flame import STANDIN_PATH, load_head_model
     from gstalk.head.lbs import FlameParams, flame_forward
-    from gstalk.head.standin import REGIONS, _detector_landmarks
+    from gstalk.head.standin import REGIONS, photo_landmarks
 
     head = load_head_model(STANDIN_PATH)
     photo = data.astronaut().astype(np.float32) / 255
-    lmk = _detector_landmarks()[:468, :2]
+    lmk = photo_landmarks()[:468, :2]
     v = head.v_template[:468].double().numpy()
     # an affine camera from the rest-pose face to the photo (least squares)
     A = np.linalg.lstsq(np.c_[v, np.ones(468)], lmk, rcond=None)[0]  # [4, 2]

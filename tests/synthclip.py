@@ -103,18 +103,3 @@ def make_clip(path: Path, seconds: float = 3.0, size=(192, 256), rotation: int =
     container.close()
     return SynthClip(path=Path(path), times=times, transforms=np.asarray(transforms), display_size=(w, h),
                      duration=float(times[-1] + 0.04), audio_rate=rate, bursts=bursts)
-
-
-def photo_landmarks() -> np.ndarray:
-    """478 landmarks of the astronaut photo itself (static mode), [478, 3] pixels."""
-    from skimage import data
-
-    from gstalk.face.mediapipe_models import FaceMesh
-
-    mesh = FaceMesh(track=False)
-    try:
-        lmk, _ = mesh(data.astronaut())
-    finally:
-        mesh.close()
-    assert lmk is not None
-    return lmk

@@ -6,9 +6,10 @@ import pytest
 from gstalk.config import PrepareOptions
 from gstalk.errors import FileFormatError, GstalkError, OutputError
 from gstalk.face.regions import FACE_OVAL
+from gstalk.head.standin import photo_landmarks
 from gstalk.io.dataset import Dataset
 from gstalk.prepare import ClipTooShortError, NoFaceError, prepare
-from synthclip import make_clip, photo_landmarks
+from synthclip import make_clip
 
 RES = 128
 

@@ -43,7 +43,8 @@ SHAPES = ["head_width", "head_height", "head_depth", "face_width", "jaw_width", 
 REGIONS = {"face": 0, "skull": 1, "mouth": 2, "eye_socket": 3, "eyeball": 4, "neck": 5}
 
 
-def _detector_landmarks() -> np.ndarray:
+def photo_landmarks() -> np.ndarray:
+    """The detector's 478 landmarks on skimage's astronaut photo (static mode), [478, 3] pixels."""
     from skimage import data
 
     from gstalk.face.mediapipe_models import FaceMesh
@@ -258,7 +259,7 @@ def _diffuse(adj: list[set[int]], fixed: dict[int, float], n: int, iters: int = 
 
 def build_standin() -> dict[str, np.ndarray]:
     """The stand-in model as FLAME-named arrays (plus gstalk metadata)."""
-    lmk = _detector_landmarks()
+    lmk = photo_landmarks()
     q = _symmetrise(_frontalise(lmk))
     q = _close_mouth(q)
     face_tris = _face_triangles(q, _tessellation_edges())
