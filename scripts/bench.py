@@ -30,33 +30,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gstalk.avatar.model import Avatar, AvatarConfig, Frame, init_gaussians  # noqa: E402
+from gstalk.avatar.model import Avatar, Frame  # noqa: E402
 from gstalk.avatar.posing import cuda_kernel_available, pose_gaussians  # noqa: E402
+from gstalk.avatar.synthetic import standin_avatar  # noqa: E402
 from gstalk.eval.bench import device_name, time_it  # noqa: E402
-from gstalk.head.flame import STANDIN_PATH, load_head_model  # noqa: E402
 from gstalk.head.lbs import FlameParams  # noqa: E402
-from gstalk.head.tracker import VIEWMAT  # noqa: E402
 from gstalk.render import Cameras, rasterize  # noqa: E402
 
 
 def bench_avatar(n: int, size: int, device: torch.device, sh_degree: int = 3) -> Avatar:
-    head = load_head_model(STANDIN_PATH)
-    shape = torch.zeros(head.n_shape)
-    per_tri = max(1, -(-n // head.faces.shape[0]))  # enough per triangle, then cut to n
-    g, region = init_gaussians(head, shape, per_triangle=per_tri, sh_degree=sh_degree, seed=0)
-    keep = torch.arange(min(n, len(g)))
-    g, region = g.subset(keep), region[keep]
-    gen = torch.Generator().manual_seed(0)
-    g.sh = torch.randn(g.sh.shape, generator=gen) * 0.3
-    cfg = AvatarConfig(resolution=size, feature_kind="mel", window=16, feature_dim=83, sh_degree=sh_degree,
-                       expr_cond=8, head_model=head.reference(), n_shape=head.n_shape, n_expr=head.n_expr)
-    f = 1.6 * size
-    K = torch.tensor([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1.0]])
-    av = Avatar(cfg, head, shape, g, region, K, torch.as_tensor(VIEWMAT, dtype=torch.float32))
-    with torch.no_grad():
-        for p in av.field.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    return av.to(device)
+    return standin_avatar(n_gaussians=n, resolution=size, sh_degree=sh_degree).to(device)
 
 
 def frame_params(av: Avatar, device, t: float = 0.3) -> FlameParams:
