@@ -160,8 +160,6 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
         raise InputError(f"--axes must be one of {', '.join(AXES)}")
     t0 = time.perf_counter()
     av, motion = load_avatar(avatar_dir, resolve_device(device))
-    out = ensure_dir(out)
-    res = ExportResult(out, gaussians=av.num_gaussians)
     fps = fps or av.cfg.fps
     audio, expressions, n, fps = load_driver(audio_path, expressions_path, fps, required=False)
     if audio is None and expressions is None:
@@ -170,9 +168,11 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
     if max_frames > 0:
         n = min(n, max_frames)
     needs_sequence = frame >= 0 or any(f in formats for f in ANIMATED + GEOMETRY)
-    cond = conditions_for(av, motion, n, fps, audio, expressions, head) if needs_sequence else None
     if frame >= n and needs_sequence:
         raise InputError(f"--frame {frame} is past the end of the driving sequence ({n} frames)")
+    cond = conditions_for(av, motion, n, fps, audio, expressions, head) if needs_sequence else None
+    out = ensure_dir(out)  # only once the inputs are known to be good
+    res = ExportResult(out, gaussians=av.num_gaussians)
     res.frames, res.fps = n, fps
 
     if any(f in formats for f in STATIC):
