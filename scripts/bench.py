@@ -101,7 +101,7 @@ def run(n: int, size: int, device: torch.device, budget: float, compile_field: b
             rows["deformation field [compiled]"] = time_it(lambda: av.deformation(frame), device, budget_s=budget)
             b = backends[-1]
             rows[f"whole frame [{b}, compiled field]"] = time_it(lambda: whole(b), device, budget_s=budget)
-            object.__setattr__(av, "_compiled", None)  # training below uses the eager field
+            av.compile_field(enable=False)  # training below uses the eager field
 
     # training: one synthetic step
     target = torch.rand(size, size, 3, device=device)

@@ -181,12 +181,14 @@ class Avatar(nn.Module):
         return field(self.canonical_positions(), torch.tanh(audio), blink=frame.blink, expr=expr, neck=p.neck,
                      region=self.region)
 
-    def compile_field(self, mode: str | None = None, backend: str = "inductor", fullgraph: bool = True) -> "Avatar":
+    def compile_field(self, mode: str | None = None, backend: str = "inductor", fullgraph: bool = True,
+                      enable: bool = True) -> "Avatar":
         """Use a ``torch.compile``d deformation field for inference (no-grad calls; training keeps
         the eager module). ``mode`` 'reduce-overhead' adds CUDA graphs on a GPU. The first call
-        compiles (tens of seconds on a CPU)."""
-        object.__setattr__(self, "_compiled", torch.compile(self.field, mode=mode, backend=backend,
-                                                            fullgraph=fullgraph, dynamic=False))
+        compiles (tens of seconds on a CPU). ``enable=False`` goes back to the eager field."""
+        compiled = torch.compile(self.field, mode=mode, backend=backend, fullgraph=fullgraph,
+                                 dynamic=False) if enable else None
+        object.__setattr__(self, "_compiled", compiled)
         return self
 
     def posed(self, frame: Frame, backend: str = "auto") -> tuple[list[GaussianTensors], Deformation | None]:
