@@ -171,13 +171,20 @@ def _render(cfg: RenderConfig, console) -> int:
 
 
 def _eval(cfg: EvalConfig, console) -> int:
-    import json
+    from rich.table import Table
 
     from gstalk.eval.evaluate import evaluate
 
     with StageProgress(console) as prog:
         res = evaluate(cfg.avatar, cfg.dataset, list(cfg.audio), cfg.size, cfg.out, cfg.device, progress=prog)
-    console.print(json.dumps({k: res[k] for k in ("deformation", "no_deformation")}, indent=2))
+    cols = ("deformation", "no_deformation", "other_audio")
+    table = Table(title=f"held-out frames ({res['frames']}) at {res['size']} px")
+    table.add_column("metric")
+    for c in ("with deformation", "switched off", "other frames' audio"):
+        table.add_column(c, justify="right")
+    for k in res["deformation"]:
+        table.add_row(k, *(f"{res[c][k]:.4g}" if k in res[c] else "-" for c in cols))
+    console.print(table)
     console.print(f"written: {res['files']['json']}, {res['files']['video']}")
     return 0
 

@@ -3,7 +3,8 @@ other speakers' audio, with the deformation on and (as a baseline) off.
 
 Held-out frames are rendered with the tracked head pose, jaw and expression and the clip's
 own audio; metrics: PSNR and SSIM over the full frame and over the face box (the
-landmarks' bounding box, 10 % margin), mouth landmark distance (LMD: the detector's lip
+landmarks' bounding box, 10 % margin) and the mouth box (a square 1.6 times the lips'
+extent, where the audio acts), mouth landmark distance (LMD: the detector's lip
 landmarks on the render vs on the ground truth, pixels at 512), blink error (eye-aspect
 blink signal of the render vs the dataset's). Other speakers' audio drives the avatar with
 the audio-to-motion model; the score is the mouth-opening (measured by the detector on the
@@ -59,7 +60,32 @@ def _landmarks(frames: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _render_test(av, motion, ds: Dataset, track, idx: np.ndarray, size: int, deform: bool, bg) -> list[torch.Tensor]:
+def _box(pts: np.ndarray, size: int, margin: float) -> tuple[int, int, int, int] | None:
+    """The bounding box of ``pts`` [P, 2] widened by ``margin`` of its size each side,
+    clipped to the image; None if the points are missing or the box is under 8 pixels."""
+    if not np.isfinite(pts).all():
+        return None
+    x0, y0 = np.floor(pts.min(0)).astype(int)
+    x1, y1 = np.ceil(pts.max(0)).astype(int)
+    mx, my = int(margin * (x1 - x0)), int(margin * (y1 - y0))
+    x0, y0, x1, y1 = max(0, x0 - mx), max(0, y0 - my), min(size, x1 + mx), min(size, y1 + my)
+    return (x0, y0, x1, y1) if x1 - x0 >= 8 and y1 - y0 >= 8 else None
+
+
+def _square(pts: np.ndarray, size: int, scale: float) -> tuple[int, int, int, int] | None:
+    """A square ``scale`` times the larger extent of ``pts`` around their centre (the mouth
+    box: lips, and the chin and cheeks around them), clipped to the image."""
+    if not np.isfinite(pts).all():
+        return None
+    c = pts.mean(0)
+    h = max(4.0, scale * float((pts.max(0) - pts.min(0)).max()) / 2)
+    return _box(np.array([c - h, c + h]), size, 0.0)
+
+
+def _render_test(av, motion, ds: Dataset, track, idx: np.ndarray, size: int, deform: bool, bg,
+                 audio_from: np.ndarray | None = None) -> list[torch.Tensor]:
+    """Renders of frames ``idx`` with their tracked motion; the audio code of frame
+    ``audio_from[k]`` instead of ``idx[k]``'s where given."""
     dev = av.means.device
     audio = ds.audio()
     feats = torch.from_numpy(compute_features(audio, ds.num_frames, ds.fps, av.cfg.feature_kind,
@@ -69,8 +95,9 @@ def _render_test(av, motion, ds: Dataset, track, idx: np.ndarray, size: int, def
     out = []
     with torch.no_grad():
         codes = av.audio(feats)
-        for t in idx:
-            fr = Frame(track.params(slice(int(t), int(t) + 1), device=dev), audio=codes[int(t):int(t) + 1],
+        for k, t in enumerate(idx):
+            a = int(t) if audio_from is None else int(audio_from[k])
+            fr = Frame(track.params(slice(int(t), int(t) + 1), device=dev), audio=codes[a:a + 1],
                        blink=torch.as_tensor(np.nan_to_num(sig["blink"][int(t):int(t) + 1]), device=dev).float(),
                        deform=deform)
             rgb, _, _ = render_frame(av, av.gaussians_at(fr)[0], cams[0].to(dev), bg)
@@ -102,30 +129,31 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     gts = [torch.from_numpy(cv2.resize(ds.frame(int(t)), (size, size), interpolation=cv2.INTER_AREA)).float() / 255
            for t in idx]
     lm = ds.landmarks()["lmk"][idx] * (size / ds.resolution)
+    lips = sorted(set(INNER_LIPS + OUTER_LIPS))
+    face_boxes = [_box(lm[k, :, :2], size, 0.1) for k in range(len(idx))]
+    mouth_boxes = [_square(lm[k, lips, :2], size, 1.6) for k in range(len(idx))]
     result: dict = {"avatar": str(avatar_dir), "dataset": str(dataset_dir), "size": size, "frames": int(len(idx))}
     side = None
-    for name, deform in (("deformation", True), ("no_deformation", False)):
-        renders = _render_test(av, motion, ds, track, idx, size, deform, bg)
-        prog(f"eval {name}", 1, 2)
+    # the control for "is it the audio?": the same deformation driven by the audio of random
+    # training frames instead of each frame's own
+    shuffled = np.random.default_rng(0).choice(ds.train_indices, len(idx))
+    variants = (("deformation", True, None), ("no_deformation", False, None), ("other_audio", True, shuffled))
+    for vi, (name, deform, audio_from) in enumerate(variants):
+        renders = _render_test(av, motion, ds, track, idx, size, deform, bg, audio_from)
+        prog("eval held-out", vi + 1, len(variants))
         m: dict = {"psnr": float(np.mean([psnr(r, g) for r, g in zip(renders, gts)])),
                    "ssim": float(np.mean([ssim(r, g) for r, g in zip(renders, gts)]))}
-        fp, fs = [], []
-        for k, (r, g) in enumerate(zip(renders, gts)):
-            pts = lm[k, :, :2]
-            if not np.isfinite(pts).all():
-                continue
-            x0, y0 = np.floor(pts.min(0)).astype(int)
-            x1, y1 = np.ceil(pts.max(0)).astype(int)
-            mx, my = int(0.1 * (x1 - x0)), int(0.1 * (y1 - y0))
-            x0, y0, x1, y1 = max(0, x0 - mx), max(0, y0 - my), min(size, x1 + mx), min(size, y1 + my)
-            if x1 - x0 >= 8 and y1 - y0 >= 8:
-                fp.append(psnr(r[y0:y1, x0:x1], g[y0:y1, x0:x1]))
-                fs.append(ssim(r[y0:y1, x0:x1], g[y0:y1, x0:x1]))
-        m["face_psnr"] = float(np.mean(fp)) if fp else float("nan")
-        m["face_ssim"] = float(np.mean(fs)) if fs else float("nan")
+        for key, boxes in (("face", face_boxes), ("mouth", mouth_boxes)):
+            bp, bs = [], []
+            for (r, g), box in zip(zip(renders, gts), boxes):
+                if box is not None:
+                    x0, y0, x1, y1 = box
+                    bp.append(psnr(r[y0:y1, x0:x1], g[y0:y1, x0:x1]))
+                    bs.append(ssim(r[y0:y1, x0:x1], g[y0:y1, x0:x1]))
+            m[f"{key}_psnr"] = float(np.mean(bp)) if bp else float("nan")
+            m[f"{key}_ssim"] = float(np.mean(bs)) if bs else float("nan")
         r_lm = _landmarks([(r.numpy() * 255).astype(np.uint8) for r in renders])
         g_lm = _landmarks([(g.numpy() * 255).astype(np.uint8) for g in gts])
-        lips = sorted(set(INNER_LIPS + OUTER_LIPS))
         d = np.linalg.norm(r_lm[:, lips, :2] - g_lm[:, lips, :2], axis=-1).mean(-1) * (512 / size)
         m["lmd_px512"] = float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
         m["render_face_found"] = float(np.isfinite(r_lm[:, 0, 0]).mean())
@@ -133,7 +161,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
         gb = ds.signals()["blink"][idx]
         m["blink_error"] = float(np.nanmean(np.abs(rb - gb))) if np.isfinite(rb).any() else float("nan")
         result[name] = m
-        if deform:
+        if name == "deformation":
             side = [torch.cat([g, r, (r - g).abs().mul(3).clamp(0, 1)], 1) for r, g in zip(renders, gts)]
     # other speakers' audio: mouth opening on the render vs speech energy
     syncs = {}
