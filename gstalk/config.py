@@ -205,6 +205,16 @@ class TrainOptions:
     w_ssim: float = 0.2
     w_alpha: float = 0.1
     w_mouth: float = 2.0
+    mouth_crop: int = 96
+    """Audio and joint stages: also render a close-up of the mouth at the dataset's full
+    resolution, at most this many pixels a side (0 = off); see docs/avatar.md."""
+    w_mouth_crop: float = 1.0
+    field_expr: int = 8
+    """Tracked expression coefficients the deformation field is conditioned on (0 = audio and
+    blink only)."""
+    audio_prior: float = 1.0
+    """Fall-off of the audio's reach around the mouth, in mouth widths (0 = audio may act
+    anywhere on the face)."""
     w_offsets: float = 1.0
     densify_every: int = 200
     densify_grad: float = 0.0004

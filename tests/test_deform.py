@@ -117,6 +117,43 @@ def test_mouth_and_torso_branches():
     assert torch.all(d1.d_quats[:, [2, 5]] == torch.tensor([1.0, 0, 0, 0]))  # torso: position only
 
 
+def test_relative_field_is_the_identity_at_neutral_conditions():
+    """A trained (non-zero) field in relative mode gives no offset at the neutral conditions,
+    whatever its audio-independent part, and the same motion between two conditions as the
+    absolute field."""
+    torch.manual_seed(1)
+    f = DeformationField(audio_dim=4, expr_dim=3)
+    for m in (f.face_out[-1], f.mouth_out[-1], f.torso_out[-1]):
+        torch.nn.init.normal_(m.weight, std=0.1)
+        torch.nn.init.normal_(m.bias, std=0.1)
+    x = torch.rand(50, 3) * 0.2 - 0.1
+    region = torch.randint(0, 3, (50,))
+    zero = dict(blink=torch.zeros(1), expr=torch.zeros(1, 3), neck=torch.zeros(1, 3), region=region)
+    d0 = f(x, torch.zeros(1, 4), relative=True, **zero)
+    assert torch.all(d0.d_means == 0) and torch.all(d0.d_quats == torch.tensor([1.0, 0, 0, 0]))
+    assert torch.all(d0.d_opacity == 0) and torch.all(d0.d_log_scales == 0)
+    assert f(x, torch.zeros(1, 4), relative=False, **zero).d_means.abs().max() > 1e-4  # absolute: it is not
+    a = torch.randn(2, 4)
+    cond = dict(blink=torch.rand(2), expr=torch.randn(2, 3), neck=torch.randn(2, 3), region=region)
+    rel, ab = f(x, a, relative=True, **cond), f(x, a, relative=False, **cond)
+    torch.testing.assert_close(rel.d_means[1] - rel.d_means[0], ab.d_means[1] - ab.d_means[0])
+
+
+def test_audio_prior_gates_keep_audio_at_the_mouth():
+    """The prior on the audio stream: no audio-driven motion far from the mouth."""
+    torch.manual_seed(2)
+    f = DeformationField(audio_dim=4)
+    torch.nn.init.normal_(f.face_out[-1].weight, std=0.1)
+    x = torch.tensor([[0.0, -0.06, 0.08], [0.0, 0.05, 0.09], [0.05, 0.02, 0.07]])  # mouth, forehead, cheek
+    centre, r = x[0], 0.02
+    prior = torch.exp(-0.5 * (x - centre).square().sum(-1) / r**2)
+    gates = torch.stack([prior, torch.ones(3)], 1)
+    a = torch.randn(3, 4)
+    d = f(x, a, prior_gates=gates, relative=True)
+    moved = d.d_means.norm(dim=-1).amax(0)
+    assert moved[0] > 1e-4 and moved[1] < 1e-6 and moved[2] < 1e-5
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on this machine")
 def test_cuda_kernels_compile_with_nvcc(tmp_path):
     src = Path(__file__).resolve().parents[1] / "csrc"

@@ -30,6 +30,8 @@ from gstalk.io.atomic import atomic_path, ensure_dir, write_json
 
 AVATAR_FORMAT = "gstalk-avatar"
 
+READABLE_VERSIONS = (1, AVATAR_VERSION)
+
 
 def save_avatar(avatar: Avatar, folder: str | os.PathLike, motion: dict[str, np.ndarray],
                 background: np.ndarray | None = None) -> Path:
@@ -82,10 +84,13 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
         raise FileFormatError(f"{cfg_path} is not valid JSON ({e})") from None
     if raw.get("format") != AVATAR_FORMAT:
         raise FileFormatError(f"{cfg_path} does not describe a gstalk avatar")
-    if raw.get("version") != AVATAR_VERSION:
+    if raw.get("version") not in READABLE_VERSIONS:
         raise FileFormatError(f"{root} was written in avatar format version {raw.get('version')}; this gstalk reads "
-                              f"version {AVATAR_VERSION}. Re-fit the avatar with this version ('gstalk train').")
+                              f"versions {', '.join(map(str, READABLE_VERSIONS))}. Re-fit the avatar with this version "
+                              "('gstalk train').")
     raw.pop("format")
+    if raw["version"] == 1:  # version 1 fields gave absolute offsets and had no mouth prior
+        raw.update(field_relative=False, mouth_centre=None, mouth_radius=0.0)
     cfg = AvatarConfig(**raw)
     head = head_for(cfg.head_model)
     g = load_ply(root / "gaussians.ply")

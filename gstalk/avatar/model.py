@@ -22,7 +22,7 @@ from gstalk.head.flame import HeadModel
 from gstalk.head.lbs import FlameParams, flame_forward
 from gstalk.render import Cameras, RenderOutput, rasterize
 
-AVATAR_VERSION = 1
+AVATAR_VERSION = 2  # 2: relative deformation field + mouth prior (version 1 is read as it was made)
 
 
 @dataclass
@@ -44,6 +44,14 @@ class AvatarConfig:
     n_expr: int = 0
     feature_dim: int = 15
     seed: int = 0
+    field_relative: bool = True
+    """The field's offsets are relative to the neutral conditions (it is the identity there),
+    so switching it off gives the canonical avatar it was trained with."""
+    mouth_centre: list | None = None
+    """Centre of the lips on the identity's rest mesh (head space, metres): where the audio
+    acts. None: no spatial prior on the audio stream."""
+    mouth_radius: float = 0.0
+    """Fall-off (metres, one standard deviation) of the audio stream's spatial prior."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -89,6 +97,8 @@ class Avatar(nn.Module):
         self.register_buffer("K", K.float())
         self.register_buffer("viewmat", viewmat.float())
         self._rest = None
+        self._prior = None
+        self._static = None
         object.__setattr__(self, "_compiled", None)  # see compile_field(); not a submodule
         self.set_gaussians(gaussians, region)
         self.field = DeformationField(audio_dim=cfg.code_dim, expr_dim=cfg.expr_cond, encoding=cfg.encoding,
@@ -102,6 +112,8 @@ class Avatar(nn.Module):
         self.head_model = self.head_model.to(dev)
         self._canon = None
         self._rest = None
+        self._prior = None
+        self._static = None
         return out
 
     # ------------------------------------------------------------------ Gaussians
@@ -113,7 +125,7 @@ class Avatar(nn.Module):
         self.sh = nn.Parameter(g.sh.detach().clone())
         self.register_buffer("binding", g.binding.detach().clone().long())
         self.register_buffer("region", region.detach().clone().long())
-        self._canon = None
+        self.invalidate()
 
     def gaussian_set(self) -> GaussianSet:
         return GaussianSet(self.means.detach(), self.quats.detach(), self.log_scales.detach(),
@@ -152,7 +164,27 @@ class Avatar(nn.Module):
         return self._canon
 
     def invalidate(self) -> None:
+        """Forget what was computed from the Gaussians and the field (call after changing them)."""
         self._canon = None
+        self._prior = None
+        self._static = None
+
+    def prior_gates(self) -> Tensor | None:
+        """[N, streams] spatial prior of the field's condition streams: the audio stream
+        falls off with distance from the mouth (a Gaussian of ``mouth_radius``), so speech
+        moves the lips, jaw and cheeks but cannot explain changes on the eyes, hair or
+        background; the other streams are left to the learned gates. None without a prior."""
+        c = self.cfg
+        if c.mouth_centre is None or c.mouth_radius <= 0:
+            return None
+        x = self.canonical_positions()
+        if self._prior is None or self._prior.shape[0] != x.shape[0]:
+            d2 = (x - x.new_tensor(c.mouth_centre)).square().sum(-1)
+            audio = torch.exp(-0.5 * d2 / c.mouth_radius ** 2)
+            audio = torch.where(self.region == REGION_FACE, audio, torch.ones_like(audio))
+            n = 3 if self.cfg.expr_cond else 2
+            self._prior = torch.cat([audio[:, None], torch.ones(x.shape[0], n - 1, device=x.device)], 1)
+        return self._prior
 
     def gaussians_at(self, frame: Frame) -> list[GaussianTensors]:
         """Posed Gaussians of each of the B frames (activated, ready to rasterize)."""
@@ -176,10 +208,20 @@ class Avatar(nn.Module):
         if self.cfg.expr_cond:
             e = p.expr if p.expr is not None else torch.zeros(B, self.cfg.expr_cond, device=dev)
             expr = torch.nn.functional.pad(e[:, : self.cfg.expr_cond], (0, max(0, self.cfg.expr_cond - e.shape[1])))
+        x, prior = self.canonical_positions(), self.prior_gates()
+        h = neutral = None
+        if not torch.is_grad_enabled():
+            # inference: the points do not move, so their spatial features and the neutral
+            # output are computed once (invalidate() drops them)
+            if self._static is None or self._static[0].shape[0] != x.shape[0]:
+                hs = self.field.spatial(x)
+                self._static = (hs, self.field.neutral_raw(hs, self.region, prior) if self.cfg.field_relative
+                                else None)
+            h, neutral = self._static
         # bounded codes: new voices must not push the field far outside what it was trained on
         field = self._compiled if (self._compiled is not None and not torch.is_grad_enabled()) else self.field
-        return field(self.canonical_positions(), torch.tanh(audio), blink=frame.blink, expr=expr, neck=p.neck,
-                     region=self.region)
+        return field(x, torch.tanh(audio), blink=frame.blink, expr=expr, neck=p.neck, region=self.region,
+                     prior_gates=prior, relative=self.cfg.field_relative, h=h, neutral=neutral)
 
     def compile_field(self, mode: str | None = None, backend: str = "inductor", fullgraph: bool = True,
                       enable: bool = True) -> "Avatar":
@@ -220,6 +262,25 @@ def render_frame(av: Avatar, g: GaussianTensors, cam: Cameras, bg: Tensor) -> tu
 
 
 # ---------------------------------------------------------------------- initialisation
+def mouth_prior(head: HeadModel, shape: Tensor) -> tuple[list[float], float] | None:
+    """(centre, radius) of the audio stream's spatial prior for this identity: the centre of
+    the lip landmarks on the rest mesh and the mouth's width (corner to corner). None where
+    the landmark embedding has no lips."""
+    from gstalk.face.regions import INNER_LIPS, OUTER_LIPS
+    from gstalk.head.embedding import load_embedding
+
+    emb = load_embedding(head)
+    ids = emb.landmark_indices.tolist()
+    lips = [ids.index(i) for i in sorted(set(INNER_LIPS + OUTER_LIPS)) if i in ids]
+    if len(lips) < 4:
+        return None
+    with torch.no_grad():
+        v = flame_forward(head, FlameParams(shape=shape[None].float())).vertices
+        pts = emb.points(v, head.faces)[0, lips]
+    width = float((pts.max(0).values - pts.min(0).values)[0])
+    return [float(a) for a in pts.mean(0)], max(width, 1e-3)
+
+
 def init_gaussians(head: HeadModel, shape: Tensor, per_triangle: int = 2, sh_degree: int = 1,
                    seed: int = 0) -> tuple[GaussianSet, Tensor]:
     """Gaussians on every triangle of the rest-pose head mesh (bound), grey, flat along the surface."""
@@ -266,4 +327,4 @@ def concat_sets(a: GaussianSet, b: GaussianSet) -> GaussianSet:
 
 
 __all__ = ["AVATAR_VERSION", "Avatar", "AvatarConfig", "AudioToMotion", "Frame", "concat_sets", "init_gaussians",
-           "rotmat_to_quat", "torso_gaussians"]
+           "mouth_prior", "rotmat_to_quat", "torso_gaussians"]

@@ -17,7 +17,11 @@ Structure (after TalkingGaussian / ER-NeRF, in our own form):
   per-point part and the per-frame part are added (``[N, H] + [B, 1, H]``) instead of
   concatenating ``B x N`` inputs;
 - a mouth-interior branch (teeth, tongue) driven by audio only, for Gaussians flagged
-  ``mouth``; a torso branch driven by the neck pose, for Gaussians flagged ``torso``.
+  ``mouth``; a torso branch driven by the neck pose, for Gaussians flagged ``torso``;
+- ``relative=True`` (what avatars use): the offsets are taken relative to the field's output
+  at the neutral conditions, so it is exactly the identity there and any change it makes
+  comes from the conditions; switching it off then gives the canonical avatar it was
+  trained with, not a degraded one that leant on an audio-independent offset.
 """
 
 from __future__ import annotations
@@ -118,25 +122,58 @@ class DeformationField(nn.Module):
 
     def forward(self, x: Tensor, audio: Tensor, blink: Tensor | None = None, expr: Tensor | None = None,
                 neck: Tensor | None = None, region: Tensor | None = None, h: Tensor | None = None,
-                prior_gates: Tensor | None = None) -> Deformation:
+                prior_gates: Tensor | None = None, relative: bool = False,
+                neutral: Tensor | None = None) -> Deformation:
         """Offsets for canonical positions ``x`` [N, 3] under B frames' conditions.
 
         audio [B, A]; blink [B] or [B, 1]; expr [B, E] (if the field has expr_dim); neck
         [B, 3]; region [N] (0 face, 1 mouth interior, 2 torso); h: precomputed
         :meth:`spatial` features; prior_gates [N, streams] multiplies the learned gates.
+        ``relative``: give the offsets relative to the neutral conditions (all-zero audio
+        code, expression and neck, open eyes), so the field is exactly the identity there and
+        cannot hold an audio-independent change of the canonical avatar. ``neutral``: the raw
+        output at the neutral conditions from :meth:`neutral_raw` (for repeated inference on
+        the same points; computed here when not given).
         """
         if audio.dim() != 2 or audio.shape[1] != self.audio_dim:
             raise InputError(f"audio codes must be [B, {self.audio_dim}], got {tuple(audio.shape)}")
-        B, N = audio.shape[0], x.shape[0]
+        B = audio.shape[0]
         h = self.spatial(x) if h is None else h
         gates = torch.sigmoid(self.gates(h))  # [N, S]
         if prior_gates is not None:
             gates = gates * prior_gates
-        blink = torch.zeros(B, 1, device=x.device) if blink is None else blink.reshape(B, 1)
-        streams = [audio[:, None, :] * gates[None, :, 0:1], torch.relu(self.blink_embed(blink))[:, None] * gates[None, :, 1:2]]
+        dev = x.device
+        blink = torch.zeros(B, 1, device=dev) if blink is None else blink.reshape(B, 1)
+        if self.expr_dim and expr is None:
+            expr = torch.zeros(B, self.expr_dim, device=dev)
+        neck = torch.zeros(B, 3, device=dev) if neck is None else neck
+        out = self._raw(h, gates, audio, blink, expr, neck, region)
+        if relative:
+            out = out - (self.neutral_raw(h, region, prior_gates) if neutral is None else neutral)
+        # raw outputs are in natural units: 1 = 1 cm, 0.1 rad, 10 % of scale, 0.1 of colour
+        N = x.shape[0]
+        d_q = 0.05 * out[..., 3:7] + out.new_tensor([1.0, 0, 0, 0])
+        col = 0.1 * out[..., 11:14] if self.colour else torch.zeros(B, N, 3, device=dev)
+        return Deformation(d_means=0.01 * out[..., 0:3], d_quats=d_q, d_log_scales=0.1 * out[..., 7:10],
+                           d_opacity=out[..., 10:11], d_colors=col)
+
+    def neutral_raw(self, h: Tensor, region: Tensor | None = None, prior_gates: Tensor | None = None) -> Tensor:
+        """The raw output [1, N, 11|14] at the neutral conditions (zero audio code, expression
+        and neck pose, blink 0) for spatial features ``h``."""
+        gates = torch.sigmoid(self.gates(h))
+        if prior_gates is not None:
+            gates = gates * prior_gates
+        z = h.new_zeros
+        return self._raw(h, gates, z(1, self.audio_dim), z(1, 1), z(1, self.expr_dim) if self.expr_dim else None,
+                         z(1, 3), region)
+
+    def _raw(self, h: Tensor, gates: Tensor, audio: Tensor, blink: Tensor, expr: Tensor | None, neck: Tensor,
+             region: Tensor | None) -> Tensor:
+        """The branches' raw outputs [B, N, 11|14] for B frames' conditions."""
+        B, N = audio.shape[0], h.shape[0]
+        streams = [audio[:, None, :] * gates[None, :, 0:1],
+                   torch.relu(self.blink_embed(blink))[:, None] * gates[None, :, 1:2]]
         if self.expr_dim:
-            if expr is None:
-                expr = torch.zeros(B, self.expr_dim, device=x.device)
             streams.append(expr[:, None, :] * gates[None, :, 2:3])
         cond = torch.cat(streams, -1)  # [B, N, C]
         out = self.face_out(self.face_in(h, cond))  # [B, N, 11|14]
@@ -150,12 +187,7 @@ class DeformationField(nn.Module):
                 out = torch.where(mouth, m_out, out)
             torso = (region == REGION_TORSO)[None, :, None]
             if whole or bool(torso.any()):
-                nk = torch.zeros(B, 3, device=x.device) if neck is None else neck
-                t_out = self.torso_out(self.torso_in(h, nk[:, None, :]))
-                t_full = torch.cat([t_out, torch.zeros(B, N, out.shape[-1] - 3, device=x.device)], -1)
+                t_out = self.torso_out(self.torso_in(h, neck[:, None, :]))
+                t_full = torch.cat([t_out, torch.zeros(B, N, out.shape[-1] - 3, device=h.device)], -1)
                 out = torch.where(torso, t_full, out)
-        # raw outputs are in natural units: 1 = 1 cm, 0.1 rad, 10 % of scale, 0.1 of colour
-        d_q = 0.05 * out[..., 3:7] + out.new_tensor([1.0, 0, 0, 0])
-        col = 0.1 * out[..., 11:14] if self.colour else torch.zeros(B, N, 3, device=x.device)
-        return Deformation(d_means=0.01 * out[..., 0:3], d_quats=d_q, d_log_scales=0.1 * out[..., 7:10],
-                           d_opacity=out[..., 10:11], d_colors=col)
+        return out

@@ -3,7 +3,8 @@
 Stages: (1) static canonical fit (deformation off), (2) the audio-conditioned deformation
 field and audio encoder (Gaussians at a lower rate), (3) joint fine-tune with extra weight
 on the mouth; then the audio-to-motion model on the track. Losses: L1 + D-SSIM (kornia),
-alpha vs the person mask, mouth-region weight, offset regulariser.
+alpha vs the person mask, mouth-region weight, a close-up of the mouth rendered at the
+dataset's full resolution (stages 2 and 3, :class:`MouthCrops`), offset regulariser.
 
 Frames are read from disk on demand through a bounded cache. A checkpoint (all parameters,
 optimiser state, densification statistics, random-generator states, stage and iteration)
@@ -27,8 +28,8 @@ import torch
 
 from gstalk.audio.features import check_speech, compute_features
 from gstalk.avatar.io import save_avatar
-from gstalk.avatar.model import (Avatar, AvatarConfig, Frame, concat_sets, init_gaussians, render_frame,
-                                 torso_gaussians)
+from gstalk.avatar.model import (Avatar, AvatarConfig, Frame, concat_sets, init_gaussians, mouth_prior,
+                                 render_frame, torso_gaussians)
 from gstalk.config import TrainOptions, resolve_device
 from gstalk.errors import GstalkError
 from gstalk.gaussians.set import GaussianSet, rgb_to_sh
@@ -49,6 +50,103 @@ def resolved(opts: TrainOptions, device: torch.device) -> TrainOptions:
     gpu = device.type == "cuda"
     return replace(opts, per_triangle=opts.per_triangle or (8 if gpu else 2),
                    torso_points=opts.torso_points or (4000 if gpu else 800))
+
+
+def crop_camera(K: torch.Tensor, viewmat: torch.Tensor, x0: int, y0: int, side: int, size: int) -> Cameras:
+    """The camera that sees the ``side``-pixel square at (x0, y0) of camera (K, viewmat)'s
+    image, at ``size`` x ``size`` pixels: a pixel edge u of the full image lands on
+    (u - x0) * size / side."""
+    k = K.float().clone()
+    k[0, 2] -= x0
+    k[1, 2] -= y0
+    k[:2] *= size / side
+    return Cameras(viewmat.float()[None], k[None], size, size)
+
+
+def cut_image(img: np.ndarray, x0: int, y0: int, side: int, size: int) -> np.ndarray:
+    """The ``side``-pixel square at (x0, y0) of ``img`` (edge pixels repeated outside it),
+    area-resampled to ``size`` pixels: what :func:`crop_camera` sees."""
+    import cv2
+
+    pad = [(max(0, -y0), max(0, y0 + side - img.shape[0])), (max(0, -x0), max(0, x0 + side - img.shape[1]))]
+    if any(a or b for a, b in pad):
+        img = np.pad(img, pad + [(0, 0)] * (img.ndim - 2), mode="edge")
+        x0, y0 = x0 + pad[1][0], y0 + pad[0][0]
+    out = img[y0:y0 + side, x0:x0 + side]
+    if size != side:
+        out = cv2.resize(out, (size, size), interpolation=cv2.INTER_AREA)
+    return out
+
+
+class MouthCrops:
+    """Close-ups of the mouth at the dataset's full resolution, for the mouth-crop loss.
+
+    Training renders the whole frame at a reduced size on a CPU (128 px), where the lips span
+    a dozen pixels and the residual lip motion the head model misses is below a pixel. A
+    crop around the lips (centre: the frame's lip landmarks; side: 1.6 times the largest lip
+    extent over the training frames, in dataset pixels) is rendered at up to ``size`` pixels
+    through a camera cut from the full-resolution one, and compared with the same cut of the
+    full-resolution frame (area-resampled), so the mouth is seen at full detail whatever the
+    training size.
+    """
+
+    def __init__(self, ds: Dataset, K: torch.Tensor, viewmat: torch.Tensor, src: int, train_idx, size: int,
+                 cache: int, device):
+        from gstalk.face.regions import INNER_LIPS, OUTER_LIPS
+
+        lm = ds.landmarks()
+        lips = lm["lmk"][:, sorted(set(INNER_LIPS + OUTER_LIPS)), :2].astype(np.float64)  # dataset pixels
+        ok = np.isfinite(lips).all((1, 2)) & lm["valid"].astype(bool)
+        self.ds, self.dev, self.cache = ds, device, cache
+        self.res = ds.resolution
+        self.K = K.float() * torch.tensor([[self.res / src], [self.res / src], [1.0]])
+        self.viewmat = viewmat.float()
+        self.valid = ok
+        tr = np.asarray(train_idx)
+        ext = (lips.max(1) - lips.min(1)).max(-1)
+        ext_train = ext[tr][ok[tr]]
+        self.side = 0
+        if len(ext_train):
+            self.side = int(min(self.res, max(16, math.ceil(1.6 * float(ext_train.max())))))
+        self.size = min(size, self.side)
+        self.centre = np.where(ok[:, None], np.nan_to_num(lips.mean(1)), np.nan)
+        self.bg_full: np.ndarray | None = None
+        self._lru: OrderedDict[int, tuple[Cameras, torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @property
+    def usable(self) -> bool:
+        return self.size >= 8
+
+    def box(self, i: int) -> tuple[int, int]:
+        """Top-left corner (dataset pixels) of frame i's crop."""
+        cx, cy = self.centre[i]
+        h = self.side / 2
+        return int(round(cx - h)), int(round(cy - h))
+
+    def get(self, i: int, background: str) -> tuple[Cameras, torch.Tensor, torch.Tensor] | None:
+        """(crop camera, ground-truth crop [C, C, 3], background crop [C, C, 3]) or None
+        where frame i has no lip landmarks."""
+        if not self.valid[i]:
+            return None
+        if i in self._lru:
+            self._lru.move_to_end(i)
+            return self._lru[i]
+        x0, y0 = self.box(i)
+        cam = crop_camera(self.K, self.viewmat, x0, y0, self.side, self.size).to(self.dev)
+        gt = torch.from_numpy(cut_image(self.ds.frame(i), x0, y0, self.side, self.size)).float().div(255)
+        gt = gt.to(self.dev)
+        if background == "plate":
+            if self.bg_full is None:
+                self.bg_full = self.ds.background()
+            bg = torch.from_numpy(cut_image(self.bg_full, x0, y0, self.side, self.size)).float().div(255)
+            bg = bg.to(self.dev)
+        else:
+            bg = torch.full_like(gt, 1.0 if background == "white" else 0.0)
+        item = (cam, gt, bg)
+        self._lru[i] = item
+        if len(self._lru) > self.cache:
+            self._lru.popitem(last=False)
+        return item
 
 
 class FrameSource:
@@ -139,6 +237,13 @@ class Trainer:
         self.avatar = self._build_avatar()
         self.train_idx = self.ds.train_indices
         self.gen = torch.Generator().manual_seed(self.opts.seed)
+        self.mouth = None
+        if self.opts.mouth_crop > 0:
+            mc = MouthCrops(self.ds, torch.as_tensor(self.track.K), torch.as_tensor(self.track.viewmat),
+                            self.track.width, self.train_idx, self.opts.mouth_crop, self.opts.cache_frames,
+                            self.dev)
+            if mc.usable:
+                self.mouth = mc
 
     def _train_size(self) -> int:
         if self.opts.scale > 0:
@@ -153,10 +258,13 @@ class Trainer:
         head = head_for(self.track.model)  # the model the track was made with
         shape = torch.from_numpy(self.track.shape).float()
         bound, region = init_gaussians(head, shape, o.per_triangle, o.sh_degree, o.seed)
+        prior = mouth_prior(head, shape) if o.audio_prior else None
         cfg = AvatarConfig(fps=self.ds.fps, resolution=self.ds.resolution, feature_kind=o.feature_kind,
                            window=self.windows.shape[1], feature_dim=self.windows.shape[2],
-                           expr_cond=min(8, head.n_expr), sh_degree=o.sh_degree, background=o.background,
-                           head_model=head.reference(), n_shape=head.n_shape, n_expr=head.n_expr, seed=o.seed)
+                           expr_cond=min(o.field_expr, head.n_expr), sh_degree=o.sh_degree, background=o.background,
+                           head_model=head.reference(), n_shape=head.n_shape, n_expr=head.n_expr, seed=o.seed,
+                           mouth_centre=prior[0] if prior else None,
+                           mouth_radius=prior[1] * o.audio_prior if prior else 0.0)
         K = torch.as_tensor(self.track.K)
         vm = torch.as_tensor(self.track.viewmat)
         torso, tregion = self._torso_init(K, vm, o)
@@ -224,6 +332,12 @@ class Trainer:
             loss = loss + self.opts.w_alpha * (alpha - person).abs().mean()
         if d is not None:
             loss = loss + self.opts.w_offsets * d.regulariser() * 1e3  # offsets are mm-scale
+        crop = self.mouth.get(t, self.opts.background) if (self.mouth is not None and stage != "static") else None
+        if crop is not None and self.opts.w_mouth_crop > 0:
+            cam, gt, bg = crop
+            crgb, _, _ = render_frame(self.avatar, gs[0], cam, bg)
+            closs = (1 - self.opts.w_ssim) * (crgb - gt).abs().mean() + self.opts.w_ssim * _ssim_loss(crgb, gt)
+            loss = loss + self.opts.w_mouth_crop * closs
         return loss, rgb.detach(), img, out
 
     # ------------------------------------------------------------------ optimisation
@@ -293,6 +407,7 @@ class Trainer:
         av.to(self.dev)
         av.field.load_state_dict(state["field"])
         av.audio.load_state_dict(state["audio"])
+        av.invalidate()
         self.gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
         return state
