@@ -206,8 +206,9 @@ class TrainOptions:
     w_alpha: float = 0.1
     w_mouth: float = 2.0
     mouth_crop: int = 96
-    """Audio and joint stages: also render a close-up of the mouth at the dataset's full
-    resolution, at most this many pixels a side (0 = off); see docs/avatar.md."""
+    """Audio and joint stages, when frames train below the dataset's resolution: also render a
+    close-up of the mouth at the full resolution, at most this many pixels a side (0 = off);
+    see docs/avatar.md."""
     w_mouth_crop: float = 1.0
     field_expr: int = 8
     """Tracked expression coefficients the deformation field is conditioned on (0 = audio and

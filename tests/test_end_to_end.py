@@ -192,3 +192,36 @@ def test_mouth_crop_camera_sees_the_cut_of_the_full_frame():
     assert edge.shape == (16, 16, 3)
     np.testing.assert_allclose(edge[0, :5], np.repeat(full[90, :1], 5, 0))
     np.testing.assert_allclose(edge[6:, 5:], np.repeat(full[95:96, :11], 10, 0))
+
+
+def test_mouth_crops_line_up_with_the_fitted_avatar(avatar, tracked):
+    """The close-ups the trainer compares: the crop camera on the tracked head sees the same
+    mouth as the cut of the dataset frame (a shifted cut fits worse)."""
+    from gstalk.avatar.io import load_avatar
+    from gstalk.avatar.model import Frame, render_frame
+    from gstalk.face.regions import INNER_LIPS, OUTER_LIPS
+    from gstalk.head.tracker import load_track
+    from gstalk.io.dataset import Dataset
+    from gstalk.train.trainer import MouthCrops, crop_camera, cut_image
+
+    _, ds_root = tracked
+    ds = Dataset(ds_root)
+    track = load_track(ds_root / "track.npz")
+    av, _ = load_avatar(avatar)
+    mc = MouthCrops(ds, torch.as_tensor(track.K), torch.as_tensor(track.viewmat), track.width, ds.train_indices,
+                    32, 8, "cpu")
+    lips = ds.landmarks()["lmk"][:, sorted(set(INNER_LIPS + OUTER_LIPS)), :2]
+    t = int(ds.train_indices[len(ds.train_indices) // 2])
+    x0, y0 = mc.box(t)
+    assert mc.usable and (lips[t].min(0) > (x0, y0)).all() and (lips[t].max(0) < (x0 + mc.side, y0 + mc.side)).all()
+    cam, gt, bg = mc.get(t, "white")
+    assert gt.shape == (mc.size, mc.size, 3) and bg.shape == gt.shape
+    errors = []
+    with torch.no_grad():
+        g = av.gaussians_at(Frame(track.params(slice(t, t + 1)), deform=False))[0]
+        for dx in (0, mc.side // 4):
+            c = cam if dx == 0 else crop_camera(mc.K, mc.viewmat, x0 + dx, y0, mc.side, mc.size)
+            rgb, _, _ = render_frame(av, g, c, torch.ones_like(gt))
+            errors.append(float((rgb - gt).abs().mean()))
+    np.testing.assert_allclose(gt.numpy() * 255, cut_image(ds.frame(t), x0, y0, mc.side, mc.size), atol=0.51)
+    assert errors[0] < 0.08 and errors[0] < 0.7 * errors[1], errors

@@ -238,7 +238,7 @@ class Trainer:
         self.train_idx = self.ds.train_indices
         self.gen = torch.Generator().manual_seed(self.opts.seed)
         self.mouth = None
-        if self.opts.mouth_crop > 0:
+        if self.opts.mouth_crop > 0 and self.size < self.ds.resolution:  # at full size it adds no detail
             mc = MouthCrops(self.ds, torch.as_tensor(self.track.K), torch.as_tensor(self.track.viewmat),
                             self.track.width, self.train_idx, self.opts.mouth_crop, self.opts.cache_frames,
                             self.dev)
