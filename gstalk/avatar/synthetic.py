@@ -40,7 +40,9 @@ def standin_avatar(n_gaussians: int = 0, per_triangle: int = 1, resolution: int 
                        n_shape=head.n_shape, n_expr=head.n_expr, seed=seed)
     f = 1.6 * resolution
     K = torch.tensor([[f, 0, resolution / 2], [0, f, resolution / 2], [0, 0, 1.0]])
-    av = Avatar(cfg, head, shape, gs, region, K, torch.as_tensor(VIEWMAT, dtype=torch.float32))
+    with torch.random.fork_rng(devices=[]):  # the networks' initial weights: from the seed, not the caller's state
+        torch.manual_seed(seed)
+        av = Avatar(cfg, head, shape, gs, region, K, torch.as_tensor(VIEWMAT, dtype=torch.float32))
     with torch.no_grad():
         for mod in (av.field, av.a2m.head):
             for p in mod.parameters():
