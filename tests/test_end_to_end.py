@@ -225,3 +225,11 @@ def test_mouth_crops_line_up_with_the_fitted_avatar(avatar, tracked):
             errors.append(float((rgb - gt).abs().mean()))
     np.testing.assert_allclose(gt.numpy() * 255, cut_image(ds.frame(t), x0, y0, mc.side, mc.size), atol=0.51)
     assert errors[0] < 0.08 and errors[0] < 0.7 * errors[1], errors
+
+
+def test_negative_training_options_are_refused():
+    from gstalk.train.trainer import TrainingError, resolved
+
+    for name in ("field_expr", "mouth_crop", "audio_prior", "w_mouth_crop"):
+        with pytest.raises(TrainingError, match=name.replace("_", "-")):
+            resolved(replace(TINY, **{name: -1}), torch.device("cpu"))

@@ -266,12 +266,12 @@ def mouth_prior(head: HeadModel, shape: Tensor) -> tuple[list[float], float] | N
     """(centre, radius) of the audio stream's spatial prior for this identity: the centre of
     the lip landmarks on the rest mesh and the mouth's width (corner to corner). None where
     the landmark embedding has no lips."""
-    from gstalk.face.regions import INNER_LIPS, OUTER_LIPS
+    from gstalk.face.regions import LIPS
     from gstalk.head.embedding import load_embedding
 
     emb = load_embedding(head)
     ids = emb.landmark_indices.tolist()
-    lips = [ids.index(i) for i in sorted(set(INNER_LIPS + OUTER_LIPS)) if i in ids]
+    lips = [ids.index(i) for i in LIPS if i in ids]
     if len(lips) < 4:
         return None
     with torch.no_grad():

@@ -149,7 +149,7 @@ class DeformationField(nn.Module):
         neck = torch.zeros(B, 3, device=dev) if neck is None else neck
         out = self._raw(h, gates, audio, blink, expr, neck, region)
         if relative:
-            out = out - (self.neutral_raw(h, region, prior_gates) if neutral is None else neutral)
+            out = out - (self.neutral_raw(h, region, gates=gates) if neutral is None else neutral)
         # raw outputs are in natural units: 1 = 1 cm, 0.1 rad, 10 % of scale, 0.1 of colour
         N = x.shape[0]
         d_q = 0.05 * out[..., 3:7] + out.new_tensor([1.0, 0, 0, 0])
@@ -157,12 +157,15 @@ class DeformationField(nn.Module):
         return Deformation(d_means=0.01 * out[..., 0:3], d_quats=d_q, d_log_scales=0.1 * out[..., 7:10],
                            d_opacity=out[..., 10:11], d_colors=col)
 
-    def neutral_raw(self, h: Tensor, region: Tensor | None = None, prior_gates: Tensor | None = None) -> Tensor:
+    def neutral_raw(self, h: Tensor, region: Tensor | None = None, prior_gates: Tensor | None = None,
+                    gates: Tensor | None = None) -> Tensor:
         """The raw output [1, N, 11|14] at the neutral conditions (zero audio code, expression
-        and neck pose, blink 0) for spatial features ``h``."""
-        gates = torch.sigmoid(self.gates(h))
-        if prior_gates is not None:
-            gates = gates * prior_gates
+        and neck pose, blink 0) for spatial features ``h`` (``gates``: the stream gates, prior
+        included, when the caller has them)."""
+        if gates is None:
+            gates = torch.sigmoid(self.gates(h))
+            if prior_gates is not None:
+                gates = gates * prior_gates
         z = h.new_zeros
         return self._raw(h, gates, z(1, self.audio_dim), z(1, 1), z(1, self.expr_dim) if self.expr_dim else None,
                          z(1, 3), region)

@@ -27,7 +27,7 @@ from gstalk.avatar.model import Frame, render_frame
 from gstalk.drive.render import cameras_for, frames_iter
 from gstalk.errors import InputError
 from gstalk.eval.sync import sync_score
-from gstalk.face.regions import INNER_LIPS, OUTER_LIPS, blink_signal, mouth_opening
+from gstalk.face.regions import LIPS, blink_signal, mouth_opening
 from gstalk.head.tracker import load_track
 from gstalk.io.atomic import write_json
 from gstalk.io.dataset import Dataset
@@ -129,7 +129,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     gts = [torch.from_numpy(cv2.resize(ds.frame(int(t)), (size, size), interpolation=cv2.INTER_AREA)).float() / 255
            for t in idx]
     lm = ds.landmarks()["lmk"][idx] * (size / ds.resolution)
-    lips = sorted(set(INNER_LIPS + OUTER_LIPS))
+    lips = LIPS
     face_boxes = [_box(lm[k, :, :2], size, 0.1) for k in range(len(idx))]
     mouth_boxes = [_square(lm[k, lips, :2], size, 1.6) for k in range(len(idx))]
     result: dict = {"avatar": str(avatar_dir), "dataset": str(dataset_dir), "size": size, "frames": int(len(idx))}

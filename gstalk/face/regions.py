@@ -12,6 +12,7 @@ FACE_OVAL = [10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365
              176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109]
 INNER_LIPS = [78, 191, 80, 81, 82, 13, 312, 311, 310, 415, 308, 324, 318, 402, 317, 14, 87, 178, 88, 95]
 OUTER_LIPS = [61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 375, 321, 405, 314, 17, 84, 181, 91, 146]
+LIPS = sorted(set(INNER_LIPS + OUTER_LIPS))  # every lip landmark, once
 # eye-aspect-ratio points (p1..p6): corners p1, p4; upper lid p2, p3; lower lid p6, p5
 RIGHT_EYE_EAR = [33, 160, 158, 133, 153, 144]  # subject's right eye (image left)
 LEFT_EYE_EAR = [362, 385, 387, 263, 373, 380]

@@ -47,6 +47,9 @@ class TrainingError(GstalkError):
 
 
 def resolved(opts: TrainOptions, device: torch.device) -> TrainOptions:
+    for name in ("field_expr", "mouth_crop", "audio_prior", "w_mouth_crop"):
+        if getattr(opts, name) < 0:
+            raise TrainingError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(opts, name)}")
     gpu = device.type == "cuda"
     return replace(opts, per_triangle=opts.per_triangle or (8 if gpu else 2),
                    torso_points=opts.torso_points or (4000 if gpu else 800))
@@ -92,10 +95,10 @@ class MouthCrops:
 
     def __init__(self, ds: Dataset, K: torch.Tensor, viewmat: torch.Tensor, src: int, train_idx, size: int,
                  cache: int, device):
-        from gstalk.face.regions import INNER_LIPS, OUTER_LIPS
+        from gstalk.face.regions import LIPS
 
         lm = ds.landmarks()
-        lips = lm["lmk"][:, sorted(set(INNER_LIPS + OUTER_LIPS)), :2].astype(np.float64)  # dataset pixels
+        lips = lm["lmk"][:, LIPS, :2].astype(np.float64)  # dataset pixels
         ok = np.isfinite(lips).all((1, 2)) & lm["valid"].astype(bool)
         self.ds, self.dev, self.cache = ds, device, cache
         self.res = ds.resolution
@@ -175,10 +178,8 @@ class FrameSource:
 
 
 def scaled_camera(K: torch.Tensor, viewmat: torch.Tensor, src: int, size: int) -> Cameras:
-    s = size / src
-    k = K.clone().float()
-    k[:2] *= s
-    return Cameras(viewmat.float()[None], k[None], size, size)
+    """Camera (K, viewmat) of a ``src``-pixel image, for the whole image at ``size`` pixels."""
+    return crop_camera(K, viewmat, 0, 0, src, size)
 
 
 def _ssim_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
