@@ -60,9 +60,12 @@ def test_held_out_quality_with_and_without_deformation(avatar, tracked):
     for m in (d, b, res["other_audio"]):
         for k in ("psnr", "ssim", "face_psnr", "face_ssim", "mouth_psnr", "mouth_ssim"):
             assert math.isfinite(m[k])
-    # at this test size the lips' residual motion is about a pixel: the deformation must not
-    # hurt; that it beats the baseline is not shown here (see docs/benchmarks.md)
-    assert d["psnr"] > 25.0 and abs(d["psnr"] - b["psnr"]) < 1.0, (d["psnr"], b["psnr"])
+    # the clip's lips round and spread with its vowels, the track follows only the mouth's
+    # opening (n_expr=2): the deformation, driven by the clip's audio and the tracked
+    # expression, must explain part of the rest on frames it was not trained on (five seeds
+    # gave +0.16 to +0.72 dB over the frame; mouth box -0.02 to +0.46 dB)
+    assert d["psnr"] > 25.0 and d["psnr"] > b["psnr"] + 0.05, (d["psnr"], b["psnr"])
+    assert d["mouth_psnr"] > b["mouth_psnr"] - 0.3, (d["mouth_psnr"], b["mouth_psnr"])
     assert d["render_face_found"] > 0.5
     data = json.loads((avatar / "eval" / "eval.json").read_text())
     assert {"deformation", "no_deformation", "other_audio", "sync_other_audio", "frames"} <= set(data)

@@ -3,6 +3,8 @@ smoother (attention over neighbouring frames' codes), so that lips move smoothly
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -24,6 +26,13 @@ class AudioEncoder(nn.Module):
             w = (w + 1) // 2
         self.conv = nn.Sequential(*layers)
         self.out = nn.Linear(hidden * w, code_dim)
+        # variance-preserving init (PyTorch's default shrinks the signal about 3x a layer, so a
+        # fresh encoder gives every frame nearly the same code and the field cannot tell them apart)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv1d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight, a=0.02, nonlinearity="leaky_relu")
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.out.weight, std=1 / math.sqrt(hidden * w))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[1:] != (self.window, self.in_dim):

@@ -40,6 +40,7 @@ from gstalk.render import Cameras
 
 Progress = Callable[[str, int, int, dict], None]
 STAGES = ("static", "audio", "joint")
+CODE_RANGE = 2.0  # audio codes beyond +-this are pulled back (tanh(2) = 0.96)
 
 
 class TrainingError(GstalkError):
@@ -333,6 +334,10 @@ class Trainer:
             loss = loss + self.opts.w_alpha * (alpha - person).abs().mean()
         if d is not None:
             loss = loss + self.opts.w_offsets * d.regulariser() * 1e3  # offsets are mm-scale
+        if audio is not None:
+            # the field reads tanh(code): keep codes where tanh still passes a gradient, or they
+            # drift into saturation and every frame's audio looks the same to the field
+            loss = loss + (audio.abs() - CODE_RANGE).clamp_min(0).square().mean()
         crop = self.mouth.get(t, self.opts.background) if (self.mouth is not None and stage != "static") else None
         if crop is not None and self.opts.w_mouth_crop > 0:
             cam, gt, bg = crop
@@ -353,8 +358,10 @@ class Trainer:
             {"params": [av.sh], "lr": 0.0025 * gl, "name": "sh"},
         ]
         if stage != "static":
+            # networks: Adam's usual eps; the Gaussians' tiny eps turns vanishing gradients into
+            # full-size steps
             groups.append({"params": list(av.field.parameters()) + list(av.audio.parameters()), "lr": o.lr_field,
-                           "name": "networks"})
+                           "name": "networks", "eps": 1e-8})
         return torch.optim.Adam(groups, eps=1e-15)
 
     def densify(self, grad_accum: torch.Tensor, count: torch.Tensor) -> None:
