@@ -216,6 +216,9 @@ class TrainOptions:
     audio_prior: float = 1.0
     """Fall-off of the audio's reach around the mouth, in mouth widths (0 = audio may act
     anywhere on the face)."""
+    expr_prior: bool = True
+    """The field's blink and expression streams act only where the head model's expressions
+    move the mesh (not on hair, scalp or neck); see docs/avatar.md."""
     w_offsets: float = 1.0
     densify_every: int = 200
     densify_grad: float = 0.0004

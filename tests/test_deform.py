@@ -178,3 +178,35 @@ def test_cuda_hash_encoding_matches_torch(dim):
     gt = torch.autograd.grad(out.square().sum(), g.tables)[0]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gt, gt_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_expression_prior_keeps_expressions_off_the_hair():
+    """With the expression prior, the field's blink and expression streams move Gaussians on
+    the face but not those bound to the scalp, neck or eyeballs (where the head model's
+    expressions move nothing); without it they move both."""
+    import numpy as np
+
+    from gstalk.avatar.model import Frame, expression_activity
+    from gstalk.avatar.synthetic import standin_avatar
+    from gstalk.head.lbs import FlameParams
+    from gstalk.head.standin import REGIONS
+
+    av = standin_avatar(per_triangle=1, n_expr=16, expr_cond=8, seed=3)
+    act = expression_activity(av.head_model)
+    vreg = torch.as_tensor(np.asarray(av.head_model.meta["vertex_region"]))[av.head_model.faces[:, 0]]
+    assert act[vreg == REGIONS["skull"]].max() < 0.05 and act[vreg == REGIONS["neck"]].max() == 0
+    assert act[vreg == REGIONS["face"]].mean() > 0.5
+    still = av.binding >= 0
+    still[still.clone()] = act[av.binding[still]] == 0
+    moving = (av.binding >= 0) & (act[av.binding.clamp_min(0)] == 1)
+    assert still.sum() > 50 and moving.sum() > 50
+    frame = Frame(FlameParams(expr=torch.full((1, 16), 0.8)), audio=torch.zeros(1, av.cfg.code_dim),
+                  blink=torch.ones(1))
+    moved = {}
+    for on in (False, True):
+        av.cfg.expr_prior = on
+        av.invalidate()
+        with torch.no_grad():
+            moved[on] = av.deformation(frame).d_means[0].norm(dim=-1)
+    assert moved[False][still].mean() > 1e-5 and moved[False][moving].mean() > 1e-5
+    assert moved[True][still].max() == 0 and moved[True][moving].mean() > 0.5 * moved[False][moving].mean()

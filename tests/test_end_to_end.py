@@ -156,7 +156,14 @@ def test_old_avatar_versions_are_read_or_refused(avatar, tmp_path):
         load_avatar(tmp_path / "old")
     with pytest.raises(FileFormatError, match="not a gstalk avatar"):
         load_avatar(tmp_path)
-    # version 1 (absolute field offsets, no mouth prior) is still read, as it was made
+    # version 2 (no expression prior) and version 1 (absolute field offsets, no mouth prior)
+    # are still read, as they were made
+    cfg.pop("expr_prior")
+    cfg["version"] = 2
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    av, _ = load_avatar(tmp_path / "old")
+    assert av.cfg.field_relative is True and av.cfg.expr_prior is False
+    assert (av.prior_gates()[:, 1:] == 1).all() and (av.prior_gates()[:, 0] < 1).any()
     for k in ("field_relative", "mouth_centre", "mouth_radius"):
         cfg.pop(k)
     cfg["version"] = 1
@@ -164,7 +171,8 @@ def test_old_avatar_versions_are_read_or_refused(avatar, tmp_path):
     av, _ = load_avatar(tmp_path / "old")
     assert av.cfg.field_relative is False and av.prior_gates() is None
     new, _ = load_avatar(avatar)
-    assert new.cfg.field_relative is True and new.prior_gates() is not None
+    assert new.cfg.field_relative is True and new.cfg.expr_prior is True
+    assert (new.prior_gates()[:, 1:] < 1).any()
 
 
 def test_mouth_crop_camera_sees_the_cut_of_the_full_frame():

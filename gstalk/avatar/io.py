@@ -30,7 +30,7 @@ from gstalk.io.atomic import atomic_path, ensure_dir, write_json
 
 AVATAR_FORMAT = "gstalk-avatar"
 
-READABLE_VERSIONS = (1, AVATAR_VERSION)
+READABLE_VERSIONS = (1, 2, AVATAR_VERSION)
 
 
 def save_avatar(avatar: Avatar, folder: str | os.PathLike, motion: dict[str, np.ndarray],
@@ -91,6 +91,8 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
     raw.pop("format")
     if raw["version"] == 1:  # version 1 fields gave absolute offsets and had no mouth prior
         raw.update(field_relative=False, mouth_centre=None, mouth_radius=0.0)
+    if raw["version"] <= 2:  # no expression prior before version 3
+        raw.update(expr_prior=False)
     cfg = AvatarConfig(**raw)
     head = head_for(cfg.head_model)
     g = load_ply(root / "gaussians.ply")

@@ -22,7 +22,7 @@ from gstalk.head.flame import HeadModel
 from gstalk.head.lbs import FlameParams, flame_forward
 from gstalk.render import Cameras, RenderOutput, rasterize
 
-AVATAR_VERSION = 2  # 2: relative deformation field + mouth prior (version 1 is read as it was made)
+AVATAR_VERSION = 3  # 2: relative field + mouth prior; 3: expression prior (older versions are read as made)
 
 
 @dataclass
@@ -52,6 +52,9 @@ class AvatarConfig:
     acts. None: no spatial prior on the audio stream."""
     mouth_radius: float = 0.0
     """Fall-off (metres, one standard deviation) of the audio stream's spatial prior."""
+    expr_prior: bool = False
+    """The field's blink and expression streams act only where the head model's expressions
+    move the mesh (see :func:`expression_activity`): not on hair, scalp, neck or eyeballs."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -170,20 +173,31 @@ class Avatar(nn.Module):
         self._static = None
 
     def prior_gates(self) -> Tensor | None:
-        """[N, streams] spatial prior of the field's condition streams: the audio stream
-        falls off with distance from the mouth (a Gaussian of ``mouth_radius``), so speech
-        moves the lips, jaw and cheeks but cannot explain changes on the eyes, hair or
-        background; the other streams are left to the learned gates. None without a prior."""
+        """[N, streams] spatial prior of the field's condition streams (audio, blink[,
+        expression]), multiplying the learned gates. The audio stream falls off with distance
+        from the mouth (a Gaussian of ``mouth_radius``), so speech moves the lips, jaw and
+        cheeks but cannot explain changes on the eyes, hair or background. With
+        ``expr_prior`` the blink and expression streams act only on Gaussians bound to
+        triangles that the head model's expressions move: on a real clip, hair moves with
+        the head in ways no expression predicts, and a field allowed to explain training
+        frames' hair that way gets new frames' hair wrong. None without a prior."""
         c = self.cfg
-        if c.mouth_centre is None or c.mouth_radius <= 0:
+        mouth = c.mouth_centre is not None and c.mouth_radius > 0
+        if not (mouth or c.expr_prior):
             return None
         x = self.canonical_positions()
         if self._prior is None or self._prior.shape[0] != x.shape[0]:
-            d2 = (x - x.new_tensor(c.mouth_centre)).square().sum(-1)
-            audio = torch.exp(-0.5 * d2 / c.mouth_radius ** 2)
-            audio = torch.where(self.region == REGION_FACE, audio, torch.ones_like(audio))
-            n = 3 if self.cfg.expr_cond else 2
-            self._prior = torch.cat([audio[:, None], torch.ones(x.shape[0], n - 1, device=x.device)], 1)
+            n = 3 if c.expr_cond else 2
+            prior = torch.ones(x.shape[0], n, device=x.device)
+            face = self.region == REGION_FACE
+            if mouth:
+                d2 = (x - x.new_tensor(c.mouth_centre)).square().sum(-1)
+                prior[:, 0] = torch.where(face, torch.exp(-0.5 * d2 / c.mouth_radius ** 2), prior[:, 0])
+            if c.expr_prior:
+                act = expression_activity(self.head_model).to(x.device)
+                bound = face & (self.binding >= 0)
+                prior[bound, 1:] = act[self.binding[bound]][:, None]
+            self._prior = prior
         return self._prior
 
     def gaussians_at(self, frame: Frame) -> list[GaussianTensors]:
@@ -281,6 +295,21 @@ def mouth_prior(head: HeadModel, shape: Tensor) -> tuple[list[float], float] | N
     return [float(a) for a in pts.mean(0)], max(width, 1e-3)
 
 
+def expression_activity(head: HeadModel) -> Tensor:
+    """[F] how much the head model's expressions (and eyelids) move each triangle, in
+    [0, 1]: the norm of its vertices' expression directions, 1 from a quarter of the
+    90th percentile over the mesh up, falling linearly to 0 where nothing moves (scalp,
+    neck, eyeballs)."""
+    a = head.exprdirs.norm(dim=(1, 2))  # [V]
+    if head.eyelids is not None:
+        a = a + head.eyelids.norm(dim=-1).sum(0)
+    tri = a[head.faces].mean(-1)
+    ref = 0.25 * torch.quantile(tri, 0.9)
+    if float(ref) <= 0:
+        return torch.ones_like(tri)
+    return (tri / ref).clamp(0, 1)
+
+
 def init_gaussians(head: HeadModel, shape: Tensor, per_triangle: int = 2, sh_degree: int = 1,
                    seed: int = 0) -> tuple[GaussianSet, Tensor]:
     """Gaussians on every triangle of the rest-pose head mesh (bound), grey, flat along the surface."""
@@ -326,5 +355,5 @@ def concat_sets(a: GaussianSet, b: GaussianSet) -> GaussianSet:
                        torch.cat([a.sh, b.sh]), binding=torch.cat([a.binding, b.binding]))
 
 
-__all__ = ["AVATAR_VERSION", "Avatar", "AvatarConfig", "AudioToMotion", "Frame", "concat_sets", "init_gaussians",
-           "mouth_prior", "rotmat_to_quat", "torso_gaussians"]
+__all__ = ["AVATAR_VERSION", "Avatar", "AvatarConfig", "AudioToMotion", "Frame", "concat_sets", "expression_activity",
+           "init_gaussians", "mouth_prior", "rotmat_to_quat", "torso_gaussians"]

@@ -266,7 +266,7 @@ class Trainer:
                            expr_cond=min(o.field_expr, head.n_expr), sh_degree=o.sh_degree, background=o.background,
                            head_model=head.reference(), n_shape=head.n_shape, n_expr=head.n_expr, seed=o.seed,
                            mouth_centre=prior[0] if prior else None,
-                           mouth_radius=prior[1] * o.audio_prior if prior else 0.0)
+                           mouth_radius=prior[1] * o.audio_prior if prior else 0.0, expr_prior=o.expr_prior)
         K = torch.as_tensor(self.track.K)
         vm = torch.as_tensor(self.track.viewmat)
         torso, tregion = self._torso_init(K, vm, o)
