@@ -20,8 +20,8 @@ def make_avatar(folder: Path, n_frames: int = 12, fps: float = 25.0, resolution:
                         torso=torso, seed=seed)
     av.cfg.fps = fps
     with torch.no_grad():
-        av.a2m.out_std.fill_(4.0)  # audio moves the jaw (pitch) and the expressions visibly
-        av.a2m.out_std[:3] = torch.tensor([2.0, 0.05, 0.05])
+        av.a2m.out_std.fill_(0.4)  # audio moves the jaw (pitch) and the expressions visibly
+        av.a2m.out_std[:3] = torch.tensor([0.2, 0.005, 0.005])
         av.a2m.out_mean[0] = 0.12
     t = np.arange(n_frames) / fps
     motion = {
