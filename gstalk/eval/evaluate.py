@@ -129,9 +129,8 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     gts = [torch.from_numpy(cv2.resize(ds.frame(int(t)), (size, size), interpolation=cv2.INTER_AREA)).float() / 255
            for t in idx]
     lm = ds.landmarks()["lmk"][idx] * (size / ds.resolution)
-    lips = LIPS
     face_boxes = [_box(lm[k, :, :2], size, 0.1) for k in range(len(idx))]
-    mouth_boxes = [_square(lm[k, lips, :2], size, 1.6) for k in range(len(idx))]
+    mouth_boxes = [_square(lm[k, LIPS, :2], size, 1.6) for k in range(len(idx))]
     result: dict = {"avatar": str(avatar_dir), "dataset": str(dataset_dir), "size": size, "frames": int(len(idx))}
     side = None
     # the control for "is it the audio?": the same deformation driven by the audio of random
@@ -154,7 +153,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
             m[f"{key}_ssim"] = float(np.mean(bs)) if bs else float("nan")
         r_lm = _landmarks([(r.numpy() * 255).astype(np.uint8) for r in renders])
         g_lm = _landmarks([(g.numpy() * 255).astype(np.uint8) for g in gts])
-        d = np.linalg.norm(r_lm[:, lips, :2] - g_lm[:, lips, :2], axis=-1).mean(-1) * (512 / size)
+        d = np.linalg.norm(r_lm[:, LIPS, :2] - g_lm[:, LIPS, :2], axis=-1).mean(-1) * (512 / size)
         m["lmd_px512"] = float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
         m["render_face_found"] = float(np.isfinite(r_lm[:, 0, 0]).mean())
         rb, _ = blink_signal(np.nan_to_num(r_lm), np.isfinite(r_lm[:, 0, 0]))

@@ -316,6 +316,11 @@ class Trainer:
         """Smoothed audio codes of frames ``t``."""
         return audio_model.codes_at(self.windows, t.to(self.dev))
 
+    def _photo_loss(self, rgb: torch.Tensor, img: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """(1 - w_ssim) * (weighted) L1 + w_ssim * D-SSIM of a render against its frame."""
+        l1 = (rgb - img).abs() if weight is None else (rgb - img).abs() * weight
+        return (1 - self.opts.w_ssim) * l1.mean() + self.opts.w_ssim * _ssim_loss(rgb, img)
+
     def step_loss(self, t: int, stage: str, deform: bool):
         img, lab = self.frames.get(t)
         tt = torch.tensor([t])
@@ -327,8 +332,7 @@ class Trainer:
         weight = torch.ones_like(img[..., :1])
         if stage == "joint":
             weight = weight + self.opts.w_mouth * (lab == 4)[..., None].float()
-        l1 = ((rgb - img).abs() * weight).mean()
-        loss = (1 - self.opts.w_ssim) * l1 + self.opts.w_ssim * _ssim_loss(rgb, img)
+        loss = self._photo_loss(rgb, img, weight)
         if self.opts.background == "plate":
             person = (lab > 0).float()[..., None]
             loss = loss + self.opts.w_alpha * (alpha - person).abs().mean()
@@ -342,8 +346,7 @@ class Trainer:
         if crop is not None and self.opts.w_mouth_crop > 0:
             cam, gt, bg = crop
             crgb, _, _ = render_frame(self.avatar, gs[0], cam, bg)
-            closs = (1 - self.opts.w_ssim) * (crgb - gt).abs().mean() + self.opts.w_ssim * _ssim_loss(crgb, gt)
-            loss = loss + self.opts.w_mouth_crop * closs
+            loss = loss + self.opts.w_mouth_crop * self._photo_loss(crgb, gt)
         return loss, rgb.detach(), img, out
 
     # ------------------------------------------------------------------ optimisation
