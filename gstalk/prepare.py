@@ -139,7 +139,7 @@ def prepare(clip: str | Path, out: str | Path, opts: PrepareOptions | None = Non
         from gstalk.face.mediapipe_models import FaceDetector
 
         det = FaceDetector()
-        boxes, counts = [], []
+        found, counts = [], []
         est = int(round(info.duration * opts.fps)) if np.isfinite(info.duration) else 0
         try:
             for k, img in iter_frames(clip, opts.fps, info):
@@ -154,21 +154,18 @@ def prepare(clip: str | Path, out: str | Path, opts: PrepareOptions | None = Non
                     s = 1.0
                 faces = det.detect(small)
                 counts.append(len(faces))
-                if faces:
-                    f = faces[0]
-                    boxes.append([f.x / s, f.y / s, f.w / s, f.h / s, f.score])
-                else:
-                    boxes.append([np.nan] * 5)
+                found.append([[f.x / s, f.y / s, f.w / s, f.h / s, f.score] for f in faces])
                 prog("scan", k + 1, max(est, k + 1))
         finally:
             det.close()
+        boxes = _subject_boxes(found)
         n = len(boxes)
         duration = n / opts.fps
         if duration < opts.min_seconds:
             raise ClipTooShortError(f"{clip} is {duration:.2f} s long; gstalk needs at least {opts.min_seconds:g} s "
                                     "of video (10 s to 5 min works best)")
-        boxes_a, counts_a = np.asarray(boxes, np.float32), np.asarray(counts, np.int32)
-        frac = float((counts_a > 0).mean())
+        boxes_a, counts_a = boxes, np.asarray(counts, np.int32)
+        frac = float(np.isfinite(boxes_a[:, 0]).mean())
         if frac == 0:
             raise NoFaceError(f"no face was found in {clip}; film one person facing the camera")
         if frac < opts.min_face_fraction:
@@ -177,7 +174,7 @@ def prepare(clip: str | Path, out: str | Path, opts: PrepareOptions | None = Non
         multi = float((counts_a > 1).mean())
         scan_warn = []
         if multi > 0.05:
-            scan_warn.append(f"several faces in {100 * multi:.0f}% of frames: using the largest")
+            scan_warn.append(f"several faces in {100 * multi:.0f}% of frames: following the one that fills the picture most over the clip")
         audio_info = {"present": False, "sample_rate": AUDIO_RATE, "samples": 0}
         if info.has_audio:
             audio = read_audio(clip, AUDIO_RATE, start=info.start_time, duration=duration)
@@ -248,7 +245,9 @@ def prepare(clip: str | Path, out: str | Path, opts: PrepareOptions | None = Non
                               "the clip may be damaged")
         state.mark("frames")
 
-    lmk, valid = finish_dataset(out, n, opts, state, prog)
+    # the crop centres the face, crop_down of its size above the middle, at 1 / crop_scale of the frame
+    subject = (res / 2, res / 2 - res * opts.crop_down / opts.crop_scale, res / opts.crop_scale)
+    lmk, valid = finish_dataset(out, n, opts, state, prog, subject=subject)
     manifest = {
         "format": DATASET_FORMAT, "version": DATASET_VERSION, "gstalk_version": __version__,
         "source": {"path": str(clip.resolve()), **scan["source"]},
@@ -273,11 +272,74 @@ def holdout_split(n: int, holdout: float) -> dict:
     return {"train": [0, n - n_test], "test": [n - n_test, n]}
 
 
+def _subject_boxes(found: list[list[list[float]]]) -> np.ndarray:
+    """The filmed person's detector box [x, y, w, h, score] on every frame (NaN where absent)
+    from all boxes found per frame: boxes are linked into tracks from frame to frame (the
+    nearest track whose last box lies within half a face of it and is of similar size), and
+    the subject is the track that fills the most of the picture over the clip (box area summed
+    over its frames). A face that passes through, or one the detector finds on only some
+    frames, does not pull the crop off the subject on the frames where the subject is missed."""
+    tracks: list[dict] = []
+    for k, faces in enumerate(found):
+        taken: set[int] = set()
+        for b in sorted(faces, key=lambda b: -b[2] * b[3]):
+            cx, cy, w = b[0] + b[2] / 2, b[1] + b[3] / 2, max(b[2], b[3])
+            best, best_d = None, np.inf
+            for ti, t in enumerate(tracks):
+                lx, ly, lw = t["last"]
+                d = float(np.hypot(cx - lx, cy - ly))
+                if ti not in taken and d < 0.5 * max(w, lw) and 0.5 < w / lw < 2 and d < best_d:
+                    best, best_d = ti, d
+            if best is None:
+                tracks.append({"boxes": {}, "area": 0.0})
+                best = len(tracks) - 1
+            t = tracks[best]
+            t["boxes"][k], t["last"] = b, (cx, cy, w)
+            t["area"] += b[2] * b[3]
+            taken.add(best)
+    out = np.full((len(found), 5), np.nan, np.float32)
+    if tracks:
+        for k, b in max(tracks, key=lambda t: t["area"])["boxes"].items():
+            out[k] = b
+    return out
+
+
+def _face_ref(lmk: np.ndarray) -> tuple[float, float, float]:
+    """(centre x, centre y, width) of a face's landmarks."""
+    c = lmk[:, :2].mean(0)
+    return float(c[0]), float(c[1]), float(np.ptp(lmk[:, 0]))
+
+
+def _follow_subject(faces: list[np.ndarray], last: tuple[float, float, float] | None,
+                    subject: tuple[float, float, float] | None) -> np.ndarray | None:
+    """The filmed person's face among ``faces``: the one nearest to where it was on the last
+    frame it was found (``last``) or to where the crop puts it (``subject``), if its centre lies
+    within half a face width of that place and its width is between half and twice the
+    reference's; the largest face when there is no reference yet. None when no face qualifies:
+    a stranger alone in view (the subject turned away, or missed by the detector) is not the
+    subject, and its landmarks must not stand in for theirs."""
+    if not faces:
+        return None
+    refs = [r for r in (last, subject) if r is not None]
+    if not refs:
+        return max(faces, key=lambda a: np.ptp(a[:, 0]) * np.ptp(a[:, 1]))
+    best, best_d = None, np.inf
+    for a in faces:
+        x, y, w = _face_ref(a)
+        for rx, ry, rw in refs:
+            d = float(np.hypot(x - rx, y - ry))
+            if d < 0.5 * rw and 0.5 * rw < w < 2 * rw and d / rw < best_d:
+                best, best_d = a, d / rw
+    return best
+
+
 def finish_dataset(out: Path, n: int, opts: PrepareOptions, state: "_State", prog: Progress,
                    base_labels: Callable[[int], np.ndarray] | None = None,
-                   blink: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   blink: np.ndarray | None = None,
+                   subject: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stages after the frames exist in ``out/frames``: landmarks, masks + background,
-    signals and preview. ``base_labels(k)`` may supply person/torso labels (from an
+    signals and preview. ``subject`` = (x, y, width) in pixels: where the crop puts the
+    filmed person's face (see ``_follow_subject``). ``base_labels(k)`` may supply person/torso labels (from an
     imported parsing) instead of the person segmenter; ``blink`` may replace the
     eye-aspect-ratio blink signal."""
     fdir = out / "frames"
@@ -288,16 +350,19 @@ def finish_dataset(out: Path, n: int, opts: PrepareOptions, state: "_State", pro
         raw = np.full((n, 478, 3), np.nan, np.float32)
         nf = np.zeros(n, np.int32)
         mesh = FaceMesh(track=True)
+        last = None
         try:
             for k in range(n):
-                lmk, count = mesh(read_image_file(fdir / f"{k:06d}.jpg"))
-                nf[k] = count
+                faces = mesh.faces(read_image_file(fdir / f"{k:06d}.jpg"))
+                nf[k] = len(faces)
+                lmk = _follow_subject(faces, last, subject)
                 if lmk is not None:
                     raw[k] = lmk
+                    last = _face_ref(lmk)
                 prog("landmarks", k + 1, n)
         finally:
             mesh.close()
-        valid = nf > 0
+        valid = np.isfinite(raw[:, 0, 0])
         frac = float(valid.mean())
         if frac < opts.min_face_fraction:
             raise NoFaceError(f"face landmarks were found in only {100 * frac:.0f}% of the cropped frames; "

@@ -8,7 +8,7 @@ from gstalk.errors import FileFormatError, GstalkError, OutputError
 from gstalk.face.regions import FACE_OVAL
 from gstalk.head.standin import photo_landmarks
 from gstalk.io.dataset import Dataset
-from gstalk.prepare import ClipTooShortError, NoFaceError, prepare
+from gstalk.prepare import ClipTooShortError, NoFaceError, _follow_subject, _subject_boxes, prepare
 from synthclip import make_clip
 
 RES = 128
@@ -120,9 +120,45 @@ def test_no_audio_several_faces(tmp_path):
     assert "no audio" in w and "several faces" in w and not ds.has_audio
     with pytest.raises(FileFormatError, match="no audio"):
         ds.audio()
-    # the largest face was used: its landmarks are near the crop centre, not in a corner
-    lm = ds.landmarks()["lmk"]
-    assert np.all(np.abs(np.nanmean(lm[..., :2], axis=1) - RES / 2) < RES / 4)
+    # the filmed face was followed: on every frame with landmarks they lie near the crop
+    # centre, never on the small face in the corner
+    raw = ds.landmarks()["lmk_raw"]
+    ok = np.isfinite(raw[:, 0, 0])
+    assert ok.mean() > 0.9
+    assert np.all(np.abs(raw[ok][..., :2].mean(1) - RES / 2) < RES / 4)
+
+
+def test_subject_track_outlasts_other_faces():
+    n = 20
+    subject = [[50 + k, 60, 40, 40, 0.9] for k in range(n)]
+    found = []
+    for k in range(n):
+        faces = [[150, 10, 25, 25, 0.8]]  # a face in a poster, on every frame
+        if not 5 <= k < 9:  # the detector misses the subject on frames 5..8
+            faces.append(subject[k])
+        if 10 <= k < 13:  # a passer-by, larger than the subject, for three frames
+            faces.append([0, 100, 60, 60, 0.9])
+        found.append(faces)
+    boxes = _subject_boxes(found)
+    miss = np.zeros(n, bool)
+    miss[5:9] = True
+    assert np.isnan(boxes[miss]).all()
+    np.testing.assert_allclose(boxes[~miss], np.float32(subject)[~miss])
+    assert np.isnan(_subject_boxes([[], []])).all()
+
+
+def test_follow_subject_refuses_a_stranger():
+    def face(cx, cy, w):
+        g = np.stack(np.meshgrid(np.linspace(-0.5, 0.5, 3), np.linspace(-0.6, 0.6, 3)), -1).reshape(-1, 2)
+        return np.concatenate([g * w + [cx, cy], np.zeros((9, 1))], 1).astype(np.float32)
+
+    me, stranger, big = face(64, 54, 40), face(110, 15, 20), face(30, 100, 70)
+    expected = (64.0, 54.0, 40.0)
+    assert _follow_subject([stranger, me], None, expected) is me
+    assert _follow_subject([stranger], None, expected) is None  # not the subject's landmarks
+    assert _follow_subject([big, me], (60.0, 50.0, 38.0), None) is me
+    assert _follow_subject([me, big], None, None) is big  # no reference: the largest
+    assert _follow_subject([], None, expected) is None
 
 
 def test_bad_inputs(tmp_path):

@@ -129,14 +129,18 @@ class FaceMesh:
             raise FaceModelError(f"the face mesh could not start ({e})") from None
 
     def __call__(self, rgb: np.ndarray) -> tuple[np.ndarray | None, int]:
-        h, w = rgb.shape[:2]
-        res = self._impl.process(np.ascontiguousarray(rgb))
-        faces = res.multi_face_landmarks or []
-        if not faces:
+        arrs = self.faces(rgb)
+        if not arrs:
             return None, 0
-        arrs = [np.array([[p.x * w, p.y * h, p.z * w] for p in f.landmark], np.float32) for f in faces]
         areas = [np.ptp(a[:, 0]) * np.ptp(a[:, 1]) for a in arrs]
         return arrs[int(np.argmax(areas))], len(arrs)
+
+    def faces(self, rgb: np.ndarray) -> list[np.ndarray]:
+        """Landmarks [478, 3] of every face found, in the detector's order."""
+        h, w = rgb.shape[:2]
+        res = self._impl.process(np.ascontiguousarray(rgb))
+        return [np.array([[p.x * w, p.y * h, p.z * w] for p in f.landmark], np.float32)
+                for f in res.multi_face_landmarks or []]
 
     def close(self) -> None:
         self._impl.close()
