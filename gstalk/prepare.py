@@ -174,7 +174,8 @@ def prepare(clip: str | Path, out: str | Path, opts: PrepareOptions | None = Non
         multi = float((counts_a > 1).mean())
         scan_warn = []
         if multi > 0.05:
-            scan_warn.append(f"several faces in {100 * multi:.0f}% of frames: following the one that fills the picture most over the clip")
+            scan_warn.append(f"several faces in {100 * multi:.0f}% of frames: following the one that fills "
+                             "the picture most over the clip")
         audio_info = {"present": False, "sample_rate": AUDIO_RATE, "samples": 0}
         if info.has_audio:
             audio = read_audio(clip, AUDIO_RATE, start=info.start_time, duration=duration)
