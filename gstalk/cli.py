@@ -177,14 +177,18 @@ def _eval(cfg: EvalConfig, console) -> int:
 
     with StageProgress(console) as prog:
         res = evaluate(cfg.avatar, cfg.dataset, list(cfg.audio), cfg.size, cfg.out, cfg.device, progress=prog)
-    cols = ("deformation", "no_deformation", "other_audio")
+    cols = ("deformation", "no_deformation", "other_audio", "audio_driven")
     table = Table(title=f"held-out frames ({res['frames']}) at {res['size']} px")
     table.add_column("metric")
-    for c in ("with deformation", "switched off", "other frames' audio"):
+    for c in ("with deformation", "switched off", "other frames' audio", "driven by audio alone"):
         table.add_column(c, justify="right")
     for k in res["deformation"]:
         table.add_row(k, *(f"{res[c][k]:.4g}" if k in res[c] else "-" for c in cols))
     console.print(table)
+    for base, label in (("no_deformation", "switched off"), ("other_audio", "other frames' audio")):
+        g = res[f"gain_over_{base}"]
+        console.print(f"deformation minus {label} (mean +- standard error over frames): "
+                      + ", ".join(f"{k} {g[k]['mean']:+.3g} +- {g[k]['sem']:.2g}" for k in g))
     console.print(f"written: {res['files']['json']}, {res['files']['video']}")
     return 0
 

@@ -57,7 +57,7 @@ def test_held_out_quality_with_and_without_deformation(avatar, tracked):
     _, ds = tracked
     res = evaluate(avatar, ds, size=64, device="cpu")
     d, b = res["deformation"], res["no_deformation"]
-    for m in (d, b, res["other_audio"]):
+    for m in (d, b, res["other_audio"], res["audio_driven"]):
         for k in ("psnr", "ssim", "face_psnr", "face_ssim", "mouth_psnr", "mouth_ssim"):
             assert math.isfinite(m[k])
     # the clip's lips round and spread with its vowels, the track follows only the mouth's
@@ -67,8 +67,15 @@ def test_held_out_quality_with_and_without_deformation(avatar, tracked):
     assert d["psnr"] > 25.0 and d["psnr"] > b["psnr"] + 0.05, (d["psnr"], b["psnr"])
     assert d["mouth_psnr"] > b["mouth_psnr"] - 0.3, (d["mouth_psnr"], b["mouth_psnr"])
     assert d["render_face_found"] > 0.5
+    # the paired gains agree with the means they are the difference of
+    g = res["gain_over_no_deformation"]
+    assert g["psnr"]["frames"] == res["frames"] and g["psnr"]["sem"] > 0
+    assert g["psnr"]["mean"] == pytest.approx(d["psnr"] - b["psnr"], abs=1e-9)
+    assert g["mouth_psnr"]["mean"] == pytest.approx(d["mouth_psnr"] - b["mouth_psnr"], abs=1e-9)
     data = json.loads((avatar / "eval" / "eval.json").read_text())
-    assert {"deformation", "no_deformation", "other_audio", "sync_other_audio", "frames"} <= set(data)
+    assert {"deformation", "no_deformation", "other_audio", "sync_other_audio", "frames",
+            "gain_over_no_deformation", "gain_over_other_audio", "per_frame"} <= set(data)
+    assert len(data["per_frame"]["deformation"]["psnr"]) == res["frames"]
     assert (avatar / "eval" / "side_by_side.mp4").is_file()
 
 

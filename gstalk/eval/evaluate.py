@@ -2,14 +2,19 @@
 other speakers' audio, with the deformation on and (as a baseline) off.
 
 Held-out frames are rendered with the tracked head pose, jaw and expression and the clip's
-own audio; metrics: PSNR and SSIM over the full frame and over the face box (the
+own audio, and once more (``audio_driven``) with jaw, expression and blink from the
+audio-to-motion model on that audio, as new audio would drive them (head pose still
+tracked); metrics: PSNR and SSIM over the full frame and over the face box (the
 landmarks' bounding box, 10 % margin) and the mouth box (a square 1.6 times the lips'
 extent, where the audio acts), mouth landmark distance (LMD: the detector's lip
 landmarks on the render vs on the ground truth, pixels at 512), blink error (eye-aspect
 blink signal of the render vs the dataset's). Other speakers' audio drives the avatar with
 the audio-to-motion model; the score is the mouth-opening (measured by the detector on the
-render) vs speech-energy sync (:mod:`gstalk.eval.sync`). Writes ``eval.json`` and a
-side-by-side video (ground truth | render | error).
+render) vs speech-energy sync (:mod:`gstalk.eval.sync`). The gains of the deformation over
+the switched-off render and over the render driven by other frames' audio are reported as
+paired per-frame differences with their standard error, so that a clip's few held-out frames
+say whether a difference is more than noise. Writes ``eval.json`` (with the per-frame values)
+and a side-by-side video (ground truth | render | error).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from gstalk.io.atomic import write_json
 from gstalk.io.dataset import Dataset
 
 Progress = Callable[[str, int, int], None]
+GAIN_METRICS = ("psnr", "face_psnr", "mouth_psnr", "mouth_ssim", "lmd_px512", "blink_error")
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,6 +49,18 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(-10 * torch.log10(((a - b) ** 2).mean().clamp_min(1e-10)))
+
+
+def _nanmean(v: np.ndarray) -> float:
+    return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+
+
+def _paired(a: np.ndarray, b: np.ndarray) -> dict:
+    """Mean of ``a - b`` over the frames where both are finite, its standard error and the
+    number of frames."""
+    d = (a - b)[np.isfinite(a) & np.isfinite(b)]
+    sem = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"mean": float(d.mean()) if len(d) else float("nan"), "sem": sem, "frames": int(len(d))}
 
 
 def _landmarks(frames: list[np.ndarray]) -> np.ndarray:
@@ -83,9 +101,12 @@ def _square(pts: np.ndarray, size: int, scale: float) -> tuple[int, int, int, in
 
 
 def _render_test(av, motion, ds: Dataset, track, idx: np.ndarray, size: int, deform: bool, bg,
-                 audio_from: np.ndarray | None = None) -> list[torch.Tensor]:
+                 audio_from: np.ndarray | None = None, audio_motion: bool = False) -> list[torch.Tensor]:
     """Renders of frames ``idx`` with their tracked motion; the audio code of frame
-    ``audio_from[k]`` instead of ``idx[k]``'s where given."""
+    ``audio_from[k]`` instead of ``idx[k]``'s where given; with ``audio_motion``, jaw,
+    expression and blink from the audio-to-motion model on the frame's audio instead of the
+    track (what new audio gets; the head pose stays the tracked one, so the frame can be
+    compared with the ground truth)."""
     dev = av.means.device
     audio = ds.audio()
     feats = torch.from_numpy(compute_features(audio, ds.num_frames, ds.fps, av.cfg.feature_kind,
@@ -95,11 +116,17 @@ def _render_test(av, motion, ds: Dataset, track, idx: np.ndarray, size: int, def
     out = []
     with torch.no_grad():
         codes = av.audio(feats)
+        if audio_motion:
+            jaw, expr, blink = av.a2m(feats)
+            E = av.head_model.n_expr
+            expr = torch.nn.functional.pad(expr, (0, max(0, E - expr.shape[1])))[:, :E]
         for k, t in enumerate(idx):
             a = int(t) if audio_from is None else int(audio_from[k])
-            fr = Frame(track.params(slice(int(t), int(t) + 1), device=dev), audio=codes[a:a + 1],
-                       blink=torch.as_tensor(np.nan_to_num(sig["blink"][int(t):int(t) + 1]), device=dev).float(),
-                       deform=deform)
+            p = track.params(slice(int(t), int(t) + 1), device=dev)
+            b = torch.as_tensor(np.nan_to_num(sig["blink"][int(t):int(t) + 1]), device=dev).float()
+            if audio_motion:
+                p.jaw, p.expr, p.eyelids, b = jaw[a:a + 1], expr[a:a + 1], None, blink[a:a + 1]
+            fr = Frame(p, audio=codes[a:a + 1], blink=b, deform=deform)
             rgb, _, _ = render_frame(av, av.gaussians_at(fr)[0], cams[0].to(dev), bg)
             out.append(rgb.clamp(0, 1).cpu())
     return out
@@ -136,32 +163,41 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     # the control for "is it the audio?": the same deformation driven by the audio of random
     # training frames instead of each frame's own
     shuffled = np.random.default_rng(0).choice(ds.train_indices, len(idx))
-    variants = (("deformation", True, None), ("no_deformation", False, None), ("other_audio", True, shuffled))
-    for vi, (name, deform, audio_from) in enumerate(variants):
-        renders = _render_test(av, motion, ds, track, idx, size, deform, bg, audio_from)
+    variants = (("deformation", True, None, False), ("no_deformation", False, None, False),
+                ("other_audio", True, shuffled, False), ("audio_driven", True, None, True))
+    g_lm = _landmarks([(g.numpy() * 255).astype(np.uint8) for g in gts])
+    per_frame: dict[str, dict[str, np.ndarray]] = {}
+    for vi, (name, deform, audio_from, audio_motion) in enumerate(variants):
+        renders = _render_test(av, motion, ds, track, idx, size, deform, bg, audio_from, audio_motion)
         prog("eval held-out", vi + 1, len(variants))
-        m: dict = {"psnr": float(np.mean([psnr(r, g) for r, g in zip(renders, gts)])),
-                   "ssim": float(np.mean([ssim(r, g) for r, g in zip(renders, gts)]))}
+        pf = {"psnr": np.array([psnr(r, g) for r, g in zip(renders, gts)]),
+              "ssim": np.array([ssim(r, g) for r, g in zip(renders, gts)])}
         for key, boxes in (("face", face_boxes), ("mouth", mouth_boxes)):
-            bp, bs = [], []
-            for (r, g), box in zip(zip(renders, gts), boxes):
+            bp, bs = np.full(len(idx), np.nan), np.full(len(idx), np.nan)
+            for k, ((r, g), box) in enumerate(zip(zip(renders, gts), boxes)):
                 if box is not None:
                     x0, y0, x1, y1 = box
-                    bp.append(psnr(r[y0:y1, x0:x1], g[y0:y1, x0:x1]))
-                    bs.append(ssim(r[y0:y1, x0:x1], g[y0:y1, x0:x1]))
-            m[f"{key}_psnr"] = float(np.mean(bp)) if bp else float("nan")
-            m[f"{key}_ssim"] = float(np.mean(bs)) if bs else float("nan")
+                    bp[k] = psnr(r[y0:y1, x0:x1], g[y0:y1, x0:x1])
+                    bs[k] = ssim(r[y0:y1, x0:x1], g[y0:y1, x0:x1])
+            pf[f"{key}_psnr"], pf[f"{key}_ssim"] = bp, bs
         r_lm = _landmarks([(r.numpy() * 255).astype(np.uint8) for r in renders])
-        g_lm = _landmarks([(g.numpy() * 255).astype(np.uint8) for g in gts])
-        d = np.linalg.norm(r_lm[:, LIPS, :2] - g_lm[:, LIPS, :2], axis=-1).mean(-1) * (512 / size)
-        m["lmd_px512"] = float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
-        m["render_face_found"] = float(np.isfinite(r_lm[:, 0, 0]).mean())
+        pf["lmd_px512"] = np.linalg.norm(r_lm[:, LIPS, :2] - g_lm[:, LIPS, :2], axis=-1).mean(-1) * (512 / size)
         rb, _ = blink_signal(np.nan_to_num(r_lm), np.isfinite(r_lm[:, 0, 0]))
-        gb = ds.signals()["blink"][idx]
-        m["blink_error"] = float(np.nanmean(np.abs(rb - gb))) if np.isfinite(rb).any() else float("nan")
+        pf["blink_error"] = np.abs(rb - ds.signals()["blink"][idx])
+        m: dict = {k: _nanmean(v) for k, v in pf.items()}
+        m["render_face_found"] = float(np.isfinite(r_lm[:, 0, 0]).mean())
+        per_frame[name] = pf
         result[name] = m
         if name == "deformation":
             side = [torch.cat([g, r, (r - g).abs().mul(3).clamp(0, 1)], 1) for r, g in zip(renders, gts)]
+    # the gains as paired per-frame differences (with minus without; for LMD and blink error,
+    # lower is better), with their standard error over the frames: a gain within about two
+    # standard errors of zero is not shown by this clip
+    for base in ("no_deformation", "other_audio"):
+        result[f"gain_over_{base}"] = {k: _paired(per_frame["deformation"][k], per_frame[base][k])
+                                       for k in GAIN_METRICS}
+    result["per_frame"] = {name: {k: [None if not np.isfinite(x) else round(float(x), 5) for x in v]
+                                  for k, v in pf.items()} for name, pf in per_frame.items()}
     # other speakers' audio: mouth opening on the render vs speech energy
     syncs = {}
     for a in audios:
