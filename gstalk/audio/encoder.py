@@ -71,6 +71,9 @@ class TemporalSmoother(nn.Module):
         return self.attend(self.neighbours(codes))
 
 
+UNSEEN_STD = 1e6  # the normalisation of a feature constant over the training frames: ignored
+
+
 class AudioModel(nn.Module):
     """Encoder + smoother, with the feature normalisation kept as buffers."""
 
@@ -84,7 +87,11 @@ class AudioModel(nn.Module):
     def set_normalisation(self, windows: Tensor) -> None:
         flat = windows.reshape(-1, windows.shape[-1])
         self.mean.copy_(flat.mean(0))
-        self.std.copy_(flat.std(0).clamp_min(1e-3))
+        # a feature that never varied in training (a viseme the clip never uses) taught the
+        # encoder nothing: new audio that has it must not feed it in at 1000x (the std floor
+        # it used to get), so it is ignored; rare ones are amplified at most 10x
+        std = flat.std(0)
+        self.std.copy_(torch.where(std < 1e-3, torch.full_like(std, UNSEEN_STD), std.clamp_min(0.1)))
 
     def forward(self, windows: Tensor, smooth: bool = True) -> Tensor:
         """[T, W, D] consecutive frames' windows -> [T, code_dim]."""
