@@ -104,3 +104,45 @@ def test_encoder_and_smoother():
     w = torch.randn(12, 32, 83) * 3 + 1
     m.set_normalisation(w)
     assert m(w).shape == (12, 16)
+    # a feature constant in training (a viseme the clip never uses) does not move new codes
+    w[..., 5] = 0
+    m.set_normalisation(w)
+    new = w.clone()
+    new[:, 10:20, 5] = 1.0
+    torch.testing.assert_close(m(new), m(w), atol=1e-5, rtol=0)
+    # a rare one (one frame in 12) is normalised by at most 10x
+    w[..., 6] = 0
+    w[3, :, 6] = 0.05
+    m.set_normalisation(w)
+    assert m.std[6] == pytest.approx(0.1) and m.std[0] > 1
+
+
+def test_audio_to_motion_validation_picks_the_iterations():
+    from gstalk.avatar.model import AudioToMotion
+    from gstalk.train.motion import EVAL_EVERY, fit_audio_to_motion, motion_target
+
+    rng = np.random.default_rng(0)
+    T, W, D, E = 240, 8, 6, 2
+    ids = rng.integers(0, D, T)
+    feats = np.eye(D, dtype=np.float32)[ids]
+    windows = torch.from_numpy(np.stack([feats[np.clip(np.arange(t - W // 2, t + W // 2), 0, T - 1)]
+                                         for t in range(T)]))
+    openness = rng.uniform(0, 0.3, D).astype(np.float32)
+    jaw = np.zeros((T, 3), np.float32)
+    jaw[:, 0] = openness[ids]  # the jaw follows the sound
+    noise = rng.normal(0, 0.1, (T, 3)).astype(np.float32)  # the jaw ignores the sound
+    train = np.arange(200)
+    runs = {}
+    for name, j in (("learnable", jaw), ("noise", noise)):
+        torch.manual_seed(0)
+        a2m = AudioToMotion(D, W, E, code_dim=16)
+        target = motion_target(j, np.zeros((T, E), np.float32), np.zeros(T, np.float32), E)
+        runs[name] = fit_audio_to_motion(a2m, windows, target, train, 400, seed=1, validate=True)
+        with torch.no_grad():
+            pred = a2m(windows)[0][200:, 0].numpy()
+        runs[name + "_corr"] = np.corrcoef(pred, j[200:, 0])[0, 1]
+    assert runs["learnable"] >= 100 and runs["learnable_corr"] > 0.7, runs
+    assert runs["noise"] <= 100 and runs["noise"] % EVAL_EVERY == 0, runs
+    # without validation every iteration runs
+    a2m = AudioToMotion(D, W, E, code_dim=16)
+    assert fit_audio_to_motion(a2m, windows, target, train, 30, validate=False) == 30

@@ -36,6 +36,7 @@ from gstalk.gaussians.set import GaussianSet, rgb_to_sh
 from gstalk.head.tracker import load_track
 from gstalk.io.atomic import atomic_path
 from gstalk.io.dataset import Dataset
+from gstalk.train.motion import fit_audio_to_motion, motion_target
 from gstalk.render import Cameras
 
 Progress = Callable[[str, int, int, dict], None]
@@ -501,26 +502,12 @@ class Trainer:
         return self.finish()
 
     def train_audio_to_motion(self) -> None:
-        """jaw, expression and blink from audio, supervised by the track (train frames)."""
+        """jaw, expression and blink from audio, supervised by the track (train frames); see
+        :mod:`gstalk.train.motion`."""
         a2m = self.avatar.a2m
-        tr = torch.as_tensor(self.train_idx)
-        E = a2m.n_expr
-        target = torch.cat([torch.from_numpy(self.track.jaw), torch.from_numpy(self.track.expr[:, :E]),
-                            self.blink.cpu()[:, None]], 1).float().to(self.dev)
-        a2m.out_mean.copy_(target[tr].mean(0))
-        a2m.out_std.copy_(target[tr].std(0).clamp_min(1e-4))
-        opt = torch.optim.Adam(a2m.parameters(), lr=2e-3, weight_decay=1e-4)
-        g = torch.Generator().manual_seed(self.opts.seed + 1)
-        for i in range(self.opts.iters_a2m):
-            b = tr[torch.randint(len(tr), (min(64, len(tr)),), generator=g)]
-            codes = self.conditions(b, a2m.audio)
-            y = a2m.head(codes)
-            loss = ((y - (target[b] - a2m.out_mean) / a2m.out_std) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if i % 20 == 0 or i == self.opts.iters_a2m - 1:
-                self.progress("motion", i + 1, self.opts.iters_a2m, {"loss": float(loss.detach())})
+        target = motion_target(self.track.jaw, self.track.expr, self.blink.cpu().numpy(), a2m.n_expr)
+        fit_audio_to_motion(a2m, self.windows, target, self.train_idx, self.opts.iters_a2m, self.opts.seed + 1,
+                            validate=False, log=self.log, progress=self.progress)
 
     def finish(self) -> Path:
         motion = {k: getattr(self.track, k) for k in ("global_rot", "neck", "translation", "eyes", "eyelids", "jaw",
