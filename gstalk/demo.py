@@ -243,7 +243,8 @@ def run_demo(cfg: DemoConfig, progress=None, log: Callable[[str], None] = print)
         f"export    : {ply.parent} (avatar.ply, .splat, .compressed.ply: frame 0, viewer axes)\n"
         f"held-out  : PSNR {d['psnr']:.2f} dB (no deformation {b['psnr']:.2f}), face PSNR "
         f"{d['face_psnr']:.2f} ({b['face_psnr']:.2f}), mouth PSNR {d['mouth_psnr']:.2f} ({b['mouth_psnr']:.2f}), "
-        f"LMD {d['lmd_px512']:.2f} px ({b['lmd_px512']:.2f})\n"
+        f"LMD {d['lmd_px512']:.2f} px ({b['lmd_px512']:.2f}; driven by audio alone "
+        f"{ev['audio_driven']['lmd_px512']:.2f})\n"
         f"eval      : {ev['files']['json']}, {ev['files']['video']}\n"
         f"time      : " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + f"  [{device}]")
     return r

@@ -67,6 +67,8 @@ def test_held_out_quality_with_and_without_deformation(avatar, tracked):
     assert d["psnr"] > 25.0 and d["psnr"] > b["psnr"] + 0.05, (d["psnr"], b["psnr"])
     assert d["mouth_psnr"] > b["mouth_psnr"] - 0.3, (d["mouth_psnr"], b["mouth_psnr"])
     assert d["render_face_found"] > 0.5
+    # tracked jaw on the held-out frames: the render's lips move about as much as the clip's
+    assert 0.3 < d["mouth_motion_ratio"] < 3, d["mouth_motion_ratio"]
     # the paired gains agree with the means they are the difference of
     g = res["gain_over_no_deformation"]
     assert g["psnr"]["frames"] == res["frames"] and g["psnr"]["sem"] > 0

@@ -7,8 +7,9 @@ audio-to-motion model on that audio, as new audio would drive them (head pose st
 tracked); metrics: PSNR and SSIM over the full frame and over the face box (the
 landmarks' bounding box, 10 % margin) and the mouth box (a square 1.6 times the lips'
 extent, where the audio acts), mouth landmark distance (LMD: the detector's lip
-landmarks on the render vs on the ground truth, pixels at 512), blink error (eye-aspect
-blink signal of the render vs the dataset's). Other speakers' audio drives the avatar with
+landmarks on the render vs on the ground truth, pixels at 512), the mouth's motion (spread of
+the detector's mouth opening over the frames, render / ground truth: damped lips give < 1),
+blink error (eye-aspect blink signal of the render vs the dataset's). Other speakers' audio drives the avatar with
 the audio-to-motion model; the score is the mouth-opening (measured by the detector on the
 render) vs speech-energy sync (:mod:`gstalk.eval.sync`). The gains of the deformation over
 the switched-off render and over the render driven by other frames' audio are reported as
@@ -186,6 +187,11 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
         pf["blink_error"] = np.abs(rb - ds.signals()["blink"][idx])
         m: dict = {k: _nanmean(v) for k, v in pf.items()}
         m["render_face_found"] = float(np.isfinite(r_lm[:, 0, 0]).mean())
+        # how far the lips move: the spread of the mouth opening over the held-out frames on
+        # the render, as a fraction of the ground truth's (1 = as lively; damped lips < 1)
+        ok = np.isfinite(r_lm[:, 0, 0]) & np.isfinite(g_lm[:, 0, 0])
+        ro, go = mouth_opening(r_lm[ok]), mouth_opening(g_lm[ok])
+        m["mouth_motion_ratio"] = float(ro.std() / go.std()) if ok.sum() > 2 and go.std() > 0 else float("nan")
         per_frame[name] = pf
         result[name] = m
         if name == "deformation":
