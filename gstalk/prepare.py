@@ -246,9 +246,9 @@ def prepare(clip: str | Path, out: str | Path, opts: PrepareOptions | None = Non
                               "the clip may be damaged")
         state.mark("frames")
 
-    # the crop centres the face, crop_down of its size above the middle, at 1 / crop_scale of the frame
-    subject = (res / 2, res / 2 - res * opts.crop_down / opts.crop_scale, res / opts.crop_scale)
-    lmk, valid = finish_dataset(out, n, opts, state, prog, subject=subject)
+    # the crop is centred on the subject's face (its landmarks' centre lay within 0.16 of the
+    # crop's size from the middle on every frame of aoc_8s and hill_8s)
+    lmk, valid = finish_dataset(out, n, opts, state, prog, subject=(res / 2, res / 2, 0.3 * res))
     manifest = {
         "format": DATASET_FORMAT, "version": DATASET_VERSION, "gstalk_version": __version__,
         "source": {"path": str(clip.resolve()), **scan["source"]},
@@ -312,26 +312,30 @@ def _face_ref(lmk: np.ndarray) -> tuple[float, float, float]:
 
 
 def _follow_subject(faces: list[np.ndarray], last: tuple[float, float, float] | None,
-                    subject: tuple[float, float, float] | None) -> np.ndarray | None:
+                    centre: tuple[float, float, float] | None) -> np.ndarray | None:
     """The filmed person's face among ``faces``: the one nearest to where it was on the last
-    frame it was found (``last``) or to where the crop puts it (``subject``), if its centre lies
-    within half a face width of that place and its width is between half and twice the
-    reference's; the largest face when there is no reference yet. None when no face qualifies:
-    a stranger alone in view (the subject turned away, or missed by the detector) is not the
-    subject, and its landmarks must not stand in for theirs."""
+    frame it was found (``last`` = x, y, width), if its centre lies within half a face width of
+    that and its width is between half and twice that; failing that (the first frame, a jump,
+    or after frames without the subject), the largest face whose centre lies within ``centre``
+    = (x, y, radius), where the crop puts the subject (any face when ``centre`` is None). None
+    when no face qualifies: a stranger alone in view, away from where the subject is framed, is
+    not the subject, and its landmarks must not stand in for theirs."""
     if not faces:
         return None
-    refs = [r for r in (last, subject) if r is not None]
-    if not refs:
-        return max(faces, key=lambda a: np.ptp(a[:, 0]) * np.ptp(a[:, 1]))
-    best, best_d = None, np.inf
-    for a in faces:
-        x, y, w = _face_ref(a)
-        for rx, ry, rw in refs:
-            d = float(np.hypot(x - rx, y - ry))
-            if d < 0.5 * rw and 0.5 * rw < w < 2 * rw and d / rw < best_d:
-                best, best_d = a, d / rw
-    return best
+    if last is not None:
+        lx, ly, lw = last
+        best, best_d = None, np.inf
+        for a in faces:
+            x, y, w = _face_ref(a)
+            d = float(np.hypot(x - lx, y - ly))
+            if d < 0.5 * lw and 0.5 * lw < w < 2 * lw and d < best_d:
+                best, best_d = a, d
+        if best is not None:
+            return best
+    if centre is not None:
+        cx, cy, r = centre
+        faces = [a for a in faces if np.hypot(*(np.array(_face_ref(a)[:2]) - (cx, cy))) < r]
+    return max(faces, key=lambda a: np.ptp(a[:, 0]) * np.ptp(a[:, 1])) if faces else None
 
 
 def finish_dataset(out: Path, n: int, opts: PrepareOptions, state: "_State", prog: Progress,
@@ -339,7 +343,7 @@ def finish_dataset(out: Path, n: int, opts: PrepareOptions, state: "_State", pro
                    blink: np.ndarray | None = None,
                    subject: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stages after the frames exist in ``out/frames``: landmarks, masks + background,
-    signals and preview. ``subject`` = (x, y, width) in pixels: where the crop puts the
+    signals and preview. ``subject`` = (x, y, radius) in pixels: where the crop puts the
     filmed person's face (see ``_follow_subject``). ``base_labels(k)`` may supply person/torso labels (from an
     imported parsing) instead of the person segmenter; ``blink`` may replace the
     eye-aspect-ratio blink signal."""

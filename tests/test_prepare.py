@@ -152,13 +152,16 @@ def test_follow_subject_refuses_a_stranger():
         g = np.stack(np.meshgrid(np.linspace(-0.5, 0.5, 3), np.linspace(-0.6, 0.6, 3)), -1).reshape(-1, 2)
         return np.concatenate([g * w + [cx, cy], np.zeros((9, 1))], 1).astype(np.float32)
 
-    me, stranger, big = face(64, 54, 40), face(110, 15, 20), face(30, 100, 70)
-    expected = (64.0, 54.0, 40.0)
-    assert _follow_subject([stranger, me], None, expected) is me
-    assert _follow_subject([stranger], None, expected) is None  # not the subject's landmarks
-    assert _follow_subject([big, me], (60.0, 50.0, 38.0), None) is me
+    me, stranger, big = face(64, 70, 60), face(110, 15, 20), face(30, 100, 70)
+    centre = (64.0, 64.0, 0.3 * 128)  # where the crop frames the subject
+    assert _follow_subject([stranger, me], None, centre) is me
+    assert _follow_subject([stranger], None, centre) is None  # not the subject's landmarks
+    assert _follow_subject([stranger], (66.0, 68.0, 58.0), centre) is None
+    assert _follow_subject([big, me], (60.0, 66.0, 58.0), None) is me  # the face where the subject was
     assert _follow_subject([me, big], None, None) is big  # no reference: the largest
-    assert _follow_subject([], None, expected) is None
+    moved = face(80, 75, 60)  # a jump of more than half a face since the last frame: the framed one
+    assert _follow_subject([stranger, moved], (40.0, 60.0, 60.0), centre) is moved
+    assert _follow_subject([], None, centre) is None
 
 
 def test_bad_inputs(tmp_path):
