@@ -65,7 +65,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=600)
     ap.add_argument("--features", default="phoneme", choices=["phoneme", "mel", "mel+phoneme"])
     a = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    for d in a.datasets:
+        if not (Path(d) / "track.npz").is_file():
+            sys.exit(f"{d} is not a tracked dataset (run 'gstalk prepare' and 'gstalk track' first)")
     print(f"machine: {cpu_name()}, torch {torch.__version__}; {a.folds}-fold cross-validation, {a.features} features")
     print("| clip | training | output | correlation | error / variance | spread / track's | iterations |")
     print("|---|---|---|---|---|---|---|")
