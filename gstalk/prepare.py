@@ -33,6 +33,7 @@ from gstalk.config import PrepareOptions
 from gstalk.errors import GstalkError, InputError
 from gstalk.io.atomic import ensure_dir, write_json
 from gstalk.io.dataset import DATASET_FORMAT, DATASET_VERSION, Dataset, read_image_file, save_npz, write_image_file
+from gstalk.face.mediapipe_models import face_area
 from gstalk.face.regions import LABELS
 from gstalk.io.video import iter_frames, probe, read_audio, write_wav
 
@@ -334,8 +335,8 @@ def _follow_subject(faces: list[np.ndarray], last: tuple[float, float, float] | 
             return best
     if centre is not None:
         cx, cy, r = centre
-        faces = [a for a in faces if np.hypot(*(np.array(_face_ref(a)[:2]) - (cx, cy))) < r]
-    return max(faces, key=lambda a: np.ptp(a[:, 0]) * np.ptp(a[:, 1])) if faces else None
+        faces = [a for a in faces if np.hypot(_face_ref(a)[0] - cx, _face_ref(a)[1] - cy) < r]
+    return max(faces, key=face_area) if faces else None
 
 
 def finish_dataset(out: Path, n: int, opts: PrepareOptions, state: "_State", prog: Progress,

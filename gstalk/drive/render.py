@@ -105,6 +105,12 @@ def audio_conditions(av: Avatar, audio: np.ndarray, n: int, fps: float):
     return codes, jaw, expr, blink
 
 
+def head_expr(av: Avatar, expr: torch.Tensor) -> torch.Tensor:
+    """Expression coefficients [n, E'] zero-padded or cut to the head model's E."""
+    E = av.head_model.n_expr
+    return torch.nn.functional.pad(expr, (0, max(0, E - expr.shape[1])))[:, :E]
+
+
 @dataclass
 class Conditions:
     """What drives each of n frames: head-model parameters, audio codes and blink."""
@@ -140,10 +146,8 @@ def conditions_for(av: Avatar, motion: dict, n: int, fps: float, audio: np.ndarr
         codes, jaw, expr, blink = audio_conditions(av, audio, n, fps)
     else:
         raise InputError("no driving signal: give audio or tracked expressions")
-    E = av.head_model.n_expr
-    expr = torch.nn.functional.pad(expr, (0, max(0, E - expr.shape[1])))[:, :E]
-    p = FlameParams(expr=expr, jaw=jaw, global_rot=t(hm["global_rot"]), neck=t(hm["neck"]), eyes=t(hm["eyes"]),
-                    translation=t(hm["translation"]))
+    p = FlameParams(expr=head_expr(av, expr), jaw=jaw, global_rot=t(hm["global_rot"]), neck=t(hm["neck"]),
+                    eyes=t(hm["eyes"]), translation=t(hm["translation"]))
     return Conditions(p, codes, blink, fps)
 
 

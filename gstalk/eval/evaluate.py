@@ -27,10 +27,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gstalk.audio.features import compute_features
 from gstalk.avatar.io import load_avatar
 from gstalk.avatar.model import Frame, render_frame
-from gstalk.drive.render import cameras_for, frames_iter
+from gstalk.drive.render import audio_conditions, cameras_for, frames_iter, head_expr
 from gstalk.errors import InputError
 from gstalk.eval.sync import sync_score
 from gstalk.face.regions import LIPS, blink_signal, mouth_opening
@@ -101,32 +100,25 @@ def _square(pts: np.ndarray, size: int, scale: float) -> tuple[int, int, int, in
     return _box(np.array([c - h, c + h]), size, 0.0)
 
 
-def _render_test(av, motion, ds: Dataset, track, idx: np.ndarray, size: int, deform: bool, bg,
+def _render_test(av, motion, track, idx: np.ndarray, size: int, deform: bool, bg, drive: tuple,
                  audio_from: np.ndarray | None = None, audio_motion: bool = False) -> list[torch.Tensor]:
-    """Renders of frames ``idx`` with their tracked motion; the audio code of frame
-    ``audio_from[k]`` instead of ``idx[k]``'s where given; with ``audio_motion``, jaw,
-    expression and blink from the audio-to-motion model on the frame's audio instead of the
-    track (what new audio gets; the head pose stays the tracked one, so the frame can be
+    """Renders of frames ``idx`` with their tracked motion. ``drive`` = (audio codes, jaw,
+    expression, blink from the audio-to-motion model, the dataset's blink), all per frame of
+    the clip; the audio code of frame ``audio_from[k]`` instead of ``idx[k]``'s where given;
+    with ``audio_motion``, jaw, expression and blink from the audio-to-motion model instead of
+    the track (what new audio gets; the head pose stays the tracked one, so the frame can be
     compared with the ground truth)."""
     dev = av.means.device
-    audio = ds.audio()
-    feats = torch.from_numpy(compute_features(audio, ds.num_frames, ds.fps, av.cfg.feature_kind,
-                                              av.cfg.window).windows).to(dev)
+    codes, jaw, expr, a2m_blink, blink = drive
     cams = cameras_for(av, motion, 1, "track", size)
-    sig = ds.signals()
     out = []
     with torch.no_grad():
-        codes = av.audio(feats)
-        if audio_motion:
-            jaw, expr, blink = av.a2m(feats)
-            E = av.head_model.n_expr
-            expr = torch.nn.functional.pad(expr, (0, max(0, E - expr.shape[1])))[:, :E]
         for k, t in enumerate(idx):
             a = int(t) if audio_from is None else int(audio_from[k])
             p = track.params(slice(int(t), int(t) + 1), device=dev)
-            b = torch.as_tensor(np.nan_to_num(sig["blink"][int(t):int(t) + 1]), device=dev).float()
+            b = blink[int(t):int(t) + 1]
             if audio_motion:
-                p.jaw, p.expr, p.eyelids, b = jaw[a:a + 1], expr[a:a + 1], None, blink[a:a + 1]
+                p.jaw, p.expr, p.eyelids, b = jaw[a:a + 1], expr[a:a + 1], None, a2m_blink[a:a + 1]
             fr = Frame(p, audio=codes[a:a + 1], blink=b, deform=deform)
             rgb, _, _ = render_frame(av, av.gaussians_at(fr)[0], cams[0].to(dev), bg)
             out.append(rgb.clamp(0, 1).cpu())
@@ -167,9 +159,14 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     variants = (("deformation", True, None, False), ("no_deformation", False, None, False),
                 ("other_audio", True, shuffled, False), ("audio_driven", True, None, True))
     g_lm = _landmarks([(g.numpy() * 255).astype(np.uint8) for g in gts])
+    # the clip's audio, encoded once for every variant
+    codes, jaw, expr, a2m_blink = audio_conditions(av, ds.audio(), ds.num_frames, ds.fps)
+    gt_blink = ds.signals()["blink"]
+    drive = (codes, jaw, head_expr(av, expr), a2m_blink,
+             torch.as_tensor(np.nan_to_num(gt_blink), device=dev).float())
     per_frame: dict[str, dict[str, np.ndarray]] = {}
     for vi, (name, deform, audio_from, audio_motion) in enumerate(variants):
-        renders = _render_test(av, motion, ds, track, idx, size, deform, bg, audio_from, audio_motion)
+        renders = _render_test(av, motion, track, idx, size, deform, bg, drive, audio_from, audio_motion)
         prog("eval held-out", vi + 1, len(variants))
         pf = {"psnr": np.array([psnr(r, g) for r, g in zip(renders, gts)]),
               "ssim": np.array([ssim(r, g) for r, g in zip(renders, gts)])}
@@ -184,7 +181,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
         r_lm = _landmarks([(r.numpy() * 255).astype(np.uint8) for r in renders])
         pf["lmd_px512"] = np.linalg.norm(r_lm[:, LIPS, :2] - g_lm[:, LIPS, :2], axis=-1).mean(-1) * (512 / size)
         rb, _ = blink_signal(np.nan_to_num(r_lm), np.isfinite(r_lm[:, 0, 0]))
-        pf["blink_error"] = np.abs(rb - ds.signals()["blink"][idx])
+        pf["blink_error"] = np.abs(rb - gt_blink[idx])
         m: dict = {k: _nanmean(v) for k, v in pf.items()}
         m["render_face_found"] = float(np.isfinite(r_lm[:, 0, 0]).mean())
         # how far the lips move: the spread of the mouth opening over the held-out frames on

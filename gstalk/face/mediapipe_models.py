@@ -112,6 +112,11 @@ class FaceDetector:
         self._impl.close()
 
 
+def face_area(lmk: np.ndarray) -> float:
+    """Area of the bounding box of a face's landmarks [P, 2+]."""
+    return float(np.ptp(lmk[:, 0]) * np.ptp(lmk[:, 1]))
+
+
 class FaceMesh:
     """478-point face mesh with iris. ``track=True`` reuses the previous frame's face
     (video mode); ``__call__(rgb)`` -> (landmarks [478, 3] of the largest face or None,
@@ -132,8 +137,7 @@ class FaceMesh:
         arrs = self.faces(rgb)
         if not arrs:
             return None, 0
-        areas = [np.ptp(a[:, 0]) * np.ptp(a[:, 1]) for a in arrs]
-        return arrs[int(np.argmax(areas))], len(arrs)
+        return max(arrs, key=face_area), len(arrs)
 
     def faces(self, rgb: np.ndarray) -> list[np.ndarray]:
         """Landmarks [478, 3] of every face found, in the detector's order."""

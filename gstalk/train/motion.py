@@ -66,10 +66,10 @@ def fit_audio_to_motion(a2m: AudioToMotion, windows: torch.Tensor, target: torch
     a2m.audio.set_normalisation(windows[tr])
     a2m.out_mean.copy_(target[tr].mean(0))
     a2m.out_std.copy_(target[tr].std(0).clamp_min(1e-4))
-    init = {k: v.clone() for k, v in a2m.state_dict().items()}
     reach = windows.shape[1] // 2 + a2m.audio.smoother.k
     n_val = len(tr) // 6
     if validate and n_val >= 8 and len(tr) - n_val - reach >= 32:
+        init = {k: v.clone() for k, v in a2m.state_dict().items()}
         errs = _fit(a2m, windows, target, tr[:len(tr) - n_val - reach], iters, seed, val=tr[-n_val:])
         best = int(np.argmin(errs))
         log(f"audio-to-motion: {(best + 1) * EVAL_EVERY} of {iters} iterations (validation error {errs[best]:.3f} "

@@ -276,7 +276,6 @@ class Trainer:
         av = Avatar(cfg, head, shape, g, reg, K, vm).to(self.dev)
         self._colour_from_first_frame(av)
         av.audio.set_normalisation(self.windows[torch.as_tensor(self.ds.train_indices)])
-        av.a2m.audio.set_normalisation(self.windows[torch.as_tensor(self.ds.train_indices)])
         return av
 
     def _torso_init(self, K, vm, o: TrainOptions):
