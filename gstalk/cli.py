@@ -164,7 +164,8 @@ def _render(cfg: RenderConfig, console) -> int:
 
     with StageProgress(console) as prog:
         r = drive(cfg.target, cfg.out, cfg.audio, cfg.expressions, cfg.camera, cfg.head, cfg.size, cfg.fps,
-                  cfg.device, cfg.deform, progress=prog, compile_field=cfg.compile)
+                  cfg.device, cfg.deform, progress=prog, compile_field=cfg.compile,
+                  lips=None if cfg.lips == "auto" else cfg.lips)
     console.print(f"video: {r.video} ({r.frames} frames, {r.seconds:.2f} s at {r.fps:g} fps; rendered at "
                   f"{r.render_fps:.1f} frames/s)")
     return 0
@@ -177,18 +178,25 @@ def _eval(cfg: EvalConfig, console) -> int:
 
     with StageProgress(console) as prog:
         res = evaluate(cfg.avatar, cfg.dataset, list(cfg.audio), cfg.size, cfg.out, cfg.device, progress=prog)
-    cols = ("deformation", "no_deformation", "other_audio", "audio_driven")
+    cols = {"deformation": "with deformation", "no_deformation": "switched off", "other_audio": "other frames' audio",
+            "audio_driven": f"audio alone ({res['lip_model']} lips)",
+            "audio_driven_learned": "audio alone (learned lips)"}
+    cols = {k: v for k, v in cols.items() if k in res}
     table = Table(title=f"held-out frames ({res['frames']}) at {res['size']} px")
     table.add_column("metric")
-    for c in ("with deformation", "switched off", "other frames' audio", "driven by audio alone"):
+    for c in cols.values():
         table.add_column(c, justify="right")
     for k in res["deformation"]:
         table.add_row(k, *(f"{res[c][k]:.4g}" if k in res[c] else "-" for c in cols))
     console.print(table)
-    for base, label in (("no_deformation", "switched off"), ("other_audio", "other frames' audio")):
-        g = res[f"gain_over_{base}"]
-        console.print(f"deformation minus {label} (mean +- standard error over frames): "
-                      + ", ".join(f"{k} {g[k]['mean']:+.3g} +- {g[k]['sem']:.2g}" for k in g))
+    gains = [("gain_over_no_deformation", "deformation minus switched off"),
+             ("gain_over_other_audio", "deformation minus other frames' audio"),
+             ("lips_gain_over_learned", f"audio alone, {res['lip_model']} lips minus learned lips")]
+    for key, label in gains:
+        if key in res:
+            g = res[key]
+            console.print(f"{label} (mean +- standard error over frames): "
+                          + ", ".join(f"{k} {g[k]['mean']:+.3g} +- {g[k]['sem']:.2g}" for k in g))
     console.print(f"written: {res['files']['json']}, {res['files']['video']}")
     return 0
 

@@ -57,6 +57,9 @@ class RenderConfig:
     """Frame rate; 0 = the avatar's."""
     deform: bool = True
     """Apply the audio-conditioned deformation (off = the baseline)."""
+    lips: Literal["auto", "visemes", "learned"] = "auto"
+    """Lip model for new audio: auto (the avatar's), visemes (speaker-independent, calibrated to
+    the clip) or learned (the network trained on the clip's audio)."""
     frames: int = 48
     """For a .ply: frames of the turntable."""
     radius: float = 0.0
@@ -188,6 +191,10 @@ class TrainOptions:
     """Stage 3: everything together, extra weight on the mouth."""
     iters_a2m: int = 600
     """Audio-to-motion model (jaw, expression, blink from audio), trained on the track."""
+    lip_motion: Literal["visemes", "learned"] = "visemes"
+    """What moves the lips for new audio: visemes (phonetic lip shapes of any voice, calibrated
+    to the clip's mouth; needs phone features, else learned is used) or learned (the
+    audio-to-motion network). See docs/avatar.md."""
     scale: float = 0.0
     """Render at this fraction of the dataset resolution (0 = 1.0 on a GPU, 128 px on a CPU)."""
     per_triangle: int = 0

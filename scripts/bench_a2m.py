@@ -1,12 +1,13 @@
-"""How well does the audio-to-motion model predict a clip's motion from its audio?
+"""How well do the lip models predict a clip's motion from its audio?
 
     python scripts/bench_a2m.py DATASET [DATASET ...] [--folds 5] [--iters 600]
 
 For a prepared and tracked dataset (``gstalk prepare`` + ``gstalk track``), cross-validation
 over the whole clip: each of ``--folds`` contiguous blocks is predicted by a model trained on
-the rest (minus a gap of the audio window's reach either side), once validated (the
-trainer's rule: a block of the training frames picks the iteration count) and once run for
-all ``--iters``. Prints, per output (jaw opening, first expression coefficients), the
+the rest (minus a gap of the audio window's reach either side): by the viseme lip model
+(calibrated on the rest), and by the audio-to-motion network once validated (a block of the
+training frames picks the iteration count) and once run for all ``--iters`` (the trainer's
+rule). Prints, per output (jaw opening, first expression coefficients), the
 correlation of the prediction with the track, its error over the track's variance (1 = no
 better than the mean) and its spread over the track's (damped lips < 1), with the machine.
 """
@@ -24,30 +25,44 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gstalk.audio.features import compute_features  # noqa: E402
-from gstalk.avatar.model import AudioToMotion  # noqa: E402
+from gstalk.avatar.io import head_for  # noqa: E402
+from gstalk.avatar.model import AudioToMotion, mouth_expressions  # noqa: E402
 from gstalk.eval.bench import cpu_name  # noqa: E402
 from gstalk.head.tracker import load_track  # noqa: E402
 from gstalk.io.dataset import Dataset  # noqa: E402
-from gstalk.train.motion import fit_audio_to_motion, motion_target  # noqa: E402
+from gstalk.audio.visemes import VisemeMotion  # noqa: E402
+from gstalk.train.motion import fit_audio_to_motion, fit_visemes, motion_target  # noqa: E402
 
 OUTPUTS = {"jaw open": 0, "expr 0": 3, "expr 1": 4, "expr 2": 5}
 
 
-def cross_validate(ds: Dataset, folds: int, iters: int, validate: bool, kind: str, n_expr: int = 8):
+def cross_validate(ds: Dataset, folds: int, iters: int, mode: str, kind: str, n_expr: int = 8):
+    """mode: 'visemes' (the viseme lip model, calibrated on the training blocks), 'validated'
+    or 'all' (the learned network)."""
     track = load_track(ds.root / "track.npz")
     feats = compute_features(ds.audio(), ds.num_frames, ds.fps, kind)
     w = torch.from_numpy(feats.windows).float()
     blink = np.nan_to_num(ds.signals()["blink"])
     target = motion_target(track.jaw, track.expr, blink, n_expr)
     n = len(w)
+    driven = mouth_expressions(head_for(track.model), torch.from_numpy(track.shape).float())
     pred = torch.zeros_like(target)
     gap = w.shape[1] // 2 + 4
     runs = []
     for block in np.array_split(np.arange(n), folds):
         train = np.array([i for i in range(n) if i < block[0] - gap or i > block[-1] + gap])
+        if mode == "visemes":
+            vm = VisemeMotion(kind, w.shape[2], w.shape[1], n_expr)
+            if fit_visemes(vm, ds, w, track.jaw, track.expr, train, driven[:n_expr]) != "visemes":
+                raise SystemExit(f"{ds.root}: the viseme lip model cannot be calibrated (features {kind})")
+            runs.append(0)
+            with torch.no_grad():
+                jaw, expr = vm(w)
+            pred[block, :3 + n_expr] = torch.cat([jaw, expr], 1)[block]
+            continue
         torch.manual_seed(0)
         a2m = AudioToMotion(w.shape[2], w.shape[1], n_expr)
-        runs.append(fit_audio_to_motion(a2m, w, target, train, iters, seed=1, validate=validate))
+        runs.append(fit_audio_to_motion(a2m, w, target, train, iters, seed=1, validate=mode == "validated"))
         with torch.no_grad():
             jaw, expr, blink_p = a2m(w)
         pred[block] = torch.cat([jaw, expr, blink_p[:, None]], 1)[block]
@@ -73,10 +88,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for d in a.datasets:
         ds = Dataset(d)
-        for validate in (True, False):
+        for mode in ("visemes", "validated", "all"):
+            if mode == "visemes" and "phoneme" not in a.features:
+                continue
             t = time.perf_counter()
-            rows, runs = cross_validate(ds, a.folds, a.iters, validate, a.features)
-            label = "validated" if validate else f"all {a.iters}"
+            rows, runs = cross_validate(ds, a.folds, a.iters, mode, a.features)
+            label = {"visemes": "viseme model", "validated": "network, validated"}.get(mode, f"network, all {a.iters}")
             for name, (c, e, s) in rows.items():
                 print(f"| {Path(d).name if Path(d).name != 'ds' else Path(d).parent.name} | {label} | {name} | "
                       f"{c:+.2f} | {e:.2f} | {s:.2f} | {min(runs)}-{max(runs)} |", flush=True)

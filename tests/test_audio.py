@@ -146,3 +146,79 @@ def test_audio_to_motion_validation_picks_the_iterations():
     # without validation every iteration runs
     a2m = AudioToMotion(D, W, E, code_dim=16)
     assert fit_audio_to_motion(a2m, windows, target, train, 30, validate=False) == 30
+
+
+def _viseme_windows(ids: np.ndarray, window: int = 32, fps: float = 25.0) -> torch.Tensor:
+    """Per-video-frame windows of one-hot visemes from per-10-ms viseme ids."""
+    from gstalk.audio.features import frame_windows
+
+    feats = np.eye(len(VISEMES), dtype=np.float32)[ids]
+    n = int(len(ids) / 100 * fps)
+    return torch.from_numpy(frame_windows(feats, n, fps, window))
+
+
+def test_viseme_channels_open_close_round_and_lead_the_sound():
+    from gstalk.audio.visemes import LEAD_S, VisemeMotion
+
+    vm = VisemeMotion("phoneme", len(VISEMES), 32, 2)
+    ids = np.zeros(400, int)  # 4 s of silence
+    ids[100:130] = VISEMES.index("aa")  # an open vowel at 1.0-1.3 s
+    ids[200:230] = VISEMES.index("PP")  # a bilabial
+    ids[300:330] = VISEMES.index("ou")  # a rounded vowel at 3.0-3.3 s
+    ch = vm.channels(_viseme_windows(ids)).numpy()  # [100 frames, 2]
+    opening, spread = ch[:, 0], ch[:, 1]
+    assert opening[28] > 0.9 and opening[53] < 0.05 and opening[10] == pytest.approx(0.1, abs=1e-5)
+    assert spread[78] < -0.9 and abs(spread[28] - 0.2) < 0.05
+    # the mouth is shaped before the sound: the opening reaches half-way up LEAD_S before the
+    # vowel starts at frame 25 and closes LEAD_S before it ends at frame 32.5
+    rise = np.flatnonzero(opening > 0.55)[0] / 25.0
+    assert rise == pytest.approx(1.0 - LEAD_S, abs=0.045)
+    # mel features have no phones: the model says so instead of guessing
+    with pytest.raises(InputError, match="phone"):
+        VisemeMotion("mel", 83, 32, 2).channels(torch.zeros(3, 32, 83))
+
+
+def test_viseme_model_calibration_recovers_a_speakers_mouth():
+    """Lips that follow the phone channels (opening scaled, width partly following the
+    opening), and a jaw and expression that follow the lips: the calibrated model gives that
+    jaw and expression back from the audio alone."""
+    from gstalk.audio.visemes import MAX_Z, VisemeMotion
+
+    rng = np.random.default_rng(0)
+    ids = np.repeat(rng.integers(0, len(VISEMES), 120), 10)  # 100 ms phones, 12 s
+    w = _viseme_windows(ids)
+    vm = VisemeMotion("phoneme", len(VISEMES), 32, 2)
+    a = vm.channels(w).numpy().astype(np.float64)
+    lips = np.stack([0.05 + 0.3 * a[:, 0], 0.6 + 0.05 * a[:, 0] + 0.1 * a[:, 1]], 1)  # opening, width
+    jaw = np.zeros((len(a), 3))
+    jaw[:, 0] = 2.0 * (lips[:, 0] - 0.05)
+    expr = np.stack([-4.0 * (lips[:, 1] - 0.6), np.full(len(a), 0.7)], 1)
+    target = torch.from_numpy(np.concatenate([jaw, expr], 1)).float()
+    info = vm.fit(w, lips, target, np.arange(len(a)), ridge=0.0)
+    assert info["phones_vs_lips"]["opening"] == pytest.approx(1.0, abs=1e-6)
+    assert info["jaw_open_explained"] == pytest.approx(1.0, abs=1e-6)
+    pj, pe = vm(w)
+    z_ok = (np.abs(((a - a.mean(0)) / a.std(0))) < MAX_Z - 0.5).all(1)  # frames the clamp leaves alone
+    assert z_ok.mean() > 0.9
+    np.testing.assert_allclose(pj[z_ok].numpy(), jaw[z_ok], atol=2e-3)
+    np.testing.assert_allclose(pe[z_ok].numpy(), expr[z_ok], atol=2e-3)
+    # silence only: no channel moved, nothing to calibrate against; it stays at the mean
+    silent = _viseme_windows(np.zeros(400, int))
+    vm2 = VisemeMotion("phoneme", len(VISEMES), 32, 2)
+    vm2.fit(silent, lips[:100], target[:100], np.arange(100))
+    pj2, pe2 = vm2(w)
+    assert torch.isfinite(pj2).all() and torch.allclose(pj2, target[:100, :3].mean(0).expand_as(pj2), atol=1e-5)
+    with pytest.raises(InputError, match="at least 8"):
+        vm2.fit(silent, lips[:100], target[:100], np.arange(5))
+
+
+def test_viseme_columns_of_mel_plus_phoneme():
+    from gstalk.audio.visemes import VisemeMotion
+
+    vm = VisemeMotion("mel+phoneme", feature_dim("mel+phoneme"), 32, 2)
+    ids = np.zeros(200, int)
+    ids[60:120] = VISEMES.index("aa")
+    vis = _viseme_windows(ids)
+    both = torch.cat([torch.randn(vis.shape[0], 32, 83), vis], -1)  # mel first, then the visemes
+    np.testing.assert_allclose(vm.channels(both).numpy(), VisemeMotion("phoneme", 15, 32, 2).channels(vis).numpy(),
+                               atol=1e-6)

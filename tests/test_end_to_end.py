@@ -104,6 +104,9 @@ def test_render_with_new_audio_is_in_sync(avatar, tmp_path):
     r2 = drive(avatar, tmp_path / "orbit.mp4", tmp_path / "v.wav", size=48, camera="orbit", head="still",
                device="cpu")
     assert r2.frames == round(2.3 * 25)
+    with pytest.raises(GstalkError, match="no viseme lip model"):  # mel features have no phones
+        drive(avatar, tmp_path / "l.mp4", tmp_path / "v.wav", size=48, device="cpu", lips="visemes")
+    assert not (tmp_path / "l.mp4").exists()
     with pytest.raises(GstalkError, match="silent"):
         write_wav(tmp_path / "quiet.wav", np.zeros(16000))
         drive(avatar, tmp_path / "q.mp4", tmp_path / "quiet.wav", device="cpu")
@@ -113,8 +116,9 @@ def test_resume_gives_the_same_result(tracked, tmp_path):
     from gstalk.train.trainer import Trainer
 
     _, ds = tracked
+    # phone features: the trainer also calibrates the viseme lip model
     opts = replace(TINY, iters_static=40, iters_audio=30, iters_joint=10, iters_a2m=10, densify_every=20,
-                   checkpoint_every=10)
+                   checkpoint_every=10, feature_kind="phoneme")
     straight = Trainer(ds, tmp_path / "a", opts, log=lambda m: None).run()
 
     def stop(stage, it, total, info):
@@ -134,6 +138,37 @@ def test_resume_gives_the_same_result(tracked, tmp_path):
         torch.testing.assert_close(v, b.gaussian_params()[k], msg=k)
     for (ka, va), (kb, vb) in zip(a.field.state_dict().items(), b.field.state_dict().items()):
         torch.testing.assert_close(va, vb, msg=ka)
+    assert a.cfg.lip_motion == b.cfg.lip_motion == "visemes" and a.visemes.usable
+    for (ka, va), (kb, vb) in zip(a.visemes.state_dict().items(), b.visemes.state_dict().items()):
+        torch.testing.assert_close(va, vb, msg=ka)
+
+
+def test_new_audio_moves_the_lips_through_either_lip_model(tracked, tmp_path):
+    """An avatar with phone features drives jaw and expression from new audio by its viseme
+    model (the default) or by the learned network (--lips learned); the expression
+    coefficients neither predicts keep the clip's mean, not the head model's neutral face."""
+    from gstalk.avatar.io import load_avatar
+    from gstalk.demo import synth_speech
+    from gstalk.drive.render import conditions_for, rest_expr
+    from gstalk.train.trainer import Trainer
+
+    _, ds = tracked
+    opts = replace(TINY, iters_static=20, iters_audio=10, iters_joint=5, iters_a2m=30, densify_every=0,
+                   checkpoint_every=0, feature_kind="phoneme")
+    av, motion = load_avatar(Trainer(ds, tmp_path / "a", opts, log=lambda m: None).run())
+    voice, _ = synth_speech(3.0, seed=5, f0=160.0)
+    vis = conditions_for(av, motion, 75, 25.0, voice)
+    learned = conditions_for(av, motion, 75, 25.0, voice, lips="learned")
+    assert av.cfg.lip_motion == "visemes"
+    assert vis.params.jaw[:, 0].std() > 1e-3 and learned.params.jaw[:, 0].std() > 1e-4
+    assert not torch.allclose(vis.params.jaw, learned.params.jaw)
+    torch.testing.assert_close(vis.codes, learned.codes)  # the deformation hears the same audio
+    E = av.head_model.n_expr
+    assert vis.params.expr.shape == (75, E)
+    fill = torch.from_numpy(rest_expr(motion))
+    n_pred = av.a2m.n_expr
+    if n_pred < E:
+        torch.testing.assert_close(learned.params.expr[:, n_pred:], fill[n_pred:E].expand(75, -1))
 
 
 def test_training_needs_audio(tmp_path):
@@ -165,8 +200,13 @@ def test_old_avatar_versions_are_read_or_refused(avatar, tmp_path):
         load_avatar(tmp_path / "old")
     with pytest.raises(FileFormatError, match="not a gstalk avatar"):
         load_avatar(tmp_path)
-    # version 2 (no expression prior) and version 1 (absolute field offsets, no mouth prior)
-    # are still read, as they were made
+    # version 3 (no viseme lip model), version 2 (no expression prior) and version 1 (absolute
+    # field offsets, no mouth prior) are still read, as they were made
+    cfg.pop("lip_motion")
+    cfg["version"] = 3
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    av, _ = load_avatar(tmp_path / "old")
+    assert av.cfg.lip_motion == "learned" and not av.visemes.usable and av.cfg.expr_prior is True
     cfg.pop("expr_prior")
     cfg["version"] = 2
     (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))

@@ -2,6 +2,7 @@
 definition (triangle binding, then the deformation), its gradients, and the fused CUDA kernel
 against the twin (skipped without a GPU)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,23 @@ def test_compiled_field_is_one_graph_and_matches_eager(tmp_path):
         d = av.deformation(fr)
         d.d_means.sum().backward()
     assert any(p.grad is not None for p in av.field.parameters())
+
+
+def test_head_expression_padding_keeps_the_clips_mean_face(tmp_path):
+    """A lip model predicts the first few expression coefficients: the rest take the training
+    clip's mean (its usual face), or zeros when no fill is given; longer inputs are cut."""
+    from gstalk.avatar.io import load_avatar
+    from gstalk.drive.render import head_expr, rest_expr
+
+    from tinyavatar import make_avatar
+
+    av, motion = load_avatar(make_avatar(tmp_path / "av", n_expr=4))
+    fill = rest_expr(motion)
+    np.testing.assert_allclose(fill, motion["expr"].mean(0), rtol=1e-6)
+    e = torch.arange(6, dtype=torch.float32).reshape(3, 2)
+    out = head_expr(av, e, fill)
+    assert out.shape == (3, 4)
+    torch.testing.assert_close(out[:, :2], e)
+    torch.testing.assert_close(out[:, 2:], torch.from_numpy(fill[2:4]).float().expand(3, 2))
+    assert (head_expr(av, e)[:, 2:] == 0).all()
+    assert head_expr(av, torch.ones(3, 7), fill).shape == (3, 4)

@@ -4,7 +4,7 @@
     gaussians.ply        canonical Gaussians, 3DGS layout; bound ones in their triangle's
                          local frame (``binding`` = parent triangle, -1 = free/torso), ``region``
     networks.safetensors deformation field, audio encoder (with its feature normalisation),
-                         audio-to-motion model
+                         audio-to-motion network, viseme lip model's calibration
     motion.npz           identity shape, camera (K, viewmat), and the training clip's head
                          motion (poses, eyes) used to animate new audio
     background.png       the background plate (when the background mode is 'plate')
@@ -30,7 +30,7 @@ from gstalk.io.atomic import atomic_path, ensure_dir, write_json
 
 AVATAR_FORMAT = "gstalk-avatar"
 
-READABLE_VERSIONS = (1, 2, AVATAR_VERSION)
+READABLE_VERSIONS = (1, 2, 3, AVATAR_VERSION)
 
 
 def save_avatar(avatar: Avatar, folder: str | os.PathLike, motion: dict[str, np.ndarray],
@@ -40,7 +40,8 @@ def save_avatar(avatar: Avatar, folder: str | os.PathLike, motion: dict[str, np.
     out = ensure_dir(folder)
     save_ply(avatar.gaussian_set(), out / "gaussians.ply")
     tensors = {}
-    for prefix, mod in (("field", avatar.field), ("audio", avatar.audio), ("a2m", avatar.a2m)):
+    for prefix, mod in (("field", avatar.field), ("audio", avatar.audio), ("a2m", avatar.a2m),
+                        ("visemes", avatar.visemes)):
         for k, v in mod.state_dict().items():
             tensors[f"{prefix}.{k}"] = v.detach().cpu().contiguous()
     with atomic_path(out / "networks.safetensors") as tmp:
@@ -93,6 +94,8 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
         raw.update(field_relative=False, mouth_centre=None, mouth_radius=0.0)
     if raw["version"] <= 2:  # no expression prior before version 3
         raw.update(expr_prior=False)
+    if raw["version"] <= 3:  # no viseme lip model before version 4
+        raw.update(lip_motion="learned")
     cfg = AvatarConfig(**raw)
     head = head_for(cfg.head_model)
     g = load_ply(root / "gaussians.ply")
@@ -103,7 +106,10 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
     av = Avatar(cfg, head, torch.from_numpy(motion.pop("shape")), g, g.extra["region"].long(),
                 torch.from_numpy(motion.pop("K")), torch.from_numpy(motion.pop("viewmat")))
     tensors = load_file(str(root / "networks.safetensors"))
-    for prefix, mod in (("field", av.field), ("audio", av.audio), ("a2m", av.a2m)):
+    nets = [("field", av.field), ("audio", av.audio), ("a2m", av.a2m)]
+    if raw["version"] >= 4:  # the viseme lip model came with version 4
+        nets.append(("visemes", av.visemes))
+    for prefix, mod in nets:
         sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         missing, unexpected = mod.load_state_dict(sd, strict=False)
         if missing or unexpected:

@@ -18,11 +18,13 @@ from gstalk.audio.encoder import AudioModel
 from gstalk.avatar.binding import bind_to_world, rotmat_to_quat, triangle_frames, world_to_local
 from gstalk.deform.field import REGION_FACE, REGION_MOUTH, REGION_TORSO, Deformation, DeformationField
 from gstalk.gaussians.set import SH_C0, GaussianSet, GaussianTensors
+from gstalk.audio.visemes import VisemeMotion
 from gstalk.head.flame import HeadModel
 from gstalk.head.lbs import FlameParams, flame_forward
 from gstalk.render import Cameras, RenderOutput, rasterize
 
-AVATAR_VERSION = 3  # 2: relative field + mouth prior; 3: expression prior (older versions are read as made)
+# 2: relative field + mouth prior; 3: expression prior; 4: viseme lip model (older versions are read as made)
+AVATAR_VERSION = 4
 
 
 @dataclass
@@ -55,6 +57,10 @@ class AvatarConfig:
     expr_prior: bool = False
     """The field's blink and expression streams act only where the head model's expressions
     move the mesh (see :func:`expression_activity`): not on hair, scalp, neck or eyeballs."""
+    lip_motion: str = "learned"
+    """What moves jaw and expression for new audio: 'visemes' (the speaker-independent viseme
+    model calibrated to the clip, :mod:`gstalk.audio.visemes`) or 'learned' (the
+    audio-to-motion network trained on the clip). Blink always comes from the network."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -108,6 +114,7 @@ class Avatar(nn.Module):
                                       colour=False)
         self.audio = AudioModel(cfg.feature_dim, cfg.window, cfg.code_dim)
         self.a2m = AudioToMotion(cfg.feature_dim, cfg.window, cfg.expr_cond, cfg.code_dim)
+        self.visemes = VisemeMotion(cfg.feature_kind, cfg.feature_dim, cfg.window, cfg.n_expr)
 
     def to(self, *args, **kwargs):  # the head model is plain tensors, not a module: move it too
         out = super().to(*args, **kwargs)
@@ -293,6 +300,38 @@ def mouth_prior(head: HeadModel, shape: Tensor) -> tuple[list[float], float] | N
         pts = emb.points(v, head.faces)[0, lips]
     width = float((pts.max(0).values - pts.min(0).values)[0])
     return [float(a) for a in pts.mean(0)], max(width, 1e-3)
+
+
+def mouth_expressions(head: HeadModel, shape: Tensor, ratio: float = 2.0) -> Tensor:
+    """[E] bool: the expression coefficients that move the lips (their lip landmarks move on
+    average more than ``ratio`` times as far as the other face-mesh landmarks more than a
+    mouth's width from the lips: eyes, brows, forehead), the ones a lip model may drive.
+    All True where the landmark embedding has no lips."""
+    from gstalk.face.regions import LIPS
+    from gstalk.head.embedding import load_embedding
+
+    emb = load_embedding(head)
+    ids = emb.landmark_indices.tolist()
+    lips = [ids.index(i) for i in LIPS if i in ids]
+    if len(lips) < 4 or head.n_expr == 0:
+        return torch.ones(head.n_expr, dtype=torch.bool)
+    with torch.no_grad():
+        rest = flame_forward(head, FlameParams(shape=shape[None].float()))
+        p0 = emb.points(rest.vertices, head.faces)[0]  # [L, 3]
+        centre = p0[lips].mean(0)
+        width = float((p0[lips].max(0).values - p0[lips].min(0).values)[0])
+        far = ((p0 - centre).norm(dim=-1) > max(width, 1e-3)).nonzero()[:, 0]
+        far = far[~torch.isin(far, torch.tensor(lips))]
+        if len(far) == 0:
+            return torch.ones(head.n_expr, dtype=torch.bool)
+        out = torch.zeros(head.n_expr, dtype=torch.bool)
+        for k in range(head.n_expr):
+            e = torch.zeros(1, head.n_expr)
+            e[0, k] = 1.0
+            v = flame_forward(head, FlameParams(shape=shape[None].float(), expr=e)).vertices
+            d = (emb.points(v, head.faces)[0] - p0).norm(dim=-1)
+            out[k] = d[lips].mean() > ratio * d[far].mean()
+    return out
 
 
 def expression_activity(head: HeadModel) -> Tensor:

@@ -1,8 +1,9 @@
 """``gstalk render AVATAR --audio speech.wav``: drive an avatar with new audio (or a tracked
 expression sequence) and write an H.264 mp4 with the sound muxed in.
 
-Per frame: audio code (encoder + smoother) -> jaw, expression, blink (audio-to-motion
-model) -> head-model mesh with a head pose from the training clip (looped back and forth),
+Per frame: audio code (encoder + smoother) -> jaw and expression (the avatar's lip model:
+the viseme model of :mod:`gstalk.audio.visemes`, or the learned audio-to-motion network) and
+blink (the network) -> head-model mesh with a head pose from the training clip (looped back and forth),
 a still pose, or none -> bound Gaussians + deformation -> rasterisation from the tracked
 camera, a still camera, an orbit, or a JSON path. Frame k shows time k / fps and the audio
 is cut to exactly ``frames / fps`` seconds, so picture and sound stay in sync.
@@ -95,20 +96,56 @@ def cameras_for(av: Avatar, motion: dict, n: int, mode: str, size: int) -> Camer
     return Cameras(vm[idx], K[None].expand(n, 3, 3).clone(), size, size)
 
 
-def audio_conditions(av: Avatar, audio: np.ndarray, n: int, fps: float):
-    """Audio codes for the deformation, and jaw/expression/blink from the audio-to-motion model."""
-    feats = torch.from_numpy(compute_features(audio, n, fps, av.cfg.feature_kind, av.cfg.window).windows)
-    feats = feats.to(av.means.device)
+LIP_MODELS = ("visemes", "learned")
+
+
+def lip_model(av: Avatar, lips: str | None = None) -> str:
+    """The lip model new audio goes through: ``lips`` if given, else the avatar's own."""
+    lips = lips or av.cfg.lip_motion
+    if lips not in LIP_MODELS:
+        raise InputError(f"unknown lip model {lips!r}: choose {' or '.join(LIP_MODELS)}")
+    if lips == "visemes" and not av.visemes.usable:
+        raise InputError("this avatar has no viseme lip model (it was fitted before avatar format 4 or with audio "
+                         "features without phones); use --lips learned or re-fit it")
+    return lips
+
+
+def audio_conditions(av: Avatar, audio: np.ndarray, n: int, fps: float, lips: str | None = None):
+    """Audio codes for the deformation, blink from the audio-to-motion network, and jaw and
+    expression from the avatar's lip model (or ``lips``: 'visemes' or 'learned')."""
+    lips = lip_model(av, lips)
+    feats = audio_windows(av, audio, n, fps)
     with torch.no_grad():
         codes = av.audio(feats)
         jaw, expr, blink = av.a2m(feats)
+        if lips == "visemes":
+            jaw, expr = av.visemes(feats)
     return codes, jaw, expr, blink
 
 
-def head_expr(av: Avatar, expr: torch.Tensor) -> torch.Tensor:
-    """Expression coefficients [n, E'] zero-padded or cut to the head model's E."""
+def audio_windows(av: Avatar, audio: np.ndarray, n: int, fps: float) -> torch.Tensor:
+    """The avatar's audio features for ``n`` frames: [n, window, D] on its device."""
+    feats = torch.from_numpy(compute_features(audio, n, fps, av.cfg.feature_kind, av.cfg.window).windows)
+    return feats.to(av.means.device)
+
+
+def head_expr(av: Avatar, expr: torch.Tensor, fill: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+    """Expression coefficients [n, E'] cut or padded to the head model's E: with zeros, or
+    with ``fill`` [>= E] (the clip's mean expression, :func:`rest_expr`: coefficients a lip
+    model does not predict keep the person's usual face, not the head model's neutral one)."""
     E = av.head_model.n_expr
-    return torch.nn.functional.pad(expr, (0, max(0, E - expr.shape[1])))[:, :E]
+    if expr.shape[1] >= E:
+        return expr[:, :E]
+    out = torch.zeros(expr.shape[0], E, dtype=expr.dtype, device=expr.device)
+    if fill is not None:
+        out[:] = torch.as_tensor(np.asarray(fill)[:E], dtype=expr.dtype, device=expr.device)
+    out[:, :expr.shape[1]] = expr
+    return out
+
+
+def rest_expr(motion: dict) -> np.ndarray:
+    """The training clip's mean expression coefficients."""
+    return np.asarray(motion["expr"], np.float32).mean(0)
 
 
 @dataclass
@@ -130,9 +167,10 @@ class Conditions:
 
 
 def conditions_for(av: Avatar, motion: dict, n: int, fps: float, audio: np.ndarray | None = None,
-                   expressions: dict | None = None, head: str = "track") -> Conditions:
-    """Per-frame conditions from new audio (through the audio-to-motion model), or from tracked
-    expressions (``expressions`` with jaw, expr, optional blink and, with ``use_pose``, the head pose)."""
+                   expressions: dict | None = None, head: str = "track", lips: str | None = None) -> Conditions:
+    """Per-frame conditions from new audio (through the lip model ``lips``, default the
+    avatar's, and the audio-to-motion network's blink), or from tracked expressions
+    (``expressions`` with jaw, expr, optional blink and, with ``use_pose``, the head pose)."""
     dev = av.means.device
     hm = head_motion(motion, n, head)
     t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=dev)  # noqa: E731
@@ -142,11 +180,13 @@ def conditions_for(av: Avatar, motion: dict, n: int, fps: float, audio: np.ndarr
         codes = torch.zeros(n, av.cfg.code_dim, device=dev)
         if expressions.get("use_pose"):
             hm = {k: expressions[k][:n] for k in ("global_rot", "neck", "translation", "eyes")}
+        expr = head_expr(av, expr)
     elif audio is not None:
-        codes, jaw, expr, blink = audio_conditions(av, audio, n, fps)
+        codes, jaw, expr, blink = audio_conditions(av, audio, n, fps, lips)
+        expr = head_expr(av, expr, rest_expr(motion))
     else:
         raise InputError("no driving signal: give audio or tracked expressions")
-    p = FlameParams(expr=head_expr(av, expr), jaw=jaw, global_rot=t(hm["global_rot"]), neck=t(hm["neck"]),
+    p = FlameParams(expr=expr, jaw=jaw, global_rot=t(hm["global_rot"]), neck=t(hm["neck"]),
                     eyes=t(hm["eyes"]), translation=t(hm["translation"]))
     return Conditions(p, codes, blink, fps)
 
@@ -167,10 +207,11 @@ def posed_iter(av: Avatar, cond: Conditions, deform: bool = True, batch: int = 8
 
 def frames_iter(av: Avatar, motion: dict, n: int, fps: float, cams: Cameras, audio: np.ndarray | None = None,
                 expressions: dict | None = None, head: str = "track", deform: bool = True,
-                background: torch.Tensor | None = None, batch: int = 8) -> Iterator[torch.Tensor]:
+                background: torch.Tensor | None = None, batch: int = 8, lips: str | None = None
+                ) -> Iterator[torch.Tensor]:
     """Rendered RGB frames [S, S, 3] (float, on the avatar's device), one at a time."""
     dev = av.means.device
-    cond = conditions_for(av, motion, n, fps, audio, expressions, head)
+    cond = conditions_for(av, motion, n, fps, audio, expressions, head, lips)
     size = cams.width
     bg = background if background is not None else torch.ones(size, size, 3, device=dev)
     with torch.no_grad():
@@ -198,7 +239,7 @@ def load_driver(audio_path: str | Path | None, expressions_path: str | Path | No
 def drive(avatar_dir: str | Path, out: str | Path, audio_path: str | Path | None = None,
           expressions_path: str | Path | None = None, camera: str = "track", head: str = "track",
           size: int = 0, fps: float = 0.0, device: str = "auto", deform: bool = True,
-          progress: Progress | None = None, compile_field: bool = False) -> DriveResult:
+          progress: Progress | None = None, compile_field: bool = False, lips: str | None = None) -> DriveResult:
     import time
 
     from gstalk.config import resolve_device
@@ -212,6 +253,8 @@ def drive(avatar_dir: str | Path, out: str | Path, audio_path: str | Path | None
     if size < 16:
         raise InputError("--size must be at least 16 pixels")
     audio, expressions, n, fps = load_driver(audio_path, expressions_path, fps)
+    if audio is not None:
+        lip_model(av, lips)  # refuse an unknown or missing lip model before any work
     cams = cameras_for(av, motion, n, camera, size)
     bg = None
     if av.cfg.background == "plate" and "background" in motion and camera in ("track", "still"):
@@ -220,7 +263,7 @@ def drive(avatar_dir: str | Path, out: str | Path, audio_path: str | Path | None
         bg = torch.from_numpy(cv2.resize(motion["background"], (size, size), interpolation=cv2.INTER_AREA))
         bg = bg.float().div(255).to(dev)
     t0 = time.perf_counter()
-    frames = frames_iter(av, motion, n, fps, cams, audio, expressions, head, deform, bg)
+    frames = frames_iter(av, motion, n, fps, cams, audio, expressions, head, deform, bg, lips=lips)
     path = write_video(Path(out), frames, fps, audio, n_frames=n, progress=progress)
     dt = time.perf_counter() - t0
     return DriveResult(path, n, fps, n / fps, n / dt)

@@ -2,15 +2,16 @@
 other speakers' audio, with the deformation on and (as a baseline) off.
 
 Held-out frames are rendered with the tracked head pose, jaw and expression and the clip's
-own audio, and once more (``audio_driven``) with jaw, expression and blink from the
-audio-to-motion model on that audio, as new audio would drive them (head pose still
-tracked); metrics: PSNR and SSIM over the full frame and over the face box (the
+own audio, and once more (``audio_driven``) with jaw and expression from the avatar's lip
+model and blink from the audio-to-motion network on that audio, as new audio would drive
+them (head pose still tracked; with the viseme lip model, ``audio_driven_learned`` gives the
+learned network's lips for comparison); metrics: PSNR and SSIM over the full frame and over the face box (the
 landmarks' bounding box, 10 % margin) and the mouth box (a square 1.6 times the lips'
 extent, where the audio acts), mouth landmark distance (LMD: the detector's lip
 landmarks on the render vs on the ground truth, pixels at 512), the mouth's motion (spread of
 the detector's mouth opening over the frames, render / ground truth: damped lips give < 1),
 blink error (eye-aspect blink signal of the render vs the dataset's). Other speakers' audio drives the avatar with
-the audio-to-motion model; the score is the mouth-opening (measured by the detector on the
+its lip model; the score is the mouth-opening (measured by the detector on the
 render) vs speech-energy sync (:mod:`gstalk.eval.sync`). The gains of the deformation over
 the switched-off render and over the render driven by other frames' audio are reported as
 paired per-frame differences with their standard error, so that a clip's few held-out frames
@@ -29,7 +30,7 @@ import torch
 
 from gstalk.avatar.io import load_avatar
 from gstalk.avatar.model import Frame, render_frame
-from gstalk.drive.render import audio_conditions, cameras_for, frames_iter, head_expr
+from gstalk.drive.render import audio_windows, cameras_for, frames_iter, head_expr, lip_model, rest_expr
 from gstalk.errors import InputError
 from gstalk.eval.sync import sync_score
 from gstalk.face.regions import LIPS, blink_signal, mouth_opening
@@ -101,15 +102,16 @@ def _square(pts: np.ndarray, size: int, scale: float) -> tuple[int, int, int, in
 
 
 def _render_test(av, motion, track, idx: np.ndarray, size: int, deform: bool, bg, drive: tuple,
-                 audio_from: np.ndarray | None = None, audio_motion: bool = False) -> list[torch.Tensor]:
-    """Renders of frames ``idx`` with their tracked motion. ``drive`` = (audio codes, jaw,
-    expression, blink from the audio-to-motion model, the dataset's blink), all per frame of
-    the clip; the audio code of frame ``audio_from[k]`` instead of ``idx[k]``'s where given;
-    with ``audio_motion``, jaw, expression and blink from the audio-to-motion model instead of
-    the track (what new audio gets; the head pose stays the tracked one, so the frame can be
-    compared with the ground truth)."""
+                 audio_from: np.ndarray | None = None, audio_motion: str | None = None) -> list[torch.Tensor]:
+    """Renders of frames ``idx`` with their tracked motion. ``drive`` = (audio codes, {lip
+    model: (jaw, expression)} from the audio, blink from the audio-to-motion network, the
+    dataset's blink), all per frame of the clip; the audio code of frame ``audio_from[k]``
+    instead of ``idx[k]``'s where given; with ``audio_motion`` (a lip model), jaw and
+    expression from that lip model and blink from the network instead of the track (what new
+    audio gets; the head pose stays the tracked one, so the frame can be compared with the
+    ground truth)."""
     dev = av.means.device
-    codes, jaw, expr, a2m_blink, blink = drive
+    codes, lips, a2m_blink, blink = drive
     cams = cameras_for(av, motion, 1, "track", size)
     out = []
     with torch.no_grad():
@@ -118,6 +120,7 @@ def _render_test(av, motion, track, idx: np.ndarray, size: int, deform: bool, bg
             p = track.params(slice(int(t), int(t) + 1), device=dev)
             b = blink[int(t):int(t) + 1]
             if audio_motion:
+                jaw, expr = lips[audio_motion]
                 p.jaw, p.expr, p.eyelids, b = jaw[a:a + 1], expr[a:a + 1], None, a2m_blink[a:a + 1]
             fr = Frame(p, audio=codes[a:a + 1], blink=b, deform=deform)
             rgb, _, _ = render_frame(av, av.gaussians_at(fr)[0], cams[0].to(dev), bg)
@@ -156,14 +159,25 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     # the control for "is it the audio?": the same deformation driven by the audio of random
     # training frames instead of each frame's own
     shuffled = np.random.default_rng(0).choice(ds.train_indices, len(idx))
-    variants = (("deformation", True, None, False), ("no_deformation", False, None, False),
-                ("other_audio", True, shuffled, False), ("audio_driven", True, None, True))
+    own_lips = lip_model(av)
+    variants = [("deformation", True, None, None), ("no_deformation", False, None, None),
+                ("other_audio", True, shuffled, None), ("audio_driven", True, None, own_lips)]
+    if own_lips != "learned":  # the learned network too, for comparison
+        variants.append(("audio_driven_learned", True, None, "learned"))
+    result["lip_model"] = own_lips
     g_lm = _landmarks([(g.numpy() * 255).astype(np.uint8) for g in gts])
     # the clip's audio, encoded once for every variant
-    codes, jaw, expr, a2m_blink = audio_conditions(av, ds.audio(), ds.num_frames, ds.fps)
+    feats = audio_windows(av, ds.audio(), ds.num_frames, ds.fps)
+    with torch.no_grad():
+        codes = av.audio(feats)
+        jaw, expr, a2m_blink = av.a2m(feats)
+        fill = rest_expr(motion)
+        lips = {"learned": (jaw, head_expr(av, expr, fill))}
+        if av.visemes.usable:
+            vjaw, vexpr = av.visemes(feats)
+            lips["visemes"] = (vjaw, head_expr(av, vexpr, fill))
     gt_blink = ds.signals()["blink"]
-    drive = (codes, jaw, head_expr(av, expr), a2m_blink,
-             torch.as_tensor(np.nan_to_num(gt_blink), device=dev).float())
+    drive = (codes, lips, a2m_blink, torch.as_tensor(np.nan_to_num(gt_blink), device=dev).float())
     per_frame: dict[str, dict[str, np.ndarray]] = {}
     for vi, (name, deform, audio_from, audio_motion) in enumerate(variants):
         renders = _render_test(av, motion, track, idx, size, deform, bg, drive, audio_from, audio_motion)
@@ -199,6 +213,9 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     for base in ("no_deformation", "other_audio"):
         result[f"gain_over_{base}"] = {k: _paired(per_frame["deformation"][k], per_frame[base][k])
                                        for k in GAIN_METRICS}
+    if "audio_driven_learned" in per_frame:  # the avatar's lip model against the learned network
+        own, net = per_frame["audio_driven"], per_frame["audio_driven_learned"]
+        result["lips_gain_over_learned"] = {k: _paired(own[k], net[k]) for k in GAIN_METRICS}
     result["per_frame"] = {name: {k: [None if not np.isfinite(x) else round(float(x), 5) for x in v]
                                   for k, v in pf.items()} for name, pf in per_frame.items()}
     # other speakers' audio: mouth opening on the render vs speech energy

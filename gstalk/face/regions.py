@@ -19,6 +19,7 @@ LEFT_EYE_EAR = [362, 385, 387, 263, 373, 380]
 RIGHT_IRIS = [468, 469, 470, 471, 472]
 LEFT_IRIS = [473, 474, 475, 476, 477]
 UPPER_LIP_INNER_MID, LOWER_LIP_INNER_MID = 13, 14
+MOUTH_CORNERS = (61, 291)
 CHIN = 152
 EYE_OUTER_CORNERS = (33, 263)
 
@@ -56,6 +57,13 @@ def mouth_opening(lmk: np.ndarray) -> np.ndarray:
     gap = np.linalg.norm(lmk[..., UPPER_LIP_INNER_MID, :2] - lmk[..., LOWER_LIP_INNER_MID, :2], axis=-1)
     iod = np.linalg.norm(lmk[..., EYE_OUTER_CORNERS[0], :2] - lmk[..., EYE_OUTER_CORNERS[1], :2], axis=-1)
     return (gap / np.maximum(iod, 1e-6)).astype(np.float32)
+
+
+def mouth_width(lmk: np.ndarray) -> np.ndarray:
+    """Mouth-corner distance divided by the outer-eye-corner distance ([..., 478, 2+] landmarks)."""
+    w = np.linalg.norm(lmk[..., MOUTH_CORNERS[0], :2] - lmk[..., MOUTH_CORNERS[1], :2], axis=-1)
+    iod = np.linalg.norm(lmk[..., EYE_OUTER_CORNERS[0], :2] - lmk[..., EYE_OUTER_CORNERS[1], :2], axis=-1)
+    return (w / np.maximum(iod, 1e-6)).astype(np.float32)
 
 
 def label_mask(person: np.ndarray | None, lmk: np.ndarray | None, threshold: float = 0.5,

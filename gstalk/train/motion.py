@@ -1,5 +1,6 @@
 """The audio-to-motion model's training: jaw, expression and blink from audio, supervised by
-the track.
+the track; and the calibration of the viseme lip model (:func:`fit_visemes`), which new audio
+uses for jaw and expression by default.
 
 The trainer runs all ``iters_a2m`` iterations on the training frames. ``validate=True``
 first holds out the training frames' last sixth (after a gap of the audio window's reach,
@@ -20,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from gstalk.audio.visemes import VisemeMotion, lip_measures
 from gstalk.avatar.model import AudioToMotion
 
 EVAL_EVERY = 10  # validation interval (iterations)
@@ -78,3 +80,30 @@ def fit_audio_to_motion(a2m: AudioToMotion, windows: torch.Tensor, target: torch
         a2m.load_state_dict(init)
     _fit(a2m, windows, target, tr, iters, seed, progress=progress)
     return iters
+
+
+def fit_visemes(vm: VisemeMotion, ds, windows: torch.Tensor, jaw: np.ndarray, expr: np.ndarray, train_idx,
+                driven=None, log: Callable[[str], None] = lambda m: None) -> str:
+    """Calibrate the viseme lip model ``vm`` on dataset ``ds``'s training frames that have
+    face-mesh landmarks (``jaw`` [T, 3], ``expr`` [T, >= vm.n_expr]: the track's; ``driven``:
+    the expression coefficients it may move, see :meth:`VisemeMotion.fit`).
+    Returns the lip model new audio should use: 'visemes', or 'learned' where the visemes
+    cannot be calibrated (audio features without phones, too few frames with landmarks)."""
+    if vm.cols is None:
+        log("lip motion: the audio features have no phones; new audio moves the lips with the learned network")
+        return "learned"
+    lm = ds.landmarks()
+    valid = np.asarray(lm["valid"], bool)
+    frames = np.asarray([t for t in np.asarray(train_idx) if valid[t]])
+    if len(frames) < 8:
+        log(f"lip motion: only {len(frames)} training frames have landmarks; new audio moves the lips with the "
+            "learned network")
+        return "learned"
+    lips = lip_measures(np.nan_to_num(np.asarray(lm["lmk"], np.float64)))
+    target = torch.cat([torch.as_tensor(jaw), torch.as_tensor(expr[:, :vm.n_expr])], 1).float()
+    info = vm.fit(windows, lips, target, frames, driven=driven)
+    c = info["phones_vs_lips"]
+    log(f"lip motion: visemes calibrated on {len(frames)} frames (phones vs measured lips: opening "
+        f"{c['opening']:+.2f}, spread {c['spread']:+.2f}; lip measures explain {info['jaw_open_explained']:.0%} "
+        "of the jaw opening)")
+    return "visemes"

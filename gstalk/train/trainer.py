@@ -28,15 +28,15 @@ import torch
 
 from gstalk.audio.features import check_speech, compute_features
 from gstalk.avatar.io import save_avatar
-from gstalk.avatar.model import (Avatar, AvatarConfig, Frame, concat_sets, init_gaussians, mouth_prior,
-                                 render_frame, torso_gaussians)
+from gstalk.avatar.model import (Avatar, AvatarConfig, Frame, concat_sets, init_gaussians, mouth_expressions,
+                                 mouth_prior, render_frame, torso_gaussians)
 from gstalk.config import TrainOptions, resolve_device
 from gstalk.errors import GstalkError
 from gstalk.gaussians.set import GaussianSet, rgb_to_sh
 from gstalk.head.tracker import load_track
 from gstalk.io.atomic import atomic_path
 from gstalk.io.dataset import Dataset
-from gstalk.train.motion import fit_audio_to_motion, motion_target
+from gstalk.train.motion import fit_audio_to_motion, fit_visemes, motion_target
 from gstalk.render import Cameras
 
 Progress = Callable[[str, int, int, dict], None]
@@ -507,6 +507,14 @@ class Trainer:
         target = motion_target(self.track.jaw, self.track.expr, self.blink.cpu().numpy(), a2m.n_expr)
         fit_audio_to_motion(a2m, self.windows, target, self.train_idx, self.opts.iters_a2m, self.opts.seed + 1,
                             validate=False, log=self.log, progress=self.progress)
+        self.avatar.cfg.lip_motion = "learned"
+        if self.opts.lip_motion == "visemes":
+            from gstalk.avatar.io import head_for
+
+            vm = self.avatar.visemes
+            driven = mouth_expressions(head_for(self.track.model), torch.from_numpy(self.track.shape).float())
+            self.avatar.cfg.lip_motion = fit_visemes(vm, self.ds, self.windows, self.track.jaw, self.track.expr,
+                                                     self.train_idx, driven[:vm.n_expr], self.log)
 
     def finish(self) -> Path:
         motion = {k: getattr(self.track, k) for k in ("global_rot", "neck", "translation", "eyes", "eyelids", "jaw",
