@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from gstalk.audio.features import AUDIO_FPS, VISEMES
 from gstalk.errors import InputError
+from gstalk.face.regions import mouth_opening, mouth_width
 
 # lip opening, 0 (closed) .. 1 (widest), and spreading (+1) vs rounding (-1), per viseme class
 OPENING = {"sil": 0.1, "PP": 0.0, "FF": 0.15, "TH": 0.3, "DD": 0.35, "kk": 0.45, "CH": 0.3, "SS": 0.2, "nn": 0.3,
@@ -44,17 +45,12 @@ MAX_Z = 3.0  # new audio moves the lips at most this many training spreads from 
 CHANNELS = ("opening", "spread")
 
 
-def viseme_columns(feature_kind: str, feature_dim: int) -> slice:
-    """Where the viseme one-hots sit in a feature vector of ``feature_kind``."""
-    if feature_kind == "phoneme" and feature_dim == len(VISEMES):
-        return slice(0, len(VISEMES))
-    if feature_kind == "mel+phoneme" and feature_dim > len(VISEMES):
+def viseme_columns(feature_kind: str, feature_dim: int) -> slice | None:
+    """Where the viseme one-hots sit in a feature vector of ``feature_kind`` (they come last);
+    None for features without phones."""
+    if feature_kind in ("phoneme", "mel+phoneme") and feature_dim >= len(VISEMES):
         return slice(feature_dim - len(VISEMES), feature_dim)
-    raise InputError(f"the viseme lip model needs phone features (phoneme or mel+phoneme), not {feature_kind!r}")
-
-
-def has_phones(feature_kind: str) -> bool:
-    return feature_kind in ("phoneme", "mel+phoneme")
+    return None
 
 
 def _kernel(window: int, lead: float, blur: float) -> np.ndarray:
@@ -70,9 +66,7 @@ class VisemeMotion(nn.Module):
 
     def __init__(self, feature_kind: str, feature_dim: int, window: int, n_expr: int):
         super().__init__()
-        self.cols = None  # no phones in these features: the model cannot be used
-        if has_phones(feature_kind) and feature_dim >= len(VISEMES):
-            self.cols = viseme_columns(feature_kind, feature_dim)
+        self.cols = viseme_columns(feature_kind, feature_dim)  # None: no phones, the model cannot be used
         self.n_expr = n_expr
         table = torch.tensor([[OPENING[v], SPREAD[v]] for v in VISEMES], dtype=torch.float32)
         self.register_buffer("table", table)  # [15, 2]
@@ -154,6 +148,4 @@ class VisemeMotion(nn.Module):
 def lip_measures(lmk: np.ndarray) -> np.ndarray:
     """[..., 2]: mouth opening and mouth width (both over the outer-eye-corner distance) from
     478-point face-mesh landmarks."""
-    from gstalk.face.regions import mouth_opening, mouth_width
-
     return np.stack([mouth_opening(lmk), mouth_width(lmk)], -1)

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from gstalk.audio.encoder import AudioModel
+from gstalk.audio.visemes import VisemeMotion
 from gstalk.avatar.binding import bind_to_world, rotmat_to_quat, triangle_frames, world_to_local
 from gstalk.deform.field import REGION_FACE, REGION_MOUTH, REGION_TORSO, Deformation, DeformationField
 from gstalk.gaussians.set import SH_C0, GaussianSet, GaussianTensors
-from gstalk.audio.visemes import VisemeMotion
 from gstalk.head.flame import HeadModel
 from gstalk.head.lbs import FlameParams, flame_forward
 from gstalk.render import Cameras, RenderOutput, rasterize
@@ -283,18 +283,25 @@ def render_frame(av: Avatar, g: GaussianTensors, cam: Cameras, bg: Tensor) -> tu
 
 
 # ---------------------------------------------------------------------- initialisation
-def mouth_prior(head: HeadModel, shape: Tensor) -> tuple[list[float], float] | None:
-    """(centre, radius) of the audio stream's spatial prior for this identity: the centre of
-    the lip landmarks on the rest mesh and the mouth's width (corner to corner). None where
-    the landmark embedding has no lips."""
+def _lip_landmarks(head: HeadModel):
+    """(landmark embedding, the indices of its lip landmarks); None where it has fewer than 4."""
     from gstalk.face.regions import LIPS
     from gstalk.head.embedding import load_embedding
 
     emb = load_embedding(head)
     ids = emb.landmark_indices.tolist()
     lips = [ids.index(i) for i in LIPS if i in ids]
-    if len(lips) < 4:
+    return (emb, lips) if len(lips) >= 4 else None
+
+
+def mouth_prior(head: HeadModel, shape: Tensor) -> tuple[list[float], float] | None:
+    """(centre, radius) of the audio stream's spatial prior for this identity: the centre of
+    the lip landmarks on the rest mesh and the mouth's width (corner to corner). None where
+    the landmark embedding has no lips."""
+    found = _lip_landmarks(head)
+    if found is None:
         return None
+    emb, lips = found
     with torch.no_grad():
         v = flame_forward(head, FlameParams(shape=shape[None].float())).vertices
         pts = emb.points(v, head.faces)[0, lips]
@@ -307,31 +314,25 @@ def mouth_expressions(head: HeadModel, shape: Tensor, ratio: float = 2.0) -> Ten
     average more than ``ratio`` times as far as the other face-mesh landmarks more than a
     mouth's width from the lips: eyes, brows, forehead), the ones a lip model may drive.
     All True where the landmark embedding has no lips."""
-    from gstalk.face.regions import LIPS
-    from gstalk.head.embedding import load_embedding
-
-    emb = load_embedding(head)
-    ids = emb.landmark_indices.tolist()
-    lips = [ids.index(i) for i in LIPS if i in ids]
-    if len(lips) < 4 or head.n_expr == 0:
-        return torch.ones(head.n_expr, dtype=torch.bool)
+    head, shape = head.to("cpu"), shape.float().cpu()  # the landmark embedding is on the CPU
+    E = head.n_expr
+    found = _lip_landmarks(head)
+    prior = mouth_prior(head, shape)
+    if found is None or prior is None or E == 0:
+        return torch.ones(E, dtype=torch.bool)
+    emb, lips = found
+    centre, width = prior
     with torch.no_grad():
-        rest = flame_forward(head, FlameParams(shape=shape[None].float()))
-        p0 = emb.points(rest.vertices, head.faces)[0]  # [L, 3]
-        centre = p0[lips].mean(0)
-        width = float((p0[lips].max(0).values - p0[lips].min(0).values)[0])
-        far = ((p0 - centre).norm(dim=-1) > max(width, 1e-3)).nonzero()[:, 0]
-        far = far[~torch.isin(far, torch.tensor(lips))]
-        if len(far) == 0:
-            return torch.ones(head.n_expr, dtype=torch.bool)
-        out = torch.zeros(head.n_expr, dtype=torch.bool)
-        for k in range(head.n_expr):
-            e = torch.zeros(1, head.n_expr)
-            e[0, k] = 1.0
-            v = flame_forward(head, FlameParams(shape=shape[None].float(), expr=e)).vertices
-            d = (emb.points(v, head.faces)[0] - p0).norm(dim=-1)
-            out[k] = d[lips].mean() > ratio * d[far].mean()
-    return out
+        # the rest mesh, then each expression coefficient at 1 alone: one batch of E + 1 meshes
+        expr = torch.cat([torch.zeros(1, E), torch.eye(E)])
+        v = flame_forward(head, FlameParams(shape=shape[None].expand(E + 1, -1), expr=expr)).vertices
+        pts = emb.points(v, head.faces)  # [E + 1, L, 3]
+        d = (pts[1:] - pts[:1]).norm(dim=-1)  # [E, L]
+        far = (pts[0] - pts.new_tensor(centre)).norm(dim=-1) > width
+        far[lips] = False
+        if not far.any():
+            return torch.ones(E, dtype=torch.bool)
+        return d[:, lips].mean(1) > ratio * d[:, far].mean(1)
 
 
 def expression_activity(head: HeadModel) -> Tensor:

@@ -110,16 +110,28 @@ def lip_model(av: Avatar, lips: str | None = None) -> str:
     return lips
 
 
-def audio_conditions(av: Avatar, audio: np.ndarray, n: int, fps: float, lips: str | None = None):
-    """Audio codes for the deformation, blink from the audio-to-motion network, and jaw and
-    expression from the avatar's lip model (or ``lips``: 'visemes' or 'learned')."""
-    lips = lip_model(av, lips)
-    feats = audio_windows(av, audio, n, fps)
+def audio_drive(av: Avatar, feats: torch.Tensor, fill: np.ndarray | None = None):
+    """From audio windows: the codes for the deformation, {lip model: (jaw, expression padded
+    to the head model's with ``fill``)} for every lip model the avatar has, and blink (the
+    audio-to-motion network's)."""
     with torch.no_grad():
         codes = av.audio(feats)
         jaw, expr, blink = av.a2m(feats)
-        if lips == "visemes":
-            jaw, expr = av.visemes(feats)
+        lips = {"learned": (jaw, head_expr(av, expr, fill))}
+        if av.visemes.usable:
+            vjaw, vexpr = av.visemes(feats)
+            lips["visemes"] = (vjaw, head_expr(av, vexpr, fill))
+    return codes, lips, blink
+
+
+def audio_conditions(av: Avatar, audio: np.ndarray, n: int, fps: float, lips: str | None = None,
+                     fill: np.ndarray | None = None):
+    """Audio codes for the deformation, jaw and expression from the avatar's lip model (or
+    ``lips``: 'visemes' or 'learned'; expression padded with ``fill``) and blink from the
+    audio-to-motion network."""
+    lips = lip_model(av, lips)
+    codes, motions, blink = audio_drive(av, audio_windows(av, audio, n, fps), fill)
+    jaw, expr = motions[lips]
     return codes, jaw, expr, blink
 
 
@@ -182,8 +194,7 @@ def conditions_for(av: Avatar, motion: dict, n: int, fps: float, audio: np.ndarr
             hm = {k: expressions[k][:n] for k in ("global_rot", "neck", "translation", "eyes")}
         expr = head_expr(av, expr)
     elif audio is not None:
-        codes, jaw, expr, blink = audio_conditions(av, audio, n, fps, lips)
-        expr = head_expr(av, expr, rest_expr(motion))
+        codes, jaw, expr, blink = audio_conditions(av, audio, n, fps, lips, rest_expr(motion))
     else:
         raise InputError("no driving signal: give audio or tracked expressions")
     p = FlameParams(expr=expr, jaw=jaw, global_rot=t(hm["global_rot"]), neck=t(hm["neck"]),

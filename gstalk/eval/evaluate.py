@@ -30,7 +30,7 @@ import torch
 
 from gstalk.avatar.io import load_avatar
 from gstalk.avatar.model import Frame, render_frame
-from gstalk.drive.render import audio_windows, cameras_for, frames_iter, head_expr, lip_model, rest_expr
+from gstalk.drive.render import audio_drive, audio_windows, cameras_for, frames_iter, lip_model, rest_expr
 from gstalk.errors import InputError
 from gstalk.eval.sync import sync_score
 from gstalk.face.regions import LIPS, blink_signal, mouth_opening
@@ -167,15 +167,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     result["lip_model"] = own_lips
     g_lm = _landmarks([(g.numpy() * 255).astype(np.uint8) for g in gts])
     # the clip's audio, encoded once for every variant
-    feats = audio_windows(av, ds.audio(), ds.num_frames, ds.fps)
-    with torch.no_grad():
-        codes = av.audio(feats)
-        jaw, expr, a2m_blink = av.a2m(feats)
-        fill = rest_expr(motion)
-        lips = {"learned": (jaw, head_expr(av, expr, fill))}
-        if av.visemes.usable:
-            vjaw, vexpr = av.visemes(feats)
-            lips["visemes"] = (vjaw, head_expr(av, vexpr, fill))
+    codes, lips, a2m_blink = audio_drive(av, audio_windows(av, ds.audio(), ds.num_frames, ds.fps), rest_expr(motion))
     gt_blink = ds.signals()["blink"]
     drive = (codes, lips, a2m_blink, torch.as_tensor(np.nan_to_num(gt_blink), device=dev).float())
     per_frame: dict[str, dict[str, np.ndarray]] = {}

@@ -94,7 +94,8 @@ def fit_visemes(vm: VisemeMotion, ds, windows: torch.Tensor, jaw: np.ndarray, ex
         return "learned"
     lm = ds.landmarks()
     valid = np.asarray(lm["valid"], bool)
-    frames = np.asarray([t for t in np.asarray(train_idx) if valid[t]])
+    tr = np.asarray(train_idx)
+    frames = tr[valid[tr]]
     if len(frames) < 8:
         log(f"lip motion: only {len(frames)} training frames have landmarks; new audio moves the lips with the "
             "learned network")

@@ -509,10 +509,8 @@ class Trainer:
                             validate=False, log=self.log, progress=self.progress)
         self.avatar.cfg.lip_motion = "learned"
         if self.opts.lip_motion == "visemes":
-            from gstalk.avatar.io import head_for
-
             vm = self.avatar.visemes
-            driven = mouth_expressions(head_for(self.track.model), torch.from_numpy(self.track.shape).float())
+            driven = mouth_expressions(self.avatar.head_model, self.avatar.shape)
             self.avatar.cfg.lip_motion = fit_visemes(vm, self.ds, self.windows, self.track.jaw, self.track.expr,
                                                      self.train_idx, driven[:vm.n_expr], self.log)
 
