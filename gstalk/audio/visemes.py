@@ -18,7 +18,12 @@ milliseconds). So, per video frame:
 3. mapped to the person's head-model jaw and expression by the way their jaw and
    expression change with the measured opening and width over the training frames: a
    linear regression with two inputs, which 8 s of video determine well (the visual
-   relation holds frame by frame; only the audio-to-motion relation needs more data).
+   relation holds frame by frame; only the audio-to-motion relation needs more data);
+4. in the pauses between words the phones say nothing about the mouth, and people differ:
+   some close it, some leave it parted or breathe through it. Where the training frames hold
+   enough silence (``MIN_REST_FRAMES``), the mouth rests in silence where this person's
+   rested in the clip's pauses (their mean measured lips there), blended in by the same
+   window's share of silence; steps 1-2 are then calibrated on the speech frames alone.
 
 Only these calibrations come from the clip; no mapping from its audio is learned. Needs phone
 features (``phoneme`` or ``mel+phoneme``).
@@ -42,6 +47,7 @@ SPREAD = {"sil": 0.0, "PP": 0.0, "FF": 0.0, "TH": 0.2, "DD": 0.2, "kk": 0.1, "CH
 LEAD_S = 0.08  # the mouth shapes this long before the sound (centre of the averaging window)
 BLUR_S = 0.06  # coarticulation: standard deviation of the averaging window
 MAX_Z = 3.0  # new audio moves the lips at most this many training spreads from the mean
+MIN_REST_FRAMES = 4.0  # frames' worth of silence in the training frames that calibrate the mouth at rest
 CHANNELS = ("opening", "spread")
 
 
@@ -76,19 +82,28 @@ class VisemeMotion(nn.Module):
         self.register_buffer("basis", torch.zeros(2, 3 + n_expr))  # whitened channels -> jaw and expression
         self.register_buffer("out_mean", torch.zeros(3 + n_expr))
         self.register_buffer("fitted", torch.zeros(()))
+        self.register_buffer("rest_out", torch.zeros(3 + n_expr))  # jaw and expression in the clip's pauses
+        self.register_buffer("rest_fitted", torch.zeros(()))  # 0: too little silence, pauses use the table
 
     @property
     def usable(self) -> bool:
         return self.cols is not None and bool(self.fitted)
 
-    def channels(self, windows: Tensor) -> Tensor:
-        """[T, W, D] -> [T, 2] lip opening and spread expected from the phones."""
+    def _visemes(self, windows: Tensor) -> Tensor:
+        """[T, W, D] -> [T, 15]: each viseme's share of the frame's lead-shifted window."""
         if self.cols is None:
             raise InputError("the viseme lip model needs phone features (phoneme or mel+phoneme)")
         if windows.dim() != 3 or windows.shape[1] != self.kernel.shape[0]:
             raise InputError(f"audio windows must be [T, {self.kernel.shape[0]}, D], got {tuple(windows.shape)}")
-        vis = windows[..., self.cols].float()  # [T, W, 15]
-        return torch.einsum("twv,vc,w->tc", vis, self.table, self.kernel)
+        return torch.einsum("twv,w->tv", windows[..., self.cols].float(), self.kernel)
+
+    def channels(self, windows: Tensor) -> Tensor:
+        """[T, W, D] -> [T, 2] lip opening and spread expected from the phones."""
+        return self._visemes(windows) @ self.table
+
+    def silence(self, windows: Tensor) -> Tensor:
+        """[T, W, D] -> [T] the share of silence (0 .. 1) in each frame's window."""
+        return self._visemes(windows)[:, VISEMES.index("sil")]
 
     @torch.no_grad()
     def fit(self, windows: Tensor, lips: np.ndarray, target: Tensor, frames: np.ndarray, ridge: float = 1e-2,
@@ -107,41 +122,55 @@ class VisemeMotion(nn.Module):
         frames = np.asarray(frames)
         if len(frames) < 8:
             raise InputError(f"the viseme lip model needs at least 8 training frames with landmarks, got {len(frames)}")
-        a = self.channels(windows[torch.as_tensor(frames, device=windows.device)]).cpu().double().numpy()
+        sel = windows[torch.as_tensor(frames, device=windows.device)]
+        a = self.channels(sel).cpu().double().numpy()
+        sil = self.silence(sel).cpu().double().numpy()
         lips = np.asarray(lips, np.float64)[frames]
         y = target[torch.as_tensor(frames, device=target.device)].cpu().double().numpy()
-        a_mean, l_mean = a.mean(0), lips.mean(0)
-        # jaw and expression from the measured lips (standardised, ridge)
+        l_mean, y_mean = lips.mean(0), y.mean(0)
+        # jaw and expression from the measured lips (standardised, ridge), over every frame
         l_std = np.maximum(lips.std(0), 1e-6)
         z = (lips - l_mean) / l_std
-        coef = np.linalg.solve(z.T @ z + ridge * len(z) * np.eye(2), z.T @ (y - y.mean(0))) / l_std[:, None]
+        coef = np.linalg.solve(z.T @ z + ridge * len(z) * np.eye(2), z.T @ (y - y_mean)) / l_std[:, None]
+        if driven is not None:
+            coef[:, 3:][:, ~np.asarray(driven, bool)] = 0.0
+        # the mouth at rest: where it was in the clip's pauses, if they hold enough silence;
+        # the speech frames (weighted by their share of speech) then calibrate the phones alone
+        rest = sil.sum() >= MIN_REST_FRAMES and (1 - sil).sum() >= MIN_REST_FRAMES
+        w = 1 - sil if rest else np.ones(len(a))
+        a_mean, ls_mean = np.average(a, 0, w), np.average(lips, 0, w)
         # whiten the channels the clip's speech moved, colour them with the lips' covariance
-        live = a.std(0) >= 1e-3  # a channel the speech never moved cannot be calibrated
+        live = np.sqrt(np.average((a - a_mean) ** 2, 0, w)) >= 1e-3  # a channel speech never moved
         whiten, colour = np.zeros((2, 2)), np.zeros((2, 2))
         if live.any():
             ix = np.flatnonzero(live)
-            ca = np.cov(a[:, ix].T, bias=True).reshape(len(ix), len(ix))
-            cl = np.cov(lips[:, ix].T, bias=True).reshape(len(ix), len(ix))
+            ca = np.cov(a[:, ix].T, aweights=w, bias=True).reshape(len(ix), len(ix))
+            cl = np.cov(lips[:, ix].T, aweights=w, bias=True).reshape(len(ix), len(ix))
             eps = 1e-9 * np.eye(len(ix))
             whiten[np.ix_(ix, ix)] = np.linalg.inv(np.linalg.cholesky(ca + eps))  # z = W (a - mean)
             colour[np.ix_(ix, ix)] = np.linalg.cholesky(cl + eps)  # lips - mean = C z
         self.audio_mean.copy_(torch.from_numpy(a_mean))
         self.whiten.copy_(torch.from_numpy(whiten.T))
-        basis = colour.T @ coef
-        if driven is not None:
-            basis[:, 3:][:, ~np.asarray(driven, bool)] = 0.0
-        self.basis.copy_(torch.from_numpy(basis))
-        self.out_mean.copy_(torch.from_numpy(y.mean(0)))
+        self.basis.copy_(torch.from_numpy(colour.T @ coef))
+        self.out_mean.copy_(torch.from_numpy(y_mean + (ls_mean - l_mean) @ coef))  # at the speech frames' mean lips
+        rest_lips = np.average(lips, 0, sil) if rest else l_mean
+        self.rest_out.copy_(torch.from_numpy(y_mean + (rest_lips - l_mean) @ coef))
+        self.rest_fitted.fill_(float(rest))
         self.fitted.fill_(1.0)
-        resid = (y - y.mean(0)) - (lips - l_mean) @ coef
+        resid = (y - y_mean) - (lips - l_mean) @ coef
         explained = 1 - resid.var(0) / np.maximum(y.var(0), 1e-12)
         corr = [float(np.corrcoef(a[:, c], lips[:, c])[0, 1]) if live[c] and lips[:, c].std() > 0 else 0.0
                 for c in range(2)]
-        return {"phones_vs_lips": dict(zip(CHANNELS, corr)), "jaw_open_explained": float(explained[0])}
+        return {"phones_vs_lips": dict(zip(CHANNELS, corr)), "jaw_open_explained": float(explained[0]),
+                "silent_frames": float(sil.sum()),
+                "rest_lips_z": ((rest_lips - l_mean) / l_std).tolist() if rest else None}
 
     def forward(self, windows: Tensor) -> tuple[Tensor, Tensor]:
         z = ((self.channels(windows) - self.audio_mean) @ self.whiten).clamp(-MAX_Z, MAX_Z)
         y = self.out_mean + z @ self.basis
+        if bool(self.rest_fitted):
+            s = self.silence(windows)[:, None]
+            y = (1 - s) * y + s * self.rest_out
         return y[:, :3], y[:, 3:]
 
 

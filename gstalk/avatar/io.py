@@ -30,7 +30,7 @@ from gstalk.io.atomic import atomic_path, ensure_dir, write_json
 
 AVATAR_FORMAT = "gstalk-avatar"
 
-READABLE_VERSIONS = (1, 2, 3, AVATAR_VERSION)
+READABLE_VERSIONS = (1, 2, 3, 4, AVATAR_VERSION)
 
 
 def save_avatar(avatar: Avatar, folder: str | os.PathLike, motion: dict[str, np.ndarray],
@@ -112,6 +112,8 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
     for prefix, mod in nets:
         sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         missing, unexpected = mod.load_state_dict(sd, strict=False)
+        if prefix == "visemes" and raw["version"] == 4:  # no mouth at rest before version 5: pauses use the table
+            missing = [k for k in missing if k not in ("rest_out", "rest_fitted")]
         if missing or unexpected:
             raise FileFormatError(f"{root}: network '{prefix}' does not match this gstalk "
                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -24,7 +24,7 @@ from gstalk.head.lbs import FlameParams, flame_forward
 from gstalk.render import Cameras, RenderOutput, rasterize
 
 # 2: relative field + mouth prior; 3: expression prior; 4: viseme lip model (older versions are read as made)
-AVATAR_VERSION = 4
+AVATAR_VERSION = 5
 
 
 @dataclass

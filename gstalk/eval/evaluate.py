@@ -12,7 +12,8 @@ landmarks on the render vs on the ground truth, pixels at 512), the mouth's moti
 the detector's mouth opening over the frames, render / ground truth: damped lips give < 1),
 blink error (eye-aspect blink signal of the render vs the dataset's). Other speakers' audio drives the avatar with
 its lip model; the score is the mouth-opening (measured by the detector on the
-render) vs speech-energy sync (:mod:`gstalk.eval.sync`). The gains of the deformation over
+render) vs speech-energy sync (:mod:`gstalk.eval.sync`), next to the same score of the real
+person on their own clip (``sync_ground_truth``; a real face scores well below 1). The gains of the deformation over
 the switched-off render and over the render driven by other frames' audio are reported as
 paired per-frame differences with their standard error, so that a clip's few held-out frames
 say whether a difference is more than noise. Writes ``eval.json`` (with the per-frame values)
@@ -225,6 +226,13 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
             syncs.setdefault(Path(a).name, {})[name] = sync_score(mouth, audio, ds.fps)
             prog("eval sync", 1, 1)
     result["sync_other_audio"] = syncs
+    # what a real face scores: the filmed person's own mouth (detector landmarks on every frame
+    # of the clip) against the clip's own audio; people do not shut the mouth in every pause,
+    # so a render far above this exaggerates, one far below it lags or barely moves
+    all_lm = ds.landmarks()
+    own_mouth = mouth_opening(np.nan_to_num(all_lm["lmk"]))
+    own_mouth[~np.asarray(all_lm["valid"], bool)] = np.nan
+    result["sync_ground_truth"] = sync_score(own_mouth, ds.audio(), ds.fps)
     for name in ("deformation", "no_deformation"):
         vals = [v[name] for v in syncs.values() if math.isfinite(v[name])]
         result[name]["sync_other_audio"] = float(np.mean(vals)) if vals else float("nan")

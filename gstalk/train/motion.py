@@ -104,7 +104,11 @@ def fit_visemes(vm: VisemeMotion, ds, windows: torch.Tensor, jaw: np.ndarray, ex
     target = torch.cat([torch.as_tensor(jaw), torch.as_tensor(expr[:, :vm.n_expr])], 1).float()
     info = vm.fit(windows, lips, target, frames, driven=driven)
     c = info["phones_vs_lips"]
+    rest = info["rest_lips_z"]
+    rest_msg = (f"in pauses ({info['silent_frames']:.0f} frames) the mouth rests at opening {rest[0]:+.1f}, width "
+                f"{rest[1]:+.1f} spreads from its mean" if rest is not None else
+                f"too little silence ({info['silent_frames']:.0f} frames) to learn the mouth at rest; pauses close it")
     log(f"lip motion: visemes calibrated on {len(frames)} frames (phones vs measured lips: opening "
         f"{c['opening']:+.2f}, spread {c['spread']:+.2f}; lip measures explain {info['jaw_open_explained']:.0%} "
-        "of the jaw opening)")
+        f"of the jaw opening; {rest_msg})")
     return "visemes"
