@@ -7,7 +7,9 @@ Per frame (batch 1, what a live driver does): audio features and code (computed 
 clip, per frame), head-model skinning and triangle frames, the deformation field, the posing
 step (triangle binding + deformation outputs, per Gaussian) with the PyTorch reference and,
 on CUDA, the fused kernel, rasterisation, and copy-out (the image to host memory as uint8);
-then the whole path with each posing backend, timed end to end; with ``--compile`` also the
+then the whole path with each posing backend, timed end to end, and as offline rendering
+does it (batches of 8 frames posed together and rasterized in one call; per frame); with
+``--compile`` also the
 deformation field compiled by ``torch.compile`` (with CUDA graphs on a GPU) and the whole path
 with it. Training: iterations per
 second of one synthetic training step (pose + deform + rasterize + L1 + backward + Adam).
@@ -35,7 +37,9 @@ from gstalk.avatar.posing import cuda_kernel_available, pose_gaussians  # noqa: 
 from gstalk.avatar.synthetic import standin_avatar  # noqa: E402
 from gstalk.eval.bench import device_name, time_it  # noqa: E402
 from gstalk.head.lbs import FlameParams  # noqa: E402
-from gstalk.render import Cameras, rasterize  # noqa: E402
+from gstalk.render import Cameras, rasterize, rasterize_frames  # noqa: E402
+
+OFFLINE_BATCH = 8  # frames per call in offline rendering (gstalk.drive.render.frames_iter's default)
 
 
 def bench_avatar(n: int, size: int, device: torch.device, sh_degree: int = 3) -> Avatar:
@@ -93,6 +97,21 @@ def run(n: int, size: int, device: torch.device, budget: float, compile_field: b
 
         for b in backends:
             rows[f"whole frame [{b}]"] = time_it(lambda: whole(b), device, budget_s=budget)
+
+        # offline rendering (gstalk render): OFFLINE_BATCH frames posed and rasterized per call
+        pb = FlameParams(**{k: None if v is None else v.expand(OFFLINE_BATCH, *v.shape[1:]).contiguous()
+                            for k, v in p.__dict__.items()})
+        cams_b = Cameras(cam.viewmats.expand(OFFLINE_BATCH, -1, -1), cam.Ks.expand(OFFLINE_BATCH, -1, -1), size, size)
+
+        def offline(b):
+            c = av.audio(win[:OFFLINE_BATCH])
+            g, _ = av.posed_batch(Frame(pb, audio=c, blink=torch.zeros(OFFLINE_BATCH, device=device)), backend=b)
+            out = rasterize_frames(g, cams_b, sh_degree=av.cfg.sh_degree).colors
+            return (out.clamp(0, 1) * 255).to(torch.uint8).cpu()
+
+        b = backends[-1]
+        rows[f"whole frame, batches of {OFFLINE_BATCH} [{b}]"] = time_it(lambda: offline(b), device,
+                                                                           budget_s=budget) / OFFLINE_BATCH
         if compile_field:  # torch.compile of the deformation field (CUDA graphs too on a GPU)
             av.compile_field(mode="reduce-overhead" if device.type == "cuda" else None)
             t0 = time.perf_counter()
@@ -119,6 +138,11 @@ def run(n: int, size: int, device: torch.device, budget: float, compile_field: b
 
     rows["training iteration"] = time_it(step, device, budget_s=budget)
     return {"gaussians": av.num_gaussians, "size": size, "ms": rows}
+
+
+def backends_of(r: dict) -> str:
+    """The fastest posing backend a result was timed with."""
+    return "cuda" if "posing step [cuda]" in r["ms"] else "torch"
 
 
 def main() -> None:
@@ -151,6 +175,9 @@ def main() -> None:
             ratio = r["ms"]["posing step [torch]"] / r["ms"]["posing step [cuda]"]
             whole = r["ms"]["whole frame [torch]"] / r["ms"]["whole frame [cuda]"]
             print(f"  fused posing kernel: {ratio:.1f}x the reference step, {whole:.2f}x the whole frame")
+        single, batched = r["ms"][f"whole frame [{backends_of(r)}]"], r["ms"][
+            f"whole frame, batches of {OFFLINE_BATCH} [{backends_of(r)}]"]
+        print(f"  offline batches of {OFFLINE_BATCH}: {single / batched:.2f}x the single-frame rate")
         if "deformation field [compiled]" in r["ms"]:
             print(f"  compiled field: {r['ms']['deformation field'] / r['ms']['deformation field [compiled]']:.1f}x "
                   "the eager field")

@@ -126,9 +126,33 @@ def test_benchmark_script_measures_every_stage():
     assert r["gaussians"] == 600
     stages = ["audio features (per frame)", "audio code", "skinning + triangle frames", "deformation field",
               "posing step [torch]", "rasterisation", "copy-out (uint8 to host)", "whole frame [torch]",
-              "training iteration"]
+              f"whole frame, batches of {mod.OFFLINE_BATCH} [torch]", "training iteration"]
     assert list(r["ms"]) == stages
     assert all(0 < v < 60_000 for v in r["ms"].values())
+
+
+def test_offline_frames_in_batches_match_frame_by_frame(tmp_path):
+    """gstalk render's frames (posed and rasterized a batch at a time, a camera per frame) are
+    the frames the avatar renders one by one."""
+    from gstalk.avatar.io import load_avatar
+    from gstalk.avatar.model import Frame, render_frame
+    from gstalk.drive.render import cameras_for, conditions_for, frames_iter, training_expressions
+
+    from tinyavatar import make_avatar
+
+    av, motion = load_avatar(make_avatar(tmp_path / "av", n_frames=5), "cpu")
+    expressions = training_expressions(motion)
+    cams = cameras_for(av, motion, 5, "orbit", 40)
+    got = list(frames_iter(av, motion, 5, 25.0, cams, expressions=expressions, batch=3))  # batches of 3 and 2
+    c = conditions_for(av, motion, 5, 25.0, None, expressions)
+    bg = torch.ones(40, 40, 3)
+    with torch.no_grad():
+        gs, _ = av.posed(Frame(c.params, c.codes, c.blink))
+        want = [render_frame(av, g, cams[k], bg)[0] for k, g in enumerate(gs)]
+    assert len(got) == 5 and got[0].shape == (40, 40, 3)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (got[0] - got[3]).abs().max() > 0.05  # the orbit and the motion change the frames
 
 
 def test_compiled_field_is_one_graph_and_matches_eager(tmp_path):

@@ -21,7 +21,7 @@ from gstalk.deform.field import REGION_FACE, REGION_MOUTH, REGION_TORSO, Deforma
 from gstalk.gaussians.set import SH_C0, GaussianSet, GaussianTensors
 from gstalk.head.flame import HeadModel
 from gstalk.head.lbs import FlameParams, flame_forward
-from gstalk.render import Cameras, RenderOutput, rasterize
+from gstalk.render import Cameras, RenderOutput, rasterize, rasterize_frames
 
 # 2: relative field + mouth prior; 3: expression prior; 4: viseme lip model (older versions are read as made)
 AVATAR_VERSION = 5
@@ -257,6 +257,12 @@ class Avatar(nn.Module):
     def posed(self, frame: Frame, backend: str = "auto") -> tuple[list[GaussianTensors], Deformation | None]:
         """Posed Gaussians of each frame, and the deformation that was applied (None if off).
         ``backend``: the posing step's (see gstalk/avatar/posing.py)."""
+        g, d = self.posed_batch(frame, backend)
+        return [GaussianTensors(*(t[b] for t in g)) for b in range(g.means.shape[0])], d
+
+    def posed_batch(self, frame: Frame, backend: str = "auto") -> tuple[GaussianTensors, Deformation | None]:
+        """:meth:`posed` as one set of tensors with the frames first (means [B, N, 3], ...),
+        as :func:`gstalk.render.rasterize.rasterize_frames` takes them."""
         from gstalk.avatar.posing import pose_gaussians
 
         o, r, s = self.skin(frame.params)
@@ -272,7 +278,7 @@ class Avatar(nn.Module):
         if d is not None:
             opac = opac + 2.0 * torch.tanh(d.d_opacity[..., 0] / 2.0)
             sh = torch.cat([sh[:, :, :1] + (d.d_colors / SH_C0)[:, :, None], sh[:, :, 1:]], 2)
-        return [GaussianTensors(means[b], quats[b], scales[b], torch.sigmoid(opac[b]), sh[b]) for b in range(B)], d
+        return GaussianTensors(means, quats, scales, torch.sigmoid(opac), sh), d
 
 
 def render_frame(av: Avatar, g: GaussianTensors, cam: Cameras, bg: Tensor) -> tuple[Tensor, Tensor, RenderOutput]:
@@ -280,6 +286,13 @@ def render_frame(av: Avatar, g: GaussianTensors, cam: Cameras, bg: Tensor) -> tu
     (rgb [S, S, 3], alpha [S, S, 1], the render output)."""
     out = rasterize(g, cam, sh_degree=av.cfg.sh_degree, background=0.0)
     return out.colors[0] + (1 - out.alphas[0]) * bg, out.alphas[0], out
+
+
+def render_frames(av: Avatar, g: GaussianTensors, cams: Cameras, bg: Tensor) -> Tensor:
+    """Rasterize B frames' posed Gaussians (:meth:`Avatar.posed_batch`), frame b by camera b,
+    in one call, over the background image ``bg`` [S, S, 3]: rgb [B, S, S, 3]."""
+    out = rasterize_frames(g, cams, sh_degree=av.cfg.sh_degree, background=0.0)
+    return out.colors + (1 - out.alphas) * bg
 
 
 # ---------------------------------------------------------------------- initialisation

@@ -22,7 +22,7 @@ import torch
 
 from gstalk.audio.features import check_speech, compute_features
 from gstalk.avatar.io import load_avatar
-from gstalk.avatar.model import Avatar, Frame, render_frame
+from gstalk.avatar.model import Avatar, Frame, render_frames
 from gstalk.gaussians.set import GaussianTensors
 from gstalk.errors import FileFormatError, InputError
 from gstalk.head.lbs import FlameParams
@@ -220,14 +220,17 @@ def frames_iter(av: Avatar, motion: dict, n: int, fps: float, cams: Cameras, aud
                 expressions: dict | None = None, head: str = "track", deform: bool = True,
                 background: torch.Tensor | None = None, batch: int = 8, lips: str | None = None
                 ) -> Iterator[torch.Tensor]:
-    """Rendered RGB frames [S, S, 3] (float, on the avatar's device), one at a time."""
+    """Rendered RGB frames [S, S, 3] (float, on the avatar's device), one at a time; posed and
+    rasterized ``batch`` frames at a time (on a GPU, one gsplat launch per batch)."""
     dev = av.means.device
     cond = conditions_for(av, motion, n, fps, audio, expressions, head, lips)
     size = cams.width
     bg = background if background is not None else torch.ones(size, size, 3, device=dev)
     with torch.no_grad():
-        for k, g in enumerate(posed_iter(av, cond, deform, batch)):
-            yield render_frame(av, g, cams[k].to(dev), bg)[0]
+        for s in range(0, cond.num_frames, batch):
+            c = cond.slice(slice(s, min(s + batch, cond.num_frames)))
+            g, _ = av.posed_batch(Frame(c.params, audio=c.codes, blink=c.blink, deform=deform))
+            yield from render_frames(av, g, cams[s:s + c.num_frames].to(dev), bg)
 
 
 def load_driver(audio_path: str | Path | None, expressions_path: str | Path | None, fps: float,

@@ -155,8 +155,65 @@ def rasterize(
     bg = _background(background, ncam, d, dev, dt)
     which = select_backend(backend, dev)
     if which == "gsplat":
-        return _rasterize_gsplat(g, cams, bg, sh_degree, near, far, eps2d, tile_size)
+        return _rasterize_gsplat(g, cams.viewmats, cams.Ks, cams.width, cams.height, bg, sh_degree, near, far, eps2d,
+                                 tile_size)
     return _rasterize_torch(g, cams, bg, sh_degree, near, far, eps2d, tile_size)
+
+
+def rasterize_frames(
+    gaussians: GaussianTensors,
+    cameras: Cameras,
+    *,
+    background: Tensor | float | Sequence[float] | None = None,
+    sh_degree: int | None = None,
+    backend: Backend = "auto",
+    near: float = 0.01,
+    far: float = 1e10,
+    eps2d: float = 0.3,
+    tile_size: int = 16,
+) -> RenderOutput:
+    """Render B frames, each its own Gaussians (activated tensors with a leading frame
+    dimension: means [B, N, 3], ..., colors [B, N, K, 3] or [B, N, D]) seen by its own camera
+    (``cameras``: B views, frame b by view b), in one call: an offline renderer's batch.
+    gsplat draws them in one launch (its batch dimension); the reference draws them one by
+    one. Arguments as :func:`rasterize`; the output has one image per frame (colors [B, H, W,
+    D], means2d [B, N, 2], ...)."""
+    if not isinstance(gaussians, GaussianTensors):
+        raise InputError(f"rasterize_frames takes GaussianTensors with a frame dimension, "
+                         f"got {type(gaussians).__name__}")
+    if gaussians.means.dim() != 3:
+        raise InputError(f"means must be [B, N, 3] (one set of Gaussians per frame), "
+                         f"got {tuple(gaussians.means.shape)}")
+    nb = gaussians.means.shape[0]
+    if any(t.shape[:1] != (nb,) for t in gaussians):
+        raise InputError(f"every Gaussian tensor must have the same {nb} frames first, got "
+                         f"{[tuple(t.shape) for t in gaussians]}")
+    cams = _as_cameras(cameras)
+    if len(cams) != nb:
+        raise InputError(f"{nb} frames need {nb} cameras (one each), got {len(cams)}")
+    if nb == 0:
+        raise InputError("no frames to render")
+    if sh_degree is None and gaussians.colors.dim() == 4:
+        sh_degree = sh_degree_from_bases(gaussians.colors.shape[2])
+    _validate(GaussianTensors(*(t[0] for t in gaussians)), sh_degree)
+    if not bool(torch.isfinite(gaussians.means).all() & torch.isfinite(gaussians.scales).all()):
+        raise InputError("Gaussian means or scales contain NaN or infinite values")
+    g = gaussians
+    dev, dt = g.means.device, g.means.dtype
+    cams = cams.to(device=dev, dtype=dt)
+    d = 3 if sh_degree is not None else g.colors.shape[-1]
+    bg = _background(background, nb, d, dev, dt)
+    if select_backend(backend, dev) == "gsplat":
+        # gsplat's batch dimension: frame b's Gaussians [b] seen by its one camera [b, 0]
+        out = _rasterize_gsplat(g, cams.viewmats[:, None], cams.Ks[:, None], cams.width, cams.height, bg[:, None],
+                                sh_degree, near, far, eps2d, tile_size)
+        return RenderOutput(*(getattr(out, f)[:, 0] for f in ("colors", "alphas", "depths", "means2d", "radii",
+                                                               "gaussian_depths")), backend="gsplat")
+    outs = [_rasterize_torch(GaussianTensors(*(t[b] for t in g)), cams[b:b + 1], bg[b:b + 1], sh_degree, near, far,
+                             eps2d, tile_size) for b in range(nb)]
+    return RenderOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in ("colors", "alphas", "depths", "means2d",
+                                                                            "radii", "gaussian_depths")),
+                        backend="torch")
 
 
 def _background(background, ncam: int, d: int, dev, dt) -> Tensor:
@@ -195,11 +252,12 @@ def _rasterize_torch(g: GaussianTensors, cams: Cameras, bg: Tensor, sh_degree, n
                         means2d=proj.means2d, radii=proj.radii, gaussian_depths=proj.depths, backend="torch")
 
 
-def _rasterize_gsplat(g: GaussianTensors, cams: Cameras, bg: Tensor, sh_degree, near, far, eps2d, tile_size):
+def _rasterize_gsplat(g: GaussianTensors, viewmats: Tensor, Ks: Tensor, width: int, height: int, bg: Tensor,
+                      sh_degree, near, far, eps2d, tile_size):
     from gsplat import rasterization  # imported only on CUDA machines
 
     render, alphas, meta = rasterization(
-        g.means, g.quats, g.scales, g.opacities, g.colors, cams.viewmats, cams.Ks, cams.width, cams.height,
+        g.means, g.quats, g.scales, g.opacities, g.colors, viewmats, Ks, width, height,
         near_plane=near, far_plane=far, eps2d=eps2d, sh_degree=sh_degree, packed=False, tile_size=tile_size,
         backgrounds=bg, render_mode="RGB+ED", rasterize_mode="classic",
     )
@@ -207,7 +265,7 @@ def _rasterize_gsplat(g: GaussianTensors, cams: Cameras, bg: Tensor, sh_degree, 
     if means2d.requires_grad:
         means2d.retain_grad()
     radii = meta["radii"]
-    if radii.dim() == 2:  # older gsplat: one radius per Gaussian
-        radii = radii[..., None].expand(-1, -1, 2)
+    if radii.dim() == means2d.dim() - 1:  # older gsplat: one radius per Gaussian
+        radii = radii[..., None].expand(*radii.shape, 2)
     return RenderOutput(colors=render[..., :-1], alphas=alphas, depths=render[..., -1:], means2d=means2d,
                         radii=radii.to(torch.int32), gaussian_depths=meta["depths"], backend="gsplat")
