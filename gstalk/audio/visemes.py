@@ -22,8 +22,8 @@ milliseconds). So, per video frame:
 4. in the pauses between words the phones say nothing about the mouth, and people differ:
    some close it, some leave it parted or breathe through it. Where the training frames hold
    enough silence (``MIN_REST_FRAMES``), the mouth rests in silence where this person's
-   rested in the clip's pauses (their mean measured lips there), blended in by the same
-   window's share of silence; steps 1-2 are then calibrated on the speech frames alone.
+   rested in the clip's pauses (their mean measured lips in the pauses' cores), blended in by
+   the same window's share of silence.
 
 Only these calibrations come from the clip; no mapping from its audio is learned. Needs phone
 features (``phoneme`` or ``mel+phoneme``).
@@ -134,26 +134,27 @@ class VisemeMotion(nn.Module):
         coef = np.linalg.solve(z.T @ z + ridge * len(z) * np.eye(2), z.T @ (y - y_mean)) / l_std[:, None]
         if driven is not None:
             coef[:, 3:][:, ~np.asarray(driven, bool)] = 0.0
-        # the mouth at rest: where it was in the clip's pauses, if they hold enough silence;
-        # the speech frames (weighted by their share of speech) then calibrate the phones alone
-        rest = sil.sum() >= MIN_REST_FRAMES and (1 - sil).sum() >= MIN_REST_FRAMES
-        w = 1 - sil if rest else np.ones(len(a))
-        a_mean, ls_mean = np.average(a, 0, w), np.average(lips, 0, w)
         # whiten the channels the clip's speech moved, colour them with the lips' covariance
-        live = np.sqrt(np.average((a - a_mean) ** 2, 0, w)) >= 1e-3  # a channel speech never moved
+        # (over every frame: with the pauses in, the lips move as far as the person's do)
+        a_mean = a.mean(0)
+        live = a.std(0) >= 1e-3  # a channel the speech never moved cannot be calibrated
         whiten, colour = np.zeros((2, 2)), np.zeros((2, 2))
         if live.any():
             ix = np.flatnonzero(live)
-            ca = np.cov(a[:, ix].T, aweights=w, bias=True).reshape(len(ix), len(ix))
-            cl = np.cov(lips[:, ix].T, aweights=w, bias=True).reshape(len(ix), len(ix))
+            ca = np.cov(a[:, ix].T, bias=True).reshape(len(ix), len(ix))
+            cl = np.cov(lips[:, ix].T, bias=True).reshape(len(ix), len(ix))
             eps = 1e-9 * np.eye(len(ix))
             whiten[np.ix_(ix, ix)] = np.linalg.inv(np.linalg.cholesky(ca + eps))  # z = W (a - mean)
             colour[np.ix_(ix, ix)] = np.linalg.cholesky(cl + eps)  # lips - mean = C z
         self.audio_mean.copy_(torch.from_numpy(a_mean))
         self.whiten.copy_(torch.from_numpy(whiten.T))
         self.basis.copy_(torch.from_numpy(colour.T @ coef))
-        self.out_mean.copy_(torch.from_numpy(y_mean + (ls_mean - l_mean) @ coef))  # at the speech frames' mean lips
-        rest_lips = np.average(lips, 0, sil) if rest else l_mean
+        self.out_mean.copy_(torch.from_numpy(y_mean))
+        # the mouth at rest: where it was in the clip's pauses, if they hold enough silence; the
+        # weights (share of silence)^4 keep the pauses' cores, not their edges, where the mouth
+        # is still moving into or out of a word
+        rest = sil.sum() >= MIN_REST_FRAMES
+        rest_lips = np.average(lips, 0, sil**4) if rest else l_mean
         self.rest_out.copy_(torch.from_numpy(y_mean + (rest_lips - l_mean) @ coef))
         self.rest_fitted.fill_(float(rest))
         self.fitted.fill_(1.0)

@@ -23,7 +23,8 @@ from gstalk.head.flame import HeadModel
 from gstalk.head.lbs import FlameParams, flame_forward
 from gstalk.render import Cameras, RenderOutput, rasterize, rasterize_frames
 
-# 2: relative field + mouth prior; 3: expression prior; 4: viseme lip model (older versions are read as made)
+# 2: relative field + mouth prior; 3: expression prior; 4: viseme lip model; 5: its mouth at rest in pauses
+# (older versions are read as made)
 AVATAR_VERSION = 5
 
 
