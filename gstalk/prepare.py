@@ -335,7 +335,7 @@ def _follow_subject(faces: list[np.ndarray], last: tuple[float, float, float] | 
             return best
     if centre is not None:
         cx, cy, r = centre
-        faces = [a for a in faces if np.hypot(_face_ref(a)[0] - cx, _face_ref(a)[1] - cy) < r]
+        faces = [a for a, (x, y, _) in zip(faces, map(_face_ref, faces)) if np.hypot(x - cx, y - cy) < r]
     return max(faces, key=face_area) if faces else None
 
 

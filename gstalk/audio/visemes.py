@@ -49,6 +49,7 @@ BLUR_S = 0.06  # coarticulation: standard deviation of the averaging window
 MAX_Z = 3.0  # new audio moves the lips at most this many training spreads from the mean
 MIN_REST_FRAMES = 4.0  # frames' worth of silence in the training frames that calibrate the mouth at rest
 CHANNELS = ("opening", "spread")
+SIL = VISEMES.index("sil")
 
 
 def viseme_columns(feature_kind: str, feature_dim: int) -> slice | None:
@@ -103,7 +104,7 @@ class VisemeMotion(nn.Module):
 
     def silence(self, windows: Tensor) -> Tensor:
         """[T, W, D] -> [T] the share of silence (0 .. 1) in each frame's window."""
-        return self._visemes(windows)[:, VISEMES.index("sil")]
+        return self._visemes(windows)[:, SIL]
 
     @torch.no_grad()
     def fit(self, windows: Tensor, lips: np.ndarray, target: Tensor, frames: np.ndarray, ridge: float = 1e-2,
@@ -122,9 +123,9 @@ class VisemeMotion(nn.Module):
         frames = np.asarray(frames)
         if len(frames) < 8:
             raise InputError(f"the viseme lip model needs at least 8 training frames with landmarks, got {len(frames)}")
-        sel = windows[torch.as_tensor(frames, device=windows.device)]
-        a = self.channels(sel).cpu().double().numpy()
-        sil = self.silence(sel).cpu().double().numpy()
+        vis = self._visemes(windows[torch.as_tensor(frames, device=windows.device)])
+        a = (vis @ self.table).cpu().double().numpy()
+        sil = vis[:, SIL].cpu().double().numpy()
         lips = np.asarray(lips, np.float64)[frames]
         y = target[torch.as_tensor(frames, device=target.device)].cpu().double().numpy()
         l_mean, y_mean = lips.mean(0), y.mean(0)
@@ -167,10 +168,11 @@ class VisemeMotion(nn.Module):
                 "rest_lips_z": ((rest_lips - l_mean) / l_std).tolist() if rest else None}
 
     def forward(self, windows: Tensor) -> tuple[Tensor, Tensor]:
-        z = ((self.channels(windows) - self.audio_mean) @ self.whiten).clamp(-MAX_Z, MAX_Z)
+        vis = self._visemes(windows)
+        z = ((vis @ self.table - self.audio_mean) @ self.whiten).clamp(-MAX_Z, MAX_Z)
         y = self.out_mean + z @ self.basis
         if bool(self.rest_fitted):
-            s = self.silence(windows)[:, None]
+            s = vis[:, SIL, None]
             y = (1 - s) * y + s * self.rest_out
         return y[:, :3], y[:, 3:]
 

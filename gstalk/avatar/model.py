@@ -318,9 +318,13 @@ def mouth_prior(head: HeadModel, shape: Tensor) -> tuple[list[float], float] | N
     emb, lips = found
     with torch.no_grad():
         v = flame_forward(head, FlameParams(shape=shape[None].float())).vertices
-        pts = emb.points(v, head.faces)[0, lips]
-    width = float((pts.max(0).values - pts.min(0).values)[0])
-    return [float(a) for a in pts.mean(0)], max(width, 1e-3)
+        return _centre_width(emb.points(v, head.faces)[0, lips])
+
+
+def _centre_width(lip_pts: Tensor) -> tuple[list[float], float]:
+    """The lip landmarks' centre and the mouth's width (x extent, corner to corner)."""
+    width = float((lip_pts.max(0).values - lip_pts.min(0).values)[0])
+    return [float(a) for a in lip_pts.mean(0)], max(width, 1e-3)
 
 
 def mouth_expressions(head: HeadModel, shape: Tensor, ratio: float = 2.0) -> Tensor:
@@ -331,16 +335,15 @@ def mouth_expressions(head: HeadModel, shape: Tensor, ratio: float = 2.0) -> Ten
     head, shape = head.to("cpu"), shape.float().cpu()  # the landmark embedding is on the CPU
     E = head.n_expr
     found = _lip_landmarks(head)
-    prior = mouth_prior(head, shape)
-    if found is None or prior is None or E == 0:
+    if found is None or E == 0:
         return torch.ones(E, dtype=torch.bool)
     emb, lips = found
-    centre, width = prior
     with torch.no_grad():
         # the rest mesh, then each expression coefficient at 1 alone: one batch of E + 1 meshes
         expr = torch.cat([torch.zeros(1, E), torch.eye(E)])
         v = flame_forward(head, FlameParams(shape=shape[None].expand(E + 1, -1), expr=expr)).vertices
         pts = emb.points(v, head.faces)  # [E + 1, L, 3]
+        centre, width = _centre_width(pts[0, lips])  # mouth_prior's, from the rest mesh already here
         d = (pts[1:] - pts[:1]).norm(dim=-1)  # [E, L]
         far = (pts[0] - pts.new_tensor(centre)).norm(dim=-1) > width
         far[lips] = False

@@ -152,7 +152,8 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
         bg = bg.float().div(255).to(dev)
     gts = [torch.from_numpy(cv2.resize(ds.frame(int(t)), (size, size), interpolation=cv2.INTER_AREA)).float() / 255
            for t in idx]
-    lm = ds.landmarks()["lmk"][idx] * (size / ds.resolution)
+    all_lm, clip_audio = ds.landmarks(), ds.audio()
+    lm = all_lm["lmk"][idx] * (size / ds.resolution)
     face_boxes = [_box(lm[k, :, :2], size, 0.1) for k in range(len(idx))]
     mouth_boxes = [_square(lm[k, LIPS, :2], size, 1.6) for k in range(len(idx))]
     result: dict = {"avatar": str(avatar_dir), "dataset": str(dataset_dir), "size": size, "frames": int(len(idx))}
@@ -168,7 +169,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     result["lip_model"] = own_lips
     g_lm = _landmarks([(g.numpy() * 255).astype(np.uint8) for g in gts])
     # the clip's audio, encoded once for every variant
-    codes, lips, a2m_blink = audio_drive(av, audio_windows(av, ds.audio(), ds.num_frames, ds.fps), rest_expr(motion))
+    codes, lips, a2m_blink = audio_drive(av, audio_windows(av, clip_audio, ds.num_frames, ds.fps), rest_expr(motion))
     gt_blink = ds.signals()["blink"]
     drive = (codes, lips, a2m_blink, torch.as_tensor(np.nan_to_num(gt_blink), device=dev).float())
     per_frame: dict[str, dict[str, np.ndarray]] = {}
@@ -229,10 +230,9 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     # what a real face scores: the filmed person's own mouth (detector landmarks on every frame
     # of the clip) against the clip's own audio; people do not shut the mouth in every pause,
     # so a render far above this exaggerates, one far below it lags or barely moves
-    all_lm = ds.landmarks()
     own_mouth = mouth_opening(np.nan_to_num(all_lm["lmk"]))
     own_mouth[~np.asarray(all_lm["valid"], bool)] = np.nan
-    result["sync_ground_truth"] = sync_score(own_mouth, ds.audio(), ds.fps)
+    result["sync_ground_truth"] = sync_score(own_mouth, clip_audio, ds.fps)
     for name in ("deformation", "no_deformation"):
         vals = [v[name] for v in syncs.values() if math.isfinite(v[name])]
         result[name]["sync_other_audio"] = float(np.mean(vals)) if vals else float("nan")

@@ -52,18 +52,21 @@ def blink_signal(lmk: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, dict]:
     return blink.astype(np.float32), {"ear_open": open_ear, "ear_closed": closed}
 
 
+def _over_eye_span(lmk: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Distance of landmarks ``a`` and ``b`` over the outer-eye-corner distance ([..., 478, 2+])."""
+    d = np.linalg.norm(lmk[..., a, :2] - lmk[..., b, :2], axis=-1)
+    iod = np.linalg.norm(lmk[..., EYE_OUTER_CORNERS[0], :2] - lmk[..., EYE_OUTER_CORNERS[1], :2], axis=-1)
+    return (d / np.maximum(iod, 1e-6)).astype(np.float32)
+
+
 def mouth_opening(lmk: np.ndarray) -> np.ndarray:
     """Inner-lip gap divided by the outer-eye-corner distance ([..., 478, 2+] landmarks)."""
-    gap = np.linalg.norm(lmk[..., UPPER_LIP_INNER_MID, :2] - lmk[..., LOWER_LIP_INNER_MID, :2], axis=-1)
-    iod = np.linalg.norm(lmk[..., EYE_OUTER_CORNERS[0], :2] - lmk[..., EYE_OUTER_CORNERS[1], :2], axis=-1)
-    return (gap / np.maximum(iod, 1e-6)).astype(np.float32)
+    return _over_eye_span(lmk, UPPER_LIP_INNER_MID, LOWER_LIP_INNER_MID)
 
 
 def mouth_width(lmk: np.ndarray) -> np.ndarray:
     """Mouth-corner distance divided by the outer-eye-corner distance ([..., 478, 2+] landmarks)."""
-    w = np.linalg.norm(lmk[..., MOUTH_CORNERS[0], :2] - lmk[..., MOUTH_CORNERS[1], :2], axis=-1)
-    iod = np.linalg.norm(lmk[..., EYE_OUTER_CORNERS[0], :2] - lmk[..., EYE_OUTER_CORNERS[1], :2], axis=-1)
-    return (w / np.maximum(iod, 1e-6)).astype(np.float32)
+    return _over_eye_span(lmk, *MOUTH_CORNERS)
 
 
 def label_mask(person: np.ndarray | None, lmk: np.ndarray | None, threshold: float = 0.5,
