@@ -165,7 +165,7 @@ def _render(cfg: RenderConfig, console) -> int:
     with StageProgress(console) as prog:
         r = drive(cfg.target, cfg.out, cfg.audio, cfg.expressions, cfg.camera, cfg.head, cfg.size, cfg.fps,
                   cfg.device, cfg.deform, progress=prog, compile_field=cfg.compile,
-                  lips=None if cfg.lips == "auto" else cfg.lips)
+                  lips=None if cfg.lips == "auto" else cfg.lips, precision=cfg.precision)
     console.print(f"video: {r.video} ({r.frames} frames, {r.seconds:.2f} s at {r.fps:g} fps; rendered at "
                   f"{r.render_fps:.1f} frames/s)")
     return 0
@@ -222,7 +222,7 @@ def _view(cfg: ViewConfig, console) -> int:
     from gstalk.viewer.app import AvatarViewer
 
     v = AvatarViewer(cfg.avatar, cfg.host, cfg.port, cfg.audio, cfg.device, cfg.out, cfg.render, cfg.size,
-                     compile_field=cfg.compile)
+                     compile_field=cfg.compile, precision=cfg.precision)
     console.print(f"gstalk viewer: {v.url}  ({v.num_frames} frames, {v.av.num_gaussians} Gaussians, "
                   f"{cfg.render} rendering on {v.dev.type}; Ctrl-C to stop)")
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):

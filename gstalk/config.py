@@ -14,6 +14,7 @@ from typing_extensions import Annotated
 
 Positional = tyro.conf.Positional
 Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["float32", "half", "float16", "bfloat16"]  # gstalk.deform.frozen.PRECISIONS
 
 
 @dataclass
@@ -68,6 +69,9 @@ class RenderConfig:
     """For a .ply: its axes, rdf (y down, as 3DGS training and 'gstalk export' write) or rub (y up)."""
     compile: bool = False
     """torch.compile the deformation field (faster per frame after a one-off compile of tens of seconds)."""
+    precision: Precision = "float32"
+    """The deformation field's precision: half (float16 on a GPU, bfloat16 on a CPU) is faster and
+    changes a fraction of a percent of the 8-bit pixel values (docs/benchmarks.md)."""
     device: Device = "auto"
 
 
@@ -329,6 +333,9 @@ class ViewConfig:
     """Image height for server rendering and rendered videos."""
     compile: bool = False
     """torch.compile the deformation field (faster per frame after a one-off compile of tens of seconds)."""
+    precision: Precision = "float32"
+    """The deformation field's precision: half (float16 on a GPU, bfloat16 on a CPU) is faster and
+    changes a fraction of a percent of the 8-bit pixel values (docs/benchmarks.md)."""
     device: Device = "auto"
 
 

@@ -73,7 +73,16 @@ def run(n: int, size: int, device: torch.device, budget: float, compile_field: b
         code = av.audio(win[:1])
         frame = Frame(p, audio=code, blink=torch.zeros(1, device=device))
         rows["skinning + triangle frames"] = time_it(lambda: av.skin(p), device, budget_s=budget)
-        av.canonical_positions()
+        # the field as inference ran it before the factored form: the whole module on every point,
+        # with the spatial features and the neutral output computed once
+        x, prior = av.canonical_positions(), av.prior_gates()
+        hs = av.field.spatial(x)
+        neutral = av.field.neutral_raw(hs, av.region, prior)
+        expr = p.expr[:, :av.cfg.expr_cond]
+        rows["deformation field [reference]"] = time_it(
+            lambda: av.field(x, torch.tanh(code), blink=frame.blink, expr=expr, neck=p.neck, region=av.region,
+                             prior_gates=prior, relative=True, h=hs, neutral=neutral), device, budget_s=budget)
+        av.frozen_field()
         rows["deformation field"] = time_it(lambda: av.deformation(frame), device, budget_s=budget)
         o, r, s = av.skin(p)
         d = av.deformation(frame)
@@ -112,6 +121,17 @@ def run(n: int, size: int, device: torch.device, budget: float, compile_field: b
         b = backends[-1]
         rows[f"whole frame, batches of {OFFLINE_BATCH} [{b}]"] = time_it(lambda: offline(b), device,
                                                                            budget_s=budget) / OFFLINE_BATCH
+        # the field in half precision (float16 on a GPU, bfloat16 on a CPU), and what it changes in the image
+        full = whole(b).float()
+        av.set_precision("half")
+        rows["deformation field [half]"] = time_it(lambda: av.deformation(frame), device, budget_s=budget)
+        rows[f"whole frame [{b}, half field]"] = time_it(lambda: whole(b), device, budget_s=budget)
+        diff = whole(b).float() - full
+        mse = float(diff.square().mean()) / 255 ** 2
+        half_image = {"dtype": str(av.frozen_field().dtype).removeprefix("torch."),
+                      "psnr_db": float("inf") if mse == 0 else -10 * float(np.log10(mse)),
+                      "max_abs_255": float(diff.abs().max()), "changed_pixels": float((diff != 0).float().mean())}
+        av.set_precision("float32")
         if compile_field:  # torch.compile of the deformation field (CUDA graphs too on a GPU)
             av.compile_field(mode="reduce-overhead" if device.type == "cuda" else None)
             t0 = time.perf_counter()
@@ -137,7 +157,7 @@ def run(n: int, size: int, device: torch.device, budget: float, compile_field: b
         av.invalidate()
 
     rows["training iteration"] = time_it(step, device, budget_s=budget)
-    return {"gaussians": av.num_gaussians, "size": size, "ms": rows}
+    return {"gaussians": av.num_gaussians, "size": size, "ms": rows, "half_field_image": half_image}
 
 
 def backends_of(r: dict) -> str:
@@ -178,6 +198,12 @@ def main() -> None:
         single, batched = r["ms"][f"whole frame [{backends_of(r)}]"], r["ms"][
             f"whole frame, batches of {OFFLINE_BATCH} [{backends_of(r)}]"]
         print(f"  offline batches of {OFFLINE_BATCH}: {single / batched:.2f}x the single-frame rate")
+        ms = r["ms"]
+        print(f"  factored field: {ms['deformation field [reference]'] / ms['deformation field']:.1f}x the reference "
+              f"field; in half precision {ms['deformation field [reference]'] / ms['deformation field [half]']:.1f}x")
+        hi = r["half_field_image"]
+        print(f"  half-precision field ({hi['dtype']}) vs float32, whole frame as uint8: PSNR {hi['psnr_db']:.1f} dB, "
+              f"max difference {hi['max_abs_255']:.0f}/255, {100 * hi['changed_pixels']:.2f} % of values changed")
         if "deformation field [compiled]" in r["ms"]:
             print(f"  compiled field: {r['ms']['deformation field'] / r['ms']['deformation field [compiled]']:.1f}x "
                   "the eager field")

@@ -210,3 +210,115 @@ def test_expression_prior_keeps_expressions_off_the_hair():
             moved[on] = av.deformation(frame).d_means[0].norm(dim=-1)
     assert moved[False][still].mean() > 1e-5 and moved[False][moving].mean() > 1e-5
     assert moved[True][still].max() == 0 and moved[True][moving].mean() > 0.5 * moved[False][moving].mean()
+
+
+def _perturbed_field(seed=0, expr_dim=8, colour=False):
+    torch.manual_seed(seed)
+    f = DeformationField(audio_dim=16, expr_dim=expr_dim, encoding="triplane", levels=4, log2_table=10, finest=64,
+                         colour=colour)
+    with torch.no_grad():
+        for p in f.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return f
+
+
+@pytest.mark.parametrize("relative,expr_dim,colour", [(True, 8, False), (False, 0, True)])
+def test_frozen_field_matches_the_field(relative, expr_dim, colour):
+    """The factored inference form (per-point parts once, each stream's conditions through its
+    block of the first layer, each branch on its own Gaussians) gives the field's offsets."""
+    from gstalk.deform.frozen import FrozenField
+
+    f = _perturbed_field(expr_dim=expr_dim, colour=colour)
+    g = torch.Generator().manual_seed(1)
+    N, B = 300, 3
+    x = torch.rand(N, 3, generator=g) * 0.3 - 0.15
+    region = torch.zeros(N, dtype=torch.long)
+    region[:40], region[40:70] = REGION_MOUTH, REGION_TORSO
+    prior = torch.rand(N, 3 if expr_dim else 2, generator=g)
+    audio, blink = torch.randn(B, 16, generator=g).tanh(), torch.rand(B, generator=g)
+    expr = torch.randn(B, expr_dim, generator=g) if expr_dim else None
+    neck = 0.2 * torch.randn(B, 3, generator=g)
+    with torch.no_grad():
+        for reg, pr in [(region, prior), (None, None)]:  # with every branch; all face, no prior
+            ref = f(x, audio, blink=blink, expr=expr, neck=neck, region=reg, prior_gates=pr, relative=relative)
+            got = FrozenField(f, x, reg, pr, relative)(audio, blink, expr, neck)
+            for k, want in ref.__dict__.items():
+                torch.testing.assert_close(getattr(got, k), want, atol=1e-6, rtol=1e-5)
+            assert (ref.d_means[:, 70:] - ref.d_means[:, 70:].mean(1, keepdim=True)).abs().max() > 1e-4
+        if relative:  # exactly the identity at the neutral conditions
+            d = FrozenField(f, x, region, prior, True)(torch.zeros(1, 16))
+            assert float(d.d_means.abs().max()) == 0 and float(d.d_opacity.abs().max()) == 0
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.06), (torch.float16, 0.01)])
+def test_half_precision_field_is_close_to_float32(dtype, tol):
+    """In half precision the offsets come out in float32, within a small share of their range of
+    the float32 field's, and still exactly zero at the neutral conditions."""
+    from gstalk.deform.frozen import FrozenField
+
+    f = _perturbed_field()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(500, 3, generator=g) * 0.3 - 0.15
+    audio, expr = torch.randn(4, 16, generator=g).tanh(), torch.randn(4, 8, generator=g)
+    with torch.no_grad():
+        ref = FrozenField(f, x)(audio, None, expr)
+        half = FrozenField(f, x, dtype=dtype)
+        got = half(audio, None, expr)
+        assert half.face_point.dtype == dtype
+        for k in ("d_means", "d_log_scales", "d_opacity"):
+            want, out = getattr(ref, k), getattr(got, k)
+            assert out.dtype == torch.float32
+            span = float(want.abs().max())
+            assert span > 0 and float((out - want).abs().max()) <= tol * span
+        assert float(half(torch.zeros(1, 16)).d_means.abs().max()) == 0
+
+
+def test_avatar_precision_changes_the_frame_by_little_and_saves_nothing():
+    """Avatar.set_precision('half') (bfloat16 on a CPU) renders nearly the float32 frame; the
+    inference field is a cache, never in the avatar's state; unknown names are refused."""
+    from gstalk.avatar.model import Frame, render_frame
+    from gstalk.avatar.synthetic import standin_avatar
+    from gstalk.errors import InputError
+    from gstalk.head.lbs import FlameParams
+    from gstalk.render import Cameras
+
+    av = standin_avatar(n_gaussians=3000, resolution=64, field_noise=0.05)
+    keys = set(av.state_dict())
+    cam = Cameras(av.viewmat[None], av.K[None], 64, 64)
+    p = FlameParams(jaw=torch.tensor([[0.15, 0.0, 0.0]]), expr=torch.full((1, av.head_model.n_expr), 0.3),
+                    translation=torch.tensor([[0.0, 0.0, -0.6]]))
+    code = torch.randn(1, av.cfg.code_dim, generator=torch.Generator().manual_seed(3))
+    bg = torch.ones(64, 64, 3)
+    images = {}
+    with torch.no_grad():
+        for prec in ("float32", "half"):
+            av.set_precision(prec)
+            g = av.gaussians_at(Frame(p, audio=code, blink=torch.zeros(1)))[0]
+            images[prec] = render_frame(av, g, cam, bg)[0]
+            off = av.gaussians_at(Frame(p, audio=code, deform=False))[0]
+        assert av.frozen_field().dtype == torch.bfloat16
+        moved = render_frame(av, off, cam, bg)[0]
+    assert set(av.state_dict()) == keys
+    mse = float((images["half"] - images["float32"]).square().mean())
+    assert mse < 1e-5 and float((moved - images["float32"]).square().mean()) > 10 * mse
+    with pytest.raises(InputError, match="precision"):
+        av.set_precision("int8")
+
+
+@cuda
+def test_half_precision_field_on_cuda_is_close_to_float32_on_cpu():
+    """'half' on a GPU is float16: the GPU's half-precision offsets against the CPU's float32."""
+    from gstalk.deform.frozen import FrozenField, precision_dtype
+
+    f = _perturbed_field()
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2000, 3, generator=g) * 0.3 - 0.15
+    audio, expr = torch.randn(8, 16, generator=g).tanh(), torch.randn(8, 8, generator=g)
+    with torch.no_grad():
+        ref = FrozenField(f, x)(audio, None, expr)
+        dt = precision_dtype("half", "cuda")
+        got = FrozenField(f.cuda(), x.cuda(), dtype=dt)(audio.cuda(), None, expr.cuda())
+    assert dt == torch.float16
+    for k in ("d_means", "d_log_scales", "d_opacity"):
+        want, out = getattr(ref, k), getattr(got, k).cpu()
+        assert float((out - want).abs().max()) <= 0.01 * float(want.abs().max())

@@ -124,11 +124,14 @@ def test_benchmark_script_measures_every_stage():
     spec.loader.exec_module(mod)
     r = mod.run(600, 32, torch.device("cpu"), budget=0.0)
     assert r["gaussians"] == 600
-    stages = ["audio features (per frame)", "audio code", "skinning + triangle frames", "deformation field",
-              "posing step [torch]", "rasterisation", "copy-out (uint8 to host)", "whole frame [torch]",
-              f"whole frame, batches of {mod.OFFLINE_BATCH} [torch]", "training iteration"]
+    stages = ["audio features (per frame)", "audio code", "skinning + triangle frames", "deformation field [reference]",
+              "deformation field", "posing step [torch]", "rasterisation", "copy-out (uint8 to host)",
+              "whole frame [torch]", f"whole frame, batches of {mod.OFFLINE_BATCH} [torch]", "deformation field [half]",
+              "whole frame [torch, half field]", "training iteration"]
     assert list(r["ms"]) == stages
     assert all(0 < v < 60_000 for v in r["ms"].values())
+    hi = r["half_field_image"]  # what the half-precision field changed in the uint8 frame
+    assert hi["dtype"] == "bfloat16" and hi["psnr_db"] > 40 and 0 <= hi["changed_pixels"] < 0.05
 
 
 def test_offline_frames_in_batches_match_frame_by_frame(tmp_path):

@@ -18,6 +18,7 @@ from gstalk.audio.encoder import AudioModel
 from gstalk.audio.visemes import VisemeMotion
 from gstalk.avatar.binding import bind_to_world, rotmat_to_quat, triangle_frames, world_to_local
 from gstalk.deform.field import REGION_FACE, REGION_MOUTH, REGION_TORSO, Deformation, DeformationField
+from gstalk.deform.frozen import FrozenField, precision_dtype
 from gstalk.gaussians.set import SH_C0, GaussianSet, GaussianTensors
 from gstalk.head.flame import HeadModel
 from gstalk.head.lbs import FlameParams, flame_forward
@@ -108,8 +109,10 @@ class Avatar(nn.Module):
         self.register_buffer("viewmat", viewmat.float())
         self._rest = None
         self._prior = None
-        self._static = None
+        object.__setattr__(self, "_static", None)  # the inference field (frozen_field()), not a submodule
         object.__setattr__(self, "_compiled", None)  # see compile_field(); not a submodule
+        object.__setattr__(self, "_compile_opts", None)
+        object.__setattr__(self, "precision", "float32")  # see set_precision()
         self.set_gaussians(gaussians, region)
         self.field = DeformationField(audio_dim=cfg.code_dim, expr_dim=cfg.expr_cond, encoding=cfg.encoding,
                                       colour=False)
@@ -124,7 +127,7 @@ class Avatar(nn.Module):
         self._canon = None
         self._rest = None
         self._prior = None
-        self._static = None
+        object.__setattr__(self, "_static", None)
         return out
 
     # ------------------------------------------------------------------ Gaussians
@@ -178,7 +181,7 @@ class Avatar(nn.Module):
         """Forget what was computed from the Gaussians and the field (call after changing them)."""
         self._canon = None
         self._prior = None
-        self._static = None
+        object.__setattr__(self, "_static", None)
 
     def prior_gates(self) -> Tensor | None:
         """[N, streams] spatial prior of the field's condition streams (audio, blink[,
@@ -230,29 +233,49 @@ class Avatar(nn.Module):
         if self.cfg.expr_cond:
             e = p.expr if p.expr is not None else torch.zeros(B, self.cfg.expr_cond, device=dev)
             expr = torch.nn.functional.pad(e[:, : self.cfg.expr_cond], (0, max(0, self.cfg.expr_cond - e.shape[1])))
-        x, prior = self.canonical_positions(), self.prior_gates()
-        h = neutral = None
         if not torch.is_grad_enabled():
-            # inference: the points do not move, so their spatial features and the neutral
-            # output are computed once (invalidate() drops them)
-            if self._static is None or self._static[0].shape[0] != x.shape[0]:
-                hs = self.field.spatial(x)
-                self._static = (hs, self.field.neutral_raw(hs, self.region, prior) if self.cfg.field_relative
-                                else None)
-            h, neutral = self._static
-        # bounded codes: new voices must not push the field far outside what it was trained on
-        field = self._compiled if (self._compiled is not None and not torch.is_grad_enabled()) else self.field
-        return field(x, torch.tanh(audio), blink=frame.blink, expr=expr, neck=p.neck, region=self.region,
-                     prior_gates=prior, relative=self.cfg.field_relative, h=h, neutral=neutral)
+            # inference: the points do not move, so the field is evaluated in its factored form
+            # at them (gstalk/deform/frozen.py), built once (invalidate() drops it)
+            field = self.frozen_field()
+            if self._compile_opts is not None:
+                if self._compiled is None:
+                    object.__setattr__(self, "_compiled", torch.compile(field, dynamic=False, **self._compile_opts))
+                field = self._compiled
+            # bounded codes: new voices must not push the field far outside what it was trained on
+            return field(torch.tanh(audio), frame.blink, expr, p.neck)
+        return self.field(self.canonical_positions(), torch.tanh(audio), blink=frame.blink, expr=expr, neck=p.neck,
+                          region=self.region, prior_gates=self.prior_gates(), relative=self.cfg.field_relative)
+
+    def frozen_field(self) -> FrozenField:
+        """The deformation field at the canonical positions, for no-grad inference, in the
+        avatar's precision (see :meth:`set_precision`); cached until :meth:`invalidate`."""
+        x = self.canonical_positions()
+        if self._static is None or self._static.n != x.shape[0]:
+            with torch.no_grad():
+                # a cache, not a submodule: kept out of the avatar's state_dict and parameters
+                object.__setattr__(self, "_static", FrozenField(
+                    self.field, x, self.region, self.prior_gates(), self.cfg.field_relative,
+                    precision_dtype(self.precision, x.device)))
+            object.__setattr__(self, "_compiled", None)
+        return self._static
+
+    def set_precision(self, precision: str = "float32") -> "Avatar":
+        """The precision of the deformation field at inference: 'float32' (the default), 'half'
+        (float16 on a GPU, bfloat16 on a CPU), 'float16' or 'bfloat16'. Posing and
+        rasterisation stay in float32; training always uses float32."""
+        precision_dtype(precision, self.means.device)  # refuse an unknown name now
+        object.__setattr__(self, "precision", precision)
+        object.__setattr__(self, "_static", None)
+        return self
 
     def compile_field(self, mode: str | None = None, backend: str = "inductor", fullgraph: bool = True,
                       enable: bool = True) -> "Avatar":
         """Use a ``torch.compile``d deformation field for inference (no-grad calls; training keeps
         the eager module). ``mode`` 'reduce-overhead' adds CUDA graphs on a GPU. The first call
         compiles (tens of seconds on a CPU). ``enable=False`` goes back to the eager field."""
-        compiled = torch.compile(self.field, mode=mode, backend=backend, fullgraph=fullgraph,
-                                 dynamic=False) if enable else None
-        object.__setattr__(self, "_compiled", compiled)
+        object.__setattr__(self, "_compile_opts", {"mode": mode, "backend": backend, "fullgraph": fullgraph}
+                           if enable else None)
+        object.__setattr__(self, "_compiled", None)
         return self
 
     def posed(self, frame: Frame, backend: str = "auto") -> tuple[list[GaussianTensors], Deformation | None]:

@@ -54,6 +54,16 @@ class Deformation:
                 + 0.1 * self.d_log_scales.square().sum(-1).mean())
 
 
+def to_deformation(out: Tensor, colour: bool) -> Deformation:
+    """The field's raw outputs [B, N, 11|14] as offsets. Raw outputs are in natural units:
+    1 = 1 cm, 0.1 rad, 10 % of scale, 0.1 of colour."""
+    B, N = out.shape[:2]
+    d_q = 0.05 * out[..., 3:7] + out.new_tensor([1.0, 0, 0, 0])
+    col = 0.1 * out[..., 11:14] if colour else out.new_zeros(B, N, 3)
+    return Deformation(d_means=0.01 * out[..., 0:3], d_quats=d_q, d_log_scales=0.1 * out[..., 7:10],
+                       d_opacity=out[..., 10:11], d_colors=col)
+
+
 def _mlp(inp: int, hidden: int, out: int, layers: int = 2) -> nn.Sequential:
     mods: list[nn.Module] = []
     d = inp
@@ -150,12 +160,7 @@ class DeformationField(nn.Module):
         out = self._raw(h, gates, audio, blink, expr, neck, region)
         if relative:
             out = out - (self.neutral_raw(h, region, gates=gates) if neutral is None else neutral)
-        # raw outputs are in natural units: 1 = 1 cm, 0.1 rad, 10 % of scale, 0.1 of colour
-        N = x.shape[0]
-        d_q = 0.05 * out[..., 3:7] + out.new_tensor([1.0, 0, 0, 0])
-        col = 0.1 * out[..., 11:14] if self.colour else torch.zeros(B, N, 3, device=dev)
-        return Deformation(d_means=0.01 * out[..., 0:3], d_quats=d_q, d_log_scales=0.1 * out[..., 7:10],
-                           d_opacity=out[..., 10:11], d_colors=col)
+        return to_deformation(out, self.colour)
 
     def neutral_raw(self, h: Tensor, region: Tensor | None = None, prior_gates: Tensor | None = None,
                     gates: Tensor | None = None) -> Tensor:

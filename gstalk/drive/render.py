@@ -253,13 +253,15 @@ def load_driver(audio_path: str | Path | None, expressions_path: str | Path | No
 def drive(avatar_dir: str | Path, out: str | Path, audio_path: str | Path | None = None,
           expressions_path: str | Path | None = None, camera: str = "track", head: str = "track",
           size: int = 0, fps: float = 0.0, device: str = "auto", deform: bool = True,
-          progress: Progress | None = None, compile_field: bool = False, lips: str | None = None) -> DriveResult:
+          progress: Progress | None = None, compile_field: bool = False, lips: str | None = None,
+          precision: str = "float32") -> DriveResult:
     import time
 
     from gstalk.config import resolve_device
 
     dev = resolve_device(device)
     av, motion = load_avatar(avatar_dir, dev)
+    av.set_precision(precision)
     if compile_field:
         av.compile_field(mode="reduce-overhead" if dev.type == "cuda" else None)
     fps = fps or av.cfg.fps

@@ -40,7 +40,8 @@ class AvatarViewer:
 
     def __init__(self, avatar_dir: str | Path, host: str = "127.0.0.1", port: int = 8080,
                  audio: str | Path | None = None, device: str = "auto", out: str | Path = "out/view",
-                 render: str = "browser", size: int = 256, log=print, compile_field: bool = False):
+                 render: str = "browser", size: int = 256, log=print, compile_field: bool = False,
+                 precision: str = "float32"):
         import contextlib
 
         import viser
@@ -53,6 +54,7 @@ class AvatarViewer:
             raise InputError("--render must be browser or server")
         self.dev = resolve_device(device)
         self.av, self.motion = load_avatar(avatar_dir, self.dev)
+        self.av.set_precision(precision)
         if compile_field:  # the first frame pays the compile
             self.av.compile_field(mode="reduce-overhead" if self.dev.type == "cuda" else None)
         self.out = Path(out)
