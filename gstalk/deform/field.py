@@ -22,6 +22,9 @@ Structure (after TalkingGaussian / ER-NeRF, in our own form):
   at the neutral conditions, so it is exactly the identity there and any change it makes
   comes from the conditions; switching it off then gives the canonical avatar it was
   trained with, not a degraded one that leant on an audio-independent offset.
+
+Inference at fixed points (rendering an avatar) uses :class:`gstalk.deform.frozen.FrozenField`,
+the same computation factored so that what depends on the point alone is done once.
 """
 
 from __future__ import annotations
