@@ -5,7 +5,8 @@
 #   scripts/gpu_check.sh tests bench       carry .whl: the CUDA parity tests (with the CPU tests
 #                                          of the same files) and scripts/bench.py --compile
 #   scripts/gpu_check.sh fit               carry .whl-fit and .gpu: gstalk train on .gpu/ds at
-#                                          512 px (timed; a re-run resumes from its checkpoint),
+#                                          512 px (timed; stopped with a checkpoint after
+#                                          FIT_SECONDS, 540 s by default, and a re-run resumes),
 #                                          then the avatar's render speed and half precision
 #                                          (scripts/bench_precision.py) and gstalk render with
 #                                          new audio
@@ -47,10 +48,16 @@ for step in "$@"; do
       python3 -c "import pocketsphinx" 2>/dev/null || { echo "gpu_check: carry .whl-fit (pocketsphinx)" >&2; exit 2; }
       av=out/gpu_fit/avatar
       t0=$(date +%s.%N)
-      python3 -m gstalk train .gpu/ds "$av" --device cuda 2>&1 | tee -a "$OUT/fit.txt"
+      # Ctrl-C (SIGINT) makes the trainer save a checkpoint: sent before the device's 10-minute limit
+      timeout -s INT "${FIT_SECONDS:-540}" python3 -m gstalk train .gpu/ds "$av" --device "${FIT_DEVICE:-cuda}" 2>&1 | tee -a "$OUT/fit.txt"
       st=${PIPESTATUS[0]}
       echo "train: exit $st after $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s (this call)" | tee -a "$OUT/fit.txt"
-      [ "$st" -eq 0 ] || { rc=1; continue; }
+      if [ "$st" -ne 0 ]; then
+        echo "gpu_check: training did not finish in this call; run 'fit' again to resume from its checkpoint" \
+          | tee -a "$OUT/fit.txt"
+        rc=1
+        continue
+      fi
       python3 scripts/bench_precision.py "$av" --frames 200 2>&1 | tee "$OUT/precision.txt"
       python3 -m gstalk render "$av" --audio .gpu/speech_radio_8s.wav --out "$OUT/render.mp4" 2>&1 | tee "$OUT/render.txt"
       python3 -m gstalk render "$av" --audio .gpu/speech_radio_8s.wav --out "$OUT/render_half.mp4" --precision half \
