@@ -131,7 +131,7 @@ def test_benchmark_script_measures_every_stage():
     assert list(r["ms"]) == stages
     assert all(0 < v < 60_000 for v in r["ms"].values())
     hi = r["half_field_image"]  # what the half-precision field changed in the uint8 frame
-    assert hi["dtype"] == "bfloat16" and hi["psnr_db"] > 40 and 0 <= hi["changed_pixels"] < 0.05
+    assert hi["dtype"] == "bfloat16" and hi["psnr_db"] > 40 and 0 <= hi["changed_values"] < 0.05
 
 
 def test_offline_frames_in_batches_match_frame_by_frame(tmp_path):
