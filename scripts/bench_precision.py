@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gstalk.avatar.io import load_avatar  # noqa: E402
 from gstalk.config import resolve_device  # noqa: E402
-from gstalk.drive.render import cameras_for, frames_iter, training_expressions  # noqa: E402
+from gstalk.drive.render import cameras_for, frames_iter, plate_background, training_expressions  # noqa: E402
 from gstalk.eval.bench import device_name  # noqa: E402
 from gstalk.io.video import load_audio  # noqa: E402
 
@@ -58,12 +58,7 @@ def main() -> None:
     expressions = None if audio is not None else training_expressions(motion)
     n = a.frames if audio is not None else min(a.frames, len(motion["jaw"]))
     cams = cameras_for(av, motion, n, "track", size)
-    bg = None
-    if av.cfg.background == "plate" and "background" in motion:
-        import cv2
-
-        bg = torch.from_numpy(cv2.resize(motion["background"], (size, size), interpolation=cv2.INTER_AREA))
-        bg = bg.float().div(255).to(dev)
+    bg = plate_background(av, motion, size)
     print(f"device: {device_name(dev)}  (torch {torch.__version__})")
     print(f"avatar: {a.avatar} ({av.num_gaussians} Gaussians), {n} frames at {size}x{size}, "
           f"driven by {'audio ' + str(a.audio) if audio is not None else 'its training track'}")

@@ -250,26 +250,38 @@ def test_frozen_field_matches_the_field(relative, expr_dim, colour):
             assert float(d.d_means.abs().max()) == 0 and float(d.d_opacity.abs().max()) == 0
 
 
+def _half_and_float32(dtype, device="cpu", n=500, frames=4, seed=2):
+    """The factored field's offsets in float32 on the CPU and in ``dtype`` on ``device`` for the
+    same random points and conditions: (float32 offsets, half offsets, the half field)."""
+    from gstalk.deform.frozen import FrozenField
+
+    f = _perturbed_field()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, generator=g) * 0.3 - 0.15
+    audio, expr = torch.randn(frames, 16, generator=g).tanh(), torch.randn(frames, 8, generator=g)
+    with torch.no_grad():
+        ref = FrozenField(f, x)(audio, None, expr)
+        half = FrozenField(f.to(device), x.to(device), dtype=dtype)
+        return ref, half(audio.to(device), None, expr.to(device)), half
+
+
+def _assert_within_share(ref, got, tol):
+    """Every offset in float32 and within ``tol`` of the float32 offsets' largest magnitude."""
+    for k in ("d_means", "d_log_scales", "d_opacity"):
+        want, out = getattr(ref, k), getattr(got, k).cpu()
+        assert out.dtype == torch.float32
+        span = float(want.abs().max())
+        assert span > 0 and float((out - want).abs().max()) <= tol * span
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.06), (torch.float16, 0.01)])
 def test_half_precision_field_is_close_to_float32(dtype, tol):
     """In half precision the offsets come out in float32, within a small share of their range of
     the float32 field's, and still exactly zero at the neutral conditions."""
-    from gstalk.deform.frozen import FrozenField
-
-    f = _perturbed_field()
-    g = torch.Generator().manual_seed(2)
-    x = torch.rand(500, 3, generator=g) * 0.3 - 0.15
-    audio, expr = torch.randn(4, 16, generator=g).tanh(), torch.randn(4, 8, generator=g)
+    ref, got, half = _half_and_float32(dtype)
+    assert half.face_point.dtype == dtype
+    _assert_within_share(ref, got, tol)
     with torch.no_grad():
-        ref = FrozenField(f, x)(audio, None, expr)
-        half = FrozenField(f, x, dtype=dtype)
-        got = half(audio, None, expr)
-        assert half.face_point.dtype == dtype
-        for k in ("d_means", "d_log_scales", "d_opacity"):
-            want, out = getattr(ref, k), getattr(got, k)
-            assert out.dtype == torch.float32
-            span = float(want.abs().max())
-            assert span > 0 and float((out - want).abs().max()) <= tol * span
         assert float(half(torch.zeros(1, 16)).d_means.abs().max()) == 0
 
 
@@ -308,17 +320,9 @@ def test_avatar_precision_changes_the_frame_by_little_and_saves_nothing():
 @cuda
 def test_half_precision_field_on_cuda_is_close_to_float32_on_cpu():
     """'half' on a GPU is float16: the GPU's half-precision offsets against the CPU's float32."""
-    from gstalk.deform.frozen import FrozenField, precision_dtype
+    from gstalk.deform.frozen import precision_dtype
 
-    f = _perturbed_field()
-    g = torch.Generator().manual_seed(4)
-    x = torch.rand(2000, 3, generator=g) * 0.3 - 0.15
-    audio, expr = torch.randn(8, 16, generator=g).tanh(), torch.randn(8, 8, generator=g)
-    with torch.no_grad():
-        ref = FrozenField(f, x)(audio, None, expr)
-        dt = precision_dtype("half", "cuda")
-        got = FrozenField(f.cuda(), x.cuda(), dtype=dt)(audio.cuda(), None, expr.cuda())
+    dt = precision_dtype("half", "cuda")
     assert dt == torch.float16
-    for k in ("d_means", "d_log_scales", "d_opacity"):
-        want, out = getattr(ref, k), getattr(got, k).cpu()
-        assert float((out - want).abs().max()) <= 0.01 * float(want.abs().max())
+    ref, got, _ = _half_and_float32(dt, "cuda", n=2000, frames=8, seed=4)
+    _assert_within_share(ref, got, 0.01)

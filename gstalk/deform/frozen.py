@@ -95,7 +95,7 @@ class FrozenField(nn.Module):
         """The raw outputs [B, N, 11|14] in float32 (the reference's ``_raw``)."""
         dt, B = self.dtype, audio.shape[0]
         a = audio.to(dt)
-        out = None
+        face = None
         if self.counts["face"]:
             streams = [a @ self.w_audio, torch.relu(self.blink_embed(blink.to(dt))) @ self.w_blink]
             if self.expr_dim:
@@ -103,12 +103,11 @@ class FrozenField(nn.Module):
             u = torch.stack(streams, 1)  # [B, S, H]
             pre = torch.relu(self.face_point + torch.einsum("ns,bsh->bnh", self.face_gates, u))
             face = self.face_out(pre).float()
-            if self.whole_face:
+            if self.whole_face:  # nothing to gather or scatter
                 return face
-            out = face.new_zeros(B, self.n, self.out_dim)
+        out = torch.zeros(B, self.n, self.out_dim, device=audio.device)
+        if face is not None:
             out[:, self.face_idx] = face
-        if out is None:
-            out = torch.zeros(B, self.n, self.out_dim, device=audio.device)
         if self.counts["mouth"]:
             pre = torch.relu(self.mouth_point + (a @ self.w_mouth)[:, None])
             out[:, self.mouth_idx] = self.mouth_out(pre).float()

@@ -208,12 +208,31 @@ def training_expressions(motion: dict) -> dict:
             "use_pose": True}
 
 
-def posed_iter(av: Avatar, cond: Conditions, deform: bool = True, batch: int = 8) -> Iterator[GaussianTensors]:
-    """The posed (and deformed) Gaussians of each frame, one at a time."""
+def posed_batches(av: Avatar, cond: Conditions, deform: bool = True, batch: int = 8) -> Iterator[GaussianTensors]:
+    """The posed (and deformed) Gaussians of ``batch`` frames at a time, frames first
+    (:meth:`Avatar.posed_batch`; the last batch may be shorter)."""
     with torch.no_grad():
         for s in range(0, cond.num_frames, batch):
             c = cond.slice(slice(s, min(s + batch, cond.num_frames)))
-            yield from av.gaussians_at(Frame(c.params, audio=c.codes, blink=c.blink, deform=deform))
+            yield av.posed_batch(Frame(c.params, audio=c.codes, blink=c.blink, deform=deform))[0]
+
+
+def posed_iter(av: Avatar, cond: Conditions, deform: bool = True, batch: int = 8) -> Iterator[GaussianTensors]:
+    """The posed (and deformed) Gaussians of each frame, one at a time."""
+    for g in posed_batches(av, cond, deform, batch):
+        for b in range(g.means.shape[0]):
+            yield GaussianTensors(*(t[b] for t in g))
+
+
+def plate_background(av: Avatar, motion: dict, size: int) -> torch.Tensor | None:
+    """The avatar's background plate [size, size, 3] in [0, 1] on its device, where it
+    composites over one (background mode 'plate'); else None."""
+    if av.cfg.background != "plate" or "background" not in motion:
+        return None
+    import cv2
+
+    bg = torch.from_numpy(cv2.resize(motion["background"], (size, size), interpolation=cv2.INTER_AREA))
+    return bg.float().div(255).to(av.means.device)
 
 
 def frames_iter(av: Avatar, motion: dict, n: int, fps: float, cams: Cameras, audio: np.ndarray | None = None,
@@ -226,11 +245,12 @@ def frames_iter(av: Avatar, motion: dict, n: int, fps: float, cams: Cameras, aud
     cond = conditions_for(av, motion, n, fps, audio, expressions, head, lips)
     size = cams.width
     bg = background if background is not None else torch.ones(size, size, 3, device=dev)
-    with torch.no_grad():
-        for s in range(0, cond.num_frames, batch):
-            c = cond.slice(slice(s, min(s + batch, cond.num_frames)))
-            g, _ = av.posed_batch(Frame(c.params, audio=c.codes, blink=c.blink, deform=deform))
-            yield from render_frames(av, g, cams[s:s + c.num_frames].to(dev), bg)
+    s = 0
+    for g in posed_batches(av, cond, deform, batch):
+        nb = g.means.shape[0]
+        with torch.no_grad():
+            yield from render_frames(av, g, cams[s:s + nb].to(dev), bg)
+        s += nb
 
 
 def load_driver(audio_path: str | Path | None, expressions_path: str | Path | None, fps: float,
@@ -272,12 +292,7 @@ def drive(avatar_dir: str | Path, out: str | Path, audio_path: str | Path | None
     if audio is not None:
         lip_model(av, lips)  # refuse an unknown or missing lip model before any work
     cams = cameras_for(av, motion, n, camera, size)
-    bg = None
-    if av.cfg.background == "plate" and "background" in motion and camera in ("track", "still"):
-        import cv2
-
-        bg = torch.from_numpy(cv2.resize(motion["background"], (size, size), interpolation=cv2.INTER_AREA))
-        bg = bg.float().div(255).to(dev)
+    bg = plate_background(av, motion, size) if camera in ("track", "still") else None
     t0 = time.perf_counter()
     frames = frames_iter(av, motion, n, fps, cams, audio, expressions, head, deform, bg, lips=lips)
     path = write_video(Path(out), frames, fps, audio, n_frames=n, progress=progress)

@@ -31,7 +31,8 @@ import torch
 
 from gstalk.avatar.io import load_avatar
 from gstalk.avatar.model import Frame, render_frame
-from gstalk.drive.render import audio_drive, audio_windows, cameras_for, frames_iter, lip_model, rest_expr
+from gstalk.drive.render import (audio_drive, audio_windows, cameras_for, frames_iter, lip_model, plate_background,
+                                 rest_expr)
 from gstalk.errors import InputError
 from gstalk.eval.sync import sync_score
 from gstalk.face.regions import LIPS, blink_signal, mouth_opening
@@ -146,10 +147,8 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     idx = ds.test_indices
     if len(idx) == 0:
         raise InputError(f"{ds.root} has no held-out frames (split test is empty)")
-    bg = torch.ones(size, size, 3, device=dev)
-    if av.cfg.background == "plate" and "background" in motion:
-        bg = torch.from_numpy(cv2.resize(motion["background"], (size, size), interpolation=cv2.INTER_AREA))
-        bg = bg.float().div(255).to(dev)
+    bg = plate_background(av, motion, size)
+    bg = torch.ones(size, size, 3, device=dev) if bg is None else bg
     gts = [torch.from_numpy(cv2.resize(ds.frame(int(t)), (size, size), interpolation=cv2.INTER_AREA)).float() / 255
            for t in idx]
     all_lm, clip_audio = ds.landmarks(), ds.audio()

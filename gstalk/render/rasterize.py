@@ -147,14 +147,8 @@ def rasterize(
     """
     g, sh_degree = _as_tensors(gaussians, sh_degree)
     _validate(g, sh_degree)
-    cams = _as_cameras(cameras)
-    dev, dt = g.means.device, g.means.dtype
-    cams = cams.to(device=dev, dtype=dt)
-    ncam = len(cams)
-    d = 3 if sh_degree is not None else g.colors.shape[1]
-    bg = _background(background, ncam, d, dev, dt)
-    which = select_backend(backend, dev)
-    if which == "gsplat":
+    cams, bg = _cameras_and_background(cameras, g, sh_degree, background)
+    if select_backend(backend, g.means.device) == "gsplat":
         return _rasterize_gsplat(g, cams.viewmats, cams.Ks, cams.width, cams.height, bg, sh_degree, near, far, eps2d,
                                  tile_size)
     return _rasterize_torch(g, cams, bg, sh_degree, near, far, eps2d, tile_size)
@@ -188,32 +182,38 @@ def rasterize_frames(
     if any(t.shape[:1] != (nb,) for t in gaussians):
         raise InputError(f"every Gaussian tensor must have the same {nb} frames first, got "
                          f"{[tuple(t.shape) for t in gaussians]}")
-    cams = _as_cameras(cameras)
-    if len(cams) != nb:
-        raise InputError(f"{nb} frames need {nb} cameras (one each), got {len(cams)}")
     if nb == 0:
         raise InputError("no frames to render")
     if sh_degree is None and gaussians.colors.dim() == 4:
         sh_degree = sh_degree_from_bases(gaussians.colors.shape[2])
-    _validate(GaussianTensors(*(t[0] for t in gaussians)), sh_degree)
-    if not bool(torch.isfinite(gaussians.means).all() & torch.isfinite(gaussians.scales).all()):
-        raise InputError("Gaussian means or scales contain NaN or infinite values")
     g = gaussians
-    dev, dt = g.means.device, g.means.dtype
-    cams = cams.to(device=dev, dtype=dt)
-    d = 3 if sh_degree is not None else g.colors.shape[-1]
-    bg = _background(background, nb, d, dev, dt)
-    if select_backend(backend, dev) == "gsplat":
+    _validate(GaussianTensors(*(t[0] for t in g)), sh_degree)
+    if not bool(torch.isfinite(g.means).all() & torch.isfinite(g.scales).all()):
+        raise InputError("Gaussian means or scales contain NaN or infinite values")
+    cams, bg = _cameras_and_background(cameras, g, sh_degree, background, frames=nb)
+    if select_backend(backend, g.means.device) == "gsplat":
         # gsplat's batch dimension: frame b's Gaussians [b] seen by its one camera [b, 0]
         out = _rasterize_gsplat(g, cams.viewmats[:, None], cams.Ks[:, None], cams.width, cams.height, bg[:, None],
                                 sh_degree, near, far, eps2d, tile_size)
-        return RenderOutput(*(getattr(out, f)[:, 0] for f in ("colors", "alphas", "depths", "means2d", "radii",
-                                                               "gaussian_depths")), backend="gsplat")
+        return RenderOutput(*(getattr(out, f)[:, 0] for f in _PER_VIEW), backend="gsplat")
     outs = [_rasterize_torch(GaussianTensors(*(t[b] for t in g)), cams[b:b + 1], bg[b:b + 1], sh_degree, near, far,
                              eps2d, tile_size) for b in range(nb)]
-    return RenderOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in ("colors", "alphas", "depths", "means2d",
-                                                                            "radii", "gaussian_depths")),
-                        backend="torch")
+    return RenderOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in _PER_VIEW), backend="torch")
+
+
+_PER_VIEW = ("colors", "alphas", "depths", "means2d", "radii", "gaussian_depths")  # RenderOutput's tensors, view first
+
+
+def _cameras_and_background(cameras: CamerasLike, g: GaussianTensors, sh_degree: int | None, background,
+                            frames: int | None = None) -> tuple[Cameras, Tensor]:
+    """The cameras on the Gaussians' device and dtype, and the background [C, D] per view;
+    ``frames``: the number of views :func:`rasterize_frames` needs (one per frame)."""
+    cams = _as_cameras(cameras)
+    if frames is not None and len(cams) != frames:
+        raise InputError(f"{frames} frames need {frames} cameras (one each), got {len(cams)}")
+    dev, dt = g.means.device, g.means.dtype
+    d = 3 if sh_degree is not None else g.colors.shape[-1]
+    return cams.to(device=dev, dtype=dt), _background(background, len(cams), d, dev, dt)
 
 
 def _background(background, ncam: int, d: int, dev, dt) -> Tensor:
