@@ -3,9 +3,10 @@
     python scripts/bench_render.py                    # 1k/10k/100k Gaussians at 128/256/512 px
     python scripts/bench_render.py --counts 1000 10000 --sizes 128 --json out.json
 
-Backends: 'torch' (the PyTorch reference; on the GPU too when one is present) and
-'gsplat' (CUDA only). The scene is N random Gaussians filling a sphere in front of the
-camera, sized so that coverage per pixel stays similar as N grows. Prints a table with
+Backends: 'gsplat' (CUDA only), 'cpu' (the compiled CPU compositor, csrc/raster_cpu.cpp)
+and 'torch' (the PyTorch reference; on the GPU when one is present). The scene is N
+random Gaussians filling a sphere in front of the camera, sized so that coverage per pixel
+stays similar as N grows. Prints a table with
 the device name; numbers are medians over repeats.
 """
 
@@ -53,10 +54,12 @@ def main() -> None:
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
-    backends = args.backends or (["gsplat", "torch"] if cuda else ["torch"])
+    from gstalk.render import cpu_ext
+
+    backends = args.backends or (["gsplat"] if cuda else []) + (["cpu"] if cpu_ext.available() else []) + ["torch"]
     rows = []
     for backend in backends:
-        device = torch.device("cuda" if backend == "gsplat" or cuda else "cpu")
+        device = torch.device("cuda" if backend == "gsplat" or (cuda and backend == "torch") else "cpu")
         name = device_name(device)
         for n in args.counts:
             g = scene(n, device)

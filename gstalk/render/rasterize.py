@@ -1,4 +1,5 @@
-"""``rasterize``: the one entry point, with a gsplat (CUDA) and a PyTorch reference backend."""
+"""``rasterize``: the one entry point, with a gsplat (CUDA) backend, a compiled CPU backend
+(``csrc/raster_cpu.cpp``) and the pure-PyTorch reference backend."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ from torch import Tensor
 
 from gstalk.errors import InputError
 from gstalk.gaussians.set import GaussianSet, GaussianTensors, sh_degree_from_bases
-from gstalk.render import reference
+from gstalk.render import cpu_ext, reference
 from gstalk.render.camera import Cameras
 from gstalk.render.project import covariance_3d, project, sh_colors
 
-Backend = Literal["auto", "gsplat", "torch"]
+Backend = Literal["auto", "gsplat", "cpu", "torch"]
 GaussiansLike = Union[GaussianSet, GaussianTensors, Mapping[str, Tensor]]
 CamerasLike = Union[Cameras, Sequence[Cameras]]
 
@@ -46,7 +47,8 @@ class RenderOutput:
 
 
 def select_backend(backend: Backend, device: torch.device) -> str:
-    """The backend for tensors on ``device``: gsplat on CUDA, the reference otherwise."""
+    """The backend for tensors on ``device``: gsplat on CUDA; on the CPU the compiled
+    compositor where it builds (:mod:`gstalk.render.cpu_ext`), else the PyTorch reference."""
     if backend == "torch":
         return "torch"
     if backend == "gsplat":
@@ -55,9 +57,18 @@ def select_backend(backend: Backend, device: torch.device) -> str:
         if device.type != "cuda":
             raise InputError("the gsplat backend needs the Gaussians on a CUDA device (call .to('cuda'))")
         return "gsplat"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise InputError("the cpu backend needs the Gaussians on the CPU (call .to('cpu'))")
+        if not cpu_ext.available():
+            raise InputError("the cpu backend's compositor could not be built (see the logged reason, or "
+                             "GSTALK_CPU_KERNEL); use backend='torch'")
+        return "cpu"
     if backend != "auto":
-        raise InputError(f"unknown render backend {backend!r}: choose 'auto', 'gsplat' or 'torch'")
-    return "gsplat" if (device.type == "cuda" and torch.cuda.is_available()) else "torch"
+        raise InputError(f"unknown render backend {backend!r}: choose 'auto', 'gsplat', 'cpu' or 'torch'")
+    if device.type == "cuda" and torch.cuda.is_available():
+        return "gsplat"
+    return "cpu" if device.type == "cpu" and cpu_ext.available() else "torch"
 
 
 def _as_tensors(gaussians: GaussiansLike, sh_degree: int | None) -> tuple[GaussianTensors, int | None]:
@@ -137,8 +148,9 @@ def rasterize(
         background: colour behind the Gaussians: a number, [D] or [C, D]; default black.
         sh_degree: SH degree to evaluate (colors [N, K, 3]); ``None`` for a GaussianSet
             means its full degree; for tensors, plain [N, D] features are composited as is.
-        backend: 'auto' (gsplat when the tensors are on CUDA, else the PyTorch reference),
-            'gsplat' or 'torch'.
+        backend: 'auto' (gsplat when the tensors are on CUDA; on the CPU the compiled
+            compositor, or the PyTorch reference where it cannot be built), 'gsplat', 'cpu'
+            or 'torch' (the pure-PyTorch reference).
         near, far: depth clipping planes; eps2d: screen-space low-pass added to each
             2D covariance (pixels^2); tile_size: tile edge in pixels.
 
@@ -148,10 +160,11 @@ def rasterize(
     g, sh_degree = _as_tensors(gaussians, sh_degree)
     _validate(g, sh_degree)
     cams, bg = _cameras_and_background(cameras, g, sh_degree, background)
-    if select_backend(backend, g.means.device) == "gsplat":
+    which = select_backend(backend, g.means.device)
+    if which == "gsplat":
         return _rasterize_gsplat(g, cams.viewmats, cams.Ks, cams.width, cams.height, bg, sh_degree, near, far, eps2d,
                                  tile_size)
-    return _rasterize_torch(g, cams, bg, sh_degree, near, far, eps2d, tile_size)
+    return _rasterize_torch(g, cams, bg, sh_degree, near, far, eps2d, tile_size, which)
 
 
 def rasterize_frames(
@@ -191,14 +204,15 @@ def rasterize_frames(
     if not bool(torch.isfinite(g.means).all() & torch.isfinite(g.scales).all()):
         raise InputError("Gaussian means or scales contain NaN or infinite values")
     cams, bg = _cameras_and_background(cameras, g, sh_degree, background, frames=nb)
-    if select_backend(backend, g.means.device) == "gsplat":
+    which = select_backend(backend, g.means.device)
+    if which == "gsplat":
         # gsplat's batch dimension: frame b's Gaussians [b] seen by its one camera [b, 0]
         out = _rasterize_gsplat(g, cams.viewmats[:, None], cams.Ks[:, None], cams.width, cams.height, bg[:, None],
                                 sh_degree, near, far, eps2d, tile_size)
         return RenderOutput(*(getattr(out, f)[:, 0] for f in _PER_VIEW), backend="gsplat")
     outs = [_rasterize_torch(GaussianTensors(*(t[b] for t in g)), cams[b:b + 1], bg[b:b + 1], sh_degree, near, far,
-                             eps2d, tile_size) for b in range(nb)]
-    return RenderOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in _PER_VIEW), backend="torch")
+                             eps2d, tile_size, which) for b in range(nb)]
+    return RenderOutput(*(torch.cat([getattr(o, f) for o in outs]) for f in _PER_VIEW), backend=which)
 
 
 _PER_VIEW = ("colors", "alphas", "depths", "means2d", "radii", "gaussian_depths")  # RenderOutput's tensors, view first
@@ -231,7 +245,10 @@ def _background(background, ncam: int, d: int, dev, dt) -> Tensor:
     return bg
 
 
-def _rasterize_torch(g: GaussianTensors, cams: Cameras, bg: Tensor, sh_degree, near, far, eps2d, tile_size):
+def _rasterize_torch(g: GaussianTensors, cams: Cameras, bg: Tensor, sh_degree, near, far, eps2d, tile_size,
+                     which: str = "torch"):
+    """Projection and SH in PyTorch, then per view the compositor of ``which``: 'cpu' (the
+    compiled one) or 'torch' (the reference)."""
     covars = covariance_3d(g.quats, g.scales)
     proj = project(g.means, covars, cams.viewmats, cams.Ks, cams.width, cams.height, eps2d=eps2d,
                    near=near, far=far, opacities=g.opacities)
@@ -241,15 +258,15 @@ def _rasterize_torch(g: GaussianTensors, cams: Cameras, bg: Tensor, sh_degree, n
         colors = sh_colors(g.colors, g.means, cams.centers, sh_degree)  # [C, N, 3]
     else:
         colors = g.colors[None].expand(len(cams), -1, -1)
+    composite = cpu_ext.composite if which == "cpu" else reference.composite
     outs_c, outs_a, outs_d = [], [], []
     for c in range(len(cams)):
-        col, alpha, dep = reference.composite(proj, c, g.opacities, colors[c], cams.width, cams.height,
-                                              tile_size=tile_size)
+        col, alpha, dep = composite(proj, c, g.opacities, colors[c], cams.width, cams.height, tile_size=tile_size)
         outs_c.append(col + (1 - alpha) * bg[c])
         outs_a.append(alpha)
         outs_d.append(dep / alpha.clamp_min(1e-10))
     return RenderOutput(colors=torch.stack(outs_c), alphas=torch.stack(outs_a), depths=torch.stack(outs_d),
-                        means2d=proj.means2d, radii=proj.radii, gaussian_depths=proj.depths, backend="torch")
+                        means2d=proj.means2d, radii=proj.radii, gaussian_depths=proj.depths, backend=which)
 
 
 def _rasterize_gsplat(g: GaussianTensors, viewmats: Tensor, Ks: Tensor, width: int, height: int, bg: Tensor,

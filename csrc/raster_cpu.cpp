@@ -1,0 +1,225 @@
+// Tiled Gaussian compositing on the CPU: forward and backward, the same arithmetic as
+// gstalk/render/reference.py's `composite` (its twin and the reference of the tests).
+//
+// Per pixel, front to back over the tile's depth-sorted list:
+//   sigma = 0.5 (a dx^2 + c dy^2) + b dx dy,   conic (a, b, c), d = pixel centre - mean
+//   alpha = min(0.999, o exp(-sigma)), skipped when sigma < 0 or alpha < alpha_threshold
+//   stop at the first Gaussian that would take T to t_min or below (that one excluded)
+//   out_f += alpha T f,   alpha_out += alpha T,   T *= 1 - alpha
+//
+// The backward pass writes one gradient row per (tile, Gaussian) intersection, a slot of
+// the sorted list that only its own tile touches, so tiles run in parallel without atomics;
+// the caller sums the rows per Gaussian (index_add_).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+void check(const torch::Tensor& t, const char* name, int dims) {
+    TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+    TORCH_CHECK(t.dim() == dims, name, " must have ", dims, " dimensions");
+}
+
+struct Layout {
+    int64_t width, height, tile_size, tiles_x, n_tiles, feat;
+};
+
+Layout layout(const torch::Tensor& means2d, const torch::Tensor& conics, const torch::Tensor& opacities,
+              const torch::Tensor& feats, const torch::Tensor& gauss_sorted, const torch::Tensor& starts,
+              const torch::Tensor& counts, int64_t width, int64_t height, int64_t tile_size) {
+    check(means2d, "means2d", 2);
+    check(conics, "conics", 2);
+    check(opacities, "opacities", 1);
+    check(feats, "feats", 2);
+    check(gauss_sorted, "gauss_sorted", 1);
+    check(starts, "starts", 1);
+    check(counts, "counts", 1);
+    const auto n = means2d.size(0);
+    TORCH_CHECK(means2d.size(1) == 2 && conics.size(0) == n && conics.size(1) == 3 && opacities.size(0) == n &&
+                    feats.size(0) == n,
+                "means2d [N, 2], conics [N, 3], opacities [N] and feats [N, F] must agree");
+    TORCH_CHECK(conics.scalar_type() == means2d.scalar_type() && opacities.scalar_type() == means2d.scalar_type() &&
+                    feats.scalar_type() == means2d.scalar_type(),
+                "means2d, conics, opacities and feats must share one dtype");
+    TORCH_CHECK(gauss_sorted.scalar_type() == torch::kLong && starts.scalar_type() == torch::kLong &&
+                    counts.scalar_type() == torch::kLong,
+                "gauss_sorted, starts and counts must be int64");
+    TORCH_CHECK(width > 0 && height > 0 && tile_size > 0, "width, height and tile_size must be positive");
+    Layout l{width, height, tile_size, (width + tile_size - 1) / tile_size, 0, feats.size(1)};
+    l.n_tiles = l.tiles_x * ((height + tile_size - 1) / tile_size);
+    TORCH_CHECK(starts.size(0) == l.n_tiles && counts.size(0) == l.n_tiles, "starts and counts need one entry per tile");
+    return l;
+}
+
+// One Gaussian's footprint at a pixel; returns false when it is skipped there.
+template <typename scalar_t>
+inline bool footprint(const scalar_t* mu, const scalar_t* con, scalar_t o, scalar_t x, scalar_t y,
+                      scalar_t alpha_threshold, scalar_t& dx, scalar_t& dy, scalar_t& alpha, bool& clamped) {
+    dx = x - mu[0];
+    dy = y - mu[1];
+    const scalar_t sigma = scalar_t(0.5) * (con[0] * dx * dx + con[2] * dy * dy) + con[1] * dx * dy;
+    if (sigma < 0) return false;
+    const scalar_t a = o * std::exp(-sigma);
+    clamped = a > scalar_t(0.999);
+    alpha = clamped ? scalar_t(0.999) : a;
+    return alpha >= alpha_threshold;
+}
+
+}  // namespace
+
+// -> [H, W, F + 1]: composited features, then alpha (no background)
+torch::Tensor composite_forward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor opacities,
+                                torch::Tensor feats, torch::Tensor gauss_sorted, torch::Tensor starts,
+                                torch::Tensor counts, int64_t width, int64_t height, int64_t tile_size,
+                                double alpha_threshold, double t_min) {
+    const Layout l = layout(means2d, conics, opacities, feats, gauss_sorted, starts, counts, width, height, tile_size);
+    const int64_t F = l.feat, C = F + 1;
+    auto out = torch::zeros({height, width, C}, feats.options());
+    AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "composite_forward", [&] {
+        const scalar_t* mu = means2d.data_ptr<scalar_t>();
+        const scalar_t* con = conics.data_ptr<scalar_t>();
+        const scalar_t* op = opacities.data_ptr<scalar_t>();
+        const scalar_t* ft = feats.data_ptr<scalar_t>();
+        const int64_t* gs = gauss_sorted.data_ptr<int64_t>();
+        const int64_t* st = starts.data_ptr<int64_t>();
+        const int64_t* ct = counts.data_ptr<int64_t>();
+        scalar_t* o = out.data_ptr<scalar_t>();
+        const scalar_t thr = scalar_t(alpha_threshold), tmin = scalar_t(t_min);
+        at::parallel_for(0, l.n_tiles, 1, [&](int64_t t0, int64_t t1) {
+            for (int64_t tile = t0; tile < t1; ++tile) {
+                const int64_t n = ct[tile], s = st[tile];
+                if (n == 0) continue;
+                const int64_t x0 = (tile % l.tiles_x) * l.tile_size, y0 = (tile / l.tiles_x) * l.tile_size;
+                const int64_t x1 = std::min(x0 + l.tile_size, width), y1 = std::min(y0 + l.tile_size, height);
+                for (int64_t py = y0; py < y1; ++py) {
+                    for (int64_t px = x0; px < x1; ++px) {
+                        const scalar_t x = scalar_t(px) + scalar_t(0.5), y = scalar_t(py) + scalar_t(0.5);
+                        scalar_t* pix = o + (py * width + px) * C;
+                        scalar_t T = 1;
+                        for (int64_t k = 0; k < n; ++k) {
+                            const int64_t g = gs[s + k];
+                            scalar_t dx, dy, alpha;
+                            bool clamped;
+                            if (!footprint(mu + 2 * g, con + 3 * g, op[g], x, y, thr, dx, dy, alpha, clamped)) continue;
+                            const scalar_t t_next = T * (1 - alpha);
+                            if (t_next <= tmin) break;
+                            const scalar_t w = alpha * T;
+                            const scalar_t* f = ft + g * F;
+                            for (int64_t c = 0; c < F; ++c) pix[c] += w * f[c];
+                            pix[F] += w;
+                            T = t_next;
+                        }
+                    }
+                }
+            }
+        });
+    });
+    return out;
+}
+
+// grad_out [H, W, F + 1] -> per intersection (slot of gauss_sorted): d means2d [M, 2],
+// d conics [M, 3], d opacities [M], d feats [M, F]
+std::vector<torch::Tensor> composite_backward(torch::Tensor grad_out, torch::Tensor means2d, torch::Tensor conics,
+                                              torch::Tensor opacities, torch::Tensor feats,
+                                              torch::Tensor gauss_sorted, torch::Tensor starts, torch::Tensor counts,
+                                              int64_t width, int64_t height, int64_t tile_size,
+                                              double alpha_threshold, double t_min) {
+    const Layout l = layout(means2d, conics, opacities, feats, gauss_sorted, starts, counts, width, height, tile_size);
+    const int64_t F = l.feat, C = F + 1, M = gauss_sorted.size(0);
+    grad_out = grad_out.contiguous().to(feats.scalar_type());
+    check(grad_out, "grad_out", 3);
+    TORCH_CHECK(grad_out.size(0) == height && grad_out.size(1) == width && grad_out.size(2) == C,
+                "grad_out must be [H, W, F + 1]");
+    auto g_mu = torch::zeros({M, 2}, feats.options());
+    auto g_con = torch::zeros({M, 3}, feats.options());
+    auto g_op = torch::zeros({M}, feats.options());
+    auto g_ft = torch::zeros({M, F}, feats.options());
+    AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "composite_backward", [&] {
+        const scalar_t* mu = means2d.data_ptr<scalar_t>();
+        const scalar_t* con = conics.data_ptr<scalar_t>();
+        const scalar_t* op = opacities.data_ptr<scalar_t>();
+        const scalar_t* ft = feats.data_ptr<scalar_t>();
+        const scalar_t* go = grad_out.data_ptr<scalar_t>();
+        const int64_t* gs = gauss_sorted.data_ptr<int64_t>();
+        const int64_t* st = starts.data_ptr<int64_t>();
+        const int64_t* ct = counts.data_ptr<int64_t>();
+        scalar_t* dmu = g_mu.data_ptr<scalar_t>();
+        scalar_t* dcon = g_con.data_ptr<scalar_t>();
+        scalar_t* dop = g_op.data_ptr<scalar_t>();
+        scalar_t* dft = g_ft.data_ptr<scalar_t>();
+        const scalar_t thr = scalar_t(alpha_threshold), tmin = scalar_t(t_min);
+        at::parallel_for(0, l.n_tiles, 1, [&](int64_t t0, int64_t t1) {
+            struct Hit {
+                int64_t k;
+                scalar_t dx, dy, alpha, T;
+                bool clamped;
+            };
+            std::vector<Hit> hits;
+            std::vector<scalar_t> suffix(C);
+            for (int64_t tile = t0; tile < t1; ++tile) {
+                const int64_t n = ct[tile], s = st[tile];
+                if (n == 0) continue;
+                const int64_t x0 = (tile % l.tiles_x) * l.tile_size, y0 = (tile / l.tiles_x) * l.tile_size;
+                const int64_t x1 = std::min(x0 + l.tile_size, width), y1 = std::min(y0 + l.tile_size, height);
+                for (int64_t py = y0; py < y1; ++py) {
+                    for (int64_t px = x0; px < x1; ++px) {
+                        const scalar_t x = scalar_t(px) + scalar_t(0.5), y = scalar_t(py) + scalar_t(0.5);
+                        const scalar_t* gp = go + (py * width + px) * C;
+                        // the forward pass again, keeping what each contributing Gaussian needs
+                        hits.clear();
+                        scalar_t T = 1;
+                        for (int64_t k = 0; k < n; ++k) {
+                            const int64_t g = gs[s + k];
+                            Hit h;
+                            if (!footprint(mu + 2 * g, con + 3 * g, op[g], x, y, thr, h.dx, h.dy, h.alpha, h.clamped))
+                                continue;
+                            const scalar_t t_next = T * (1 - h.alpha);
+                            if (t_next <= tmin) break;
+                            h.k = k;
+                            h.T = T;
+                            hits.push_back(h);
+                            T = t_next;
+                        }
+                        // back to front: suffix[c] = sum over the Gaussians behind of w f_c (f_F = 1 for alpha)
+                        std::fill(suffix.begin(), suffix.end(), scalar_t(0));
+                        for (auto it = hits.rbegin(); it != hits.rend(); ++it) {
+                            const int64_t slot = s + it->k, g = gs[slot];
+                            const scalar_t* f = ft + g * F;
+                            const scalar_t w = it->alpha * it->T, inv = 1 / (1 - it->alpha);
+                            scalar_t d_alpha = gp[F] * (it->T - suffix[F] * inv);
+                            for (int64_t c = 0; c < F; ++c) {
+                                dft[slot * F + c] += w * gp[c];
+                                d_alpha += gp[c] * (it->T * f[c] - suffix[c] * inv);
+                                suffix[c] += w * f[c];
+                            }
+                            suffix[F] += w;
+                            if (it->clamped) continue;  // min(0.999, .) passes no gradient there
+                            const scalar_t o = op[g];
+                            dop[slot] += d_alpha * it->alpha / o;
+                            const scalar_t d_sigma = -d_alpha * it->alpha;
+                            const scalar_t* cg = con + 3 * g;
+                            const scalar_t dx = it->dx, dy = it->dy;
+                            dcon[slot * 3 + 0] += d_sigma * scalar_t(0.5) * dx * dx;
+                            dcon[slot * 3 + 1] += d_sigma * dx * dy;
+                            dcon[slot * 3 + 2] += d_sigma * scalar_t(0.5) * dy * dy;
+                            dmu[slot * 2 + 0] -= d_sigma * (cg[0] * dx + cg[1] * dy);
+                            dmu[slot * 2 + 1] -= d_sigma * (cg[2] * dy + cg[1] * dx);
+                        }
+                    }
+                }
+            }
+        });
+    });
+    return {g_mu, g_con, g_op, g_ft};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("composite_forward", &composite_forward, "tiled Gaussian compositing, forward (CPU)");
+    m.def("composite_backward", &composite_backward, "tiled Gaussian compositing, backward (CPU)");
+}

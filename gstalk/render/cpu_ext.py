@@ -1,0 +1,86 @@
+"""The compiled CPU compositor (``csrc/raster_cpu.cpp``): the same tiled front-to-back
+compositing as :func:`gstalk.render.reference.composite`, in C++ with a hand-written
+backward pass, tiles in parallel on torch's CPU threads.
+
+It is built with torch's extension loader on first use (a C++ compiler is needed; the build,
+about a minute, is cached by torch in ``TORCH_EXTENSIONS_DIR``). Where it cannot be built,
+or with ``GSTALK_CPU_KERNEL=0``, rendering on the CPU falls back to the pure-PyTorch
+compositor, which stays the reference the tests compare this one against.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+
+import torch
+from torch import Tensor
+
+from gstalk.deform.cuda_ext import CSRC
+from gstalk.render.project import ALPHA_THRESHOLD, Projected
+from gstalk.render.reference import T_MIN, _tile_lists
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def load_cpu_ext():
+    """The compiled module, or None where it cannot be built (the reason is logged once)."""
+    if os.environ.get("GSTALK_CPU_KERNEL", "1") == "0":
+        return None
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        log.warning("no C++ compiler found: rendering on the CPU uses the slower pure-PyTorch compositor")
+        return None
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(name="gstalk_raster_cpu", sources=[str(CSRC / "raster_cpu.cpp")],
+                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # compiler or headers missing, ...
+        log.warning("building the CPU compositor failed (%s): rendering on the CPU uses the slower pure-PyTorch "
+                    "compositor", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return None
+
+
+def available() -> bool:
+    return load_cpu_ext() is not None
+
+
+class _Composite(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, means2d, conics, opacities, feats, gauss_sorted, starts, counts, width, height, tile_size):
+        ext = load_cpu_ext()
+        args = (gauss_sorted, starts, counts, width, height, tile_size, ALPHA_THRESHOLD, T_MIN)
+        ins = [t.contiguous() for t in (means2d, conics, opacities, feats)]
+        ctx.save_for_backward(*ins, gauss_sorted, starts, counts)
+        ctx.size = (width, height, tile_size)
+        return ext.composite_forward(*ins, *args)
+
+    @staticmethod
+    def backward(ctx, grad):
+        means2d, conics, opacities, feats, gauss_sorted, starts, counts = ctx.saved_tensors
+        width, height, tile_size = ctx.size
+        per_hit = load_cpu_ext().composite_backward(grad, means2d, conics, opacities, feats, gauss_sorted, starts,
+                                                     counts, width, height, tile_size, ALPHA_THRESHOLD, T_MIN)
+        # one row per (tile, Gaussian) intersection: summed per Gaussian
+        grads = [torch.zeros_like(t).index_add_(0, gauss_sorted, h)
+                 for t, h in zip((means2d, conics, opacities, feats), per_hit)]
+        return (*grads, None, None, None, None, None, None)
+
+
+def composite(proj: Projected, cam: int, opacities: Tensor, colors: Tensor, width: int, height: int,
+              tile_size: int = 16) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`gstalk.render.reference.composite` (same arguments and results) with the
+    compiled compositor; the tensors must be on the CPU and the extension built."""
+    means2d, conics, depths, radii = proj.means2d[cam], proj.conics[cam], proj.depths[cam], proj.radii[cam]
+    tiles_x = (width + tile_size - 1) // tile_size
+    tiles_y = (height + tile_size - 1) // tile_size
+    gauss_sorted, counts, starts = _tile_lists(means2d, radii, depths, tiles_x, tiles_y, tile_size)
+    d = colors.shape[-1]
+    feats = torch.cat([colors, depths[:, None].to(colors.dtype)], dim=-1)
+    dt = means2d.dtype
+    img = _Composite.apply(means2d, conics.to(dt), opacities.to(dt), feats.to(dt), gauss_sorted, starts, counts,
+                           width, height, tile_size)
+    return img[..., :d], img[..., d + 1:], img[..., d:d + 1]
