@@ -57,14 +57,24 @@ Layout layout(const torch::Tensor& means2d, const torch::Tensor& conics, const t
     return l;
 }
 
+// Per Gaussian, the sigma beyond which its alpha is below the threshold whatever the rounding
+// (log(o / threshold) plus a margin): a pixel further out is skipped without an exp.
+template <typename scalar_t>
+std::vector<scalar_t> sigma_limits(const scalar_t* op, int64_t n, scalar_t alpha_threshold) {
+    std::vector<scalar_t> lim(n);
+    for (int64_t g = 0; g < n; ++g)
+        lim[g] = op[g] > 0 ? std::log(op[g] / alpha_threshold) + scalar_t(1e-3) : scalar_t(-1);
+    return lim;
+}
+
 // One Gaussian's footprint at a pixel; returns false when it is skipped there.
 template <typename scalar_t>
-inline bool footprint(const scalar_t* mu, const scalar_t* con, scalar_t o, scalar_t x, scalar_t y,
+inline bool footprint(const scalar_t* mu, const scalar_t* con, scalar_t o, scalar_t limit, scalar_t x, scalar_t y,
                       scalar_t alpha_threshold, scalar_t& dx, scalar_t& dy, scalar_t& alpha, bool& clamped) {
     dx = x - mu[0];
     dy = y - mu[1];
     const scalar_t sigma = scalar_t(0.5) * (con[0] * dx * dx + con[2] * dy * dy) + con[1] * dx * dy;
-    if (sigma < 0) return false;
+    if (sigma < 0 || sigma > limit) return false;
     const scalar_t a = o * std::exp(-sigma);
     clamped = a > scalar_t(0.999);
     alpha = clamped ? scalar_t(0.999) : a;
@@ -91,6 +101,7 @@ torch::Tensor composite_forward(torch::Tensor means2d, torch::Tensor conics, tor
         const int64_t* ct = counts.data_ptr<int64_t>();
         scalar_t* o = out.data_ptr<scalar_t>();
         const scalar_t thr = scalar_t(alpha_threshold), tmin = scalar_t(t_min);
+        const std::vector<scalar_t> lim = sigma_limits(op, opacities.size(0), thr);
         at::parallel_for(0, l.n_tiles, 1, [&](int64_t t0, int64_t t1) {
             for (int64_t tile = t0; tile < t1; ++tile) {
                 const int64_t n = ct[tile], s = st[tile];
@@ -106,7 +117,7 @@ torch::Tensor composite_forward(torch::Tensor means2d, torch::Tensor conics, tor
                             const int64_t g = gs[s + k];
                             scalar_t dx, dy, alpha;
                             bool clamped;
-                            if (!footprint(mu + 2 * g, con + 3 * g, op[g], x, y, thr, dx, dy, alpha, clamped)) continue;
+                            if (!footprint(mu + 2 * g, con + 3 * g, op[g], lim[g], x, y, thr, dx, dy, alpha, clamped)) continue;
                             const scalar_t t_next = T * (1 - alpha);
                             if (t_next <= tmin) break;
                             const scalar_t w = alpha * T;
@@ -154,6 +165,7 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor grad_out, torch::Ten
         scalar_t* dop = g_op.data_ptr<scalar_t>();
         scalar_t* dft = g_ft.data_ptr<scalar_t>();
         const scalar_t thr = scalar_t(alpha_threshold), tmin = scalar_t(t_min);
+        const std::vector<scalar_t> lim = sigma_limits(op, opacities.size(0), thr);
         at::parallel_for(0, l.n_tiles, 1, [&](int64_t t0, int64_t t1) {
             struct Hit {
                 int64_t k;
@@ -177,7 +189,7 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor grad_out, torch::Ten
                         for (int64_t k = 0; k < n; ++k) {
                             const int64_t g = gs[s + k];
                             Hit h;
-                            if (!footprint(mu + 2 * g, con + 3 * g, op[g], x, y, thr, h.dx, h.dy, h.alpha, h.clamped))
+                            if (!footprint(mu + 2 * g, con + 3 * g, op[g], lim[g], x, y, thr, h.dx, h.dy, h.alpha, h.clamped))
                                 continue;
                             const scalar_t t_next = T * (1 - h.alpha);
                             if (t_next <= tmin) break;

@@ -8,13 +8,15 @@ clip, per frame), head-model skinning and triangle frames, the deformation field
 reference form, in the factored form inference uses, and factored in half precision, with what
 half precision changes in the 8-bit frame), the posing
 step (triangle binding + deformation outputs, per Gaussian) with the PyTorch reference and,
-on CUDA, the fused kernel, rasterisation, and copy-out (the image to host memory as uint8);
+on CUDA, the fused kernel, rasterisation (on a CPU also with the PyTorch compositor that the
+compiled one replaced), and copy-out (the image to host memory as uint8);
 then the whole path with each posing backend, timed end to end, and as offline rendering
 does it (batches of 8 frames posed together and rasterized in one call; per frame); with
 ``--compile`` also the
 deformation field compiled by ``torch.compile`` (with CUDA graphs on a GPU) and the whole path
 with it. Training: iterations per
-second of one synthetic training step (pose + deform + rasterize + L1 + backward + Adam).
+second of one synthetic training step (pose + deform + rasterize + L1 + backward + Adam; on a
+CPU also with the PyTorch compositor).
 
 The avatar is built in memory on the stand-in head (Gaussians spread over its triangles, a
 randomised deformation field), so the numbers do not depend on a fit. On a CPU it runs at
@@ -39,7 +41,7 @@ from gstalk.avatar.posing import cuda_kernel_available, pose_gaussians  # noqa: 
 from gstalk.avatar.synthetic import standin_avatar  # noqa: E402
 from gstalk.eval.bench import device_name, time_it  # noqa: E402
 from gstalk.head.lbs import FlameParams  # noqa: E402
-from gstalk.render import Cameras, rasterize, rasterize_frames  # noqa: E402
+from gstalk.render import Cameras, rasterize, rasterize_frames, select_backend  # noqa: E402
 
 OFFLINE_BATCH = 8  # frames per call in offline rendering (gstalk.drive.render.frames_iter's default)
 
@@ -62,6 +64,7 @@ def run(n: int, size: int, device: torch.device, budget: float, compile_field: b
 
     av = bench_avatar(n, size, device)
     cam = Cameras(av.viewmat[None], av.K[None], size, size).to(device)
+    render_backend = select_backend("auto", device)
     p = frame_params(av, device)
     audio, _ = synth_speech(4.0, seed=3)
     n_frames = 100
@@ -97,6 +100,9 @@ def run(n: int, size: int, device: torch.device, budget: float, compile_field: b
         g = av.posed(frame)[0][0]
         rows["rasterisation"] = time_it(lambda: rasterize(g, cam, sh_degree=av.cfg.sh_degree), device,
                                         budget_s=budget)
+        if render_backend == "cpu":  # the PyTorch compositor the compiled one replaced
+            rows["rasterisation [torch reference]"] = time_it(
+                lambda: rasterize(g, cam, sh_degree=av.cfg.sh_degree, backend="torch"), device, budget_s=budget)
         img = rasterize(g, cam, sh_degree=av.cfg.sh_degree).colors[0]
         rows["copy-out (uint8 to host)"] = time_it(lambda: (img.clamp(0, 1) * 255).to(torch.uint8).cpu(), device,
                                                    budget_s=budget)
@@ -150,9 +156,9 @@ def run(n: int, size: int, device: torch.device, budget: float, compile_field: b
     params = [av.means, av.quats, av.log_scales, av.opacity_logits, av.sh, *av.field.parameters()]
     opt = torch.optim.Adam(params, lr=1e-3)
 
-    def step():
+    def step(backend="auto"):
         gs, _ = av.posed(Frame(p, audio=code.detach(), blink=torch.zeros(1, device=device)), backend="torch")
-        out = rasterize(gs[0], cam, sh_degree=av.cfg.sh_degree).colors[0]
+        out = rasterize(gs[0], cam, sh_degree=av.cfg.sh_degree, backend=backend).colors[0]
         loss = (out - target).abs().mean()
         opt.zero_grad()
         loss.backward()
@@ -160,7 +166,11 @@ def run(n: int, size: int, device: torch.device, budget: float, compile_field: b
         av.invalidate()
 
     rows["training iteration"] = time_it(step, device, budget_s=budget)
-    return {"gaussians": av.num_gaussians, "size": size, "ms": rows, "half_field_image": half_image}
+    if render_backend == "cpu":
+        rows["training iteration [torch reference rasteriser]"] = time_it(lambda: step("torch"), device,
+                                                                          budget_s=budget)
+    return {"gaussians": av.num_gaussians, "size": size, "ms": rows, "half_field_image": half_image,
+            "render_backend": render_backend}
 
 
 def backends_of(r: dict) -> str:
@@ -190,7 +200,8 @@ def main() -> None:
         t0 = time.perf_counter()
         r = run(n, size, dev, a.budget, a.compile)
         results.append(r)
-        print(f"\n{r['gaussians']} Gaussians at {size}x{size} ({time.perf_counter() - t0:.0f} s)")
+        print(f"\n{r['gaussians']} Gaussians at {size}x{size}, rasterised by the {r['render_backend']} backend "
+              f"({time.perf_counter() - t0:.0f} s)")
         for k, ms in r["ms"].items():
             rate = f"{1000 / ms:9.1f} /s" if k.startswith(("whole", "training")) else ""
             print(f"  {k:<38} {ms:10.3f} ms {rate}")
@@ -207,6 +218,10 @@ def main() -> None:
         hi = r["half_field_image"]
         print(f"  half-precision field ({hi['dtype']}) vs float32, whole frame as uint8: PSNR {hi['psnr_db']:.1f} dB, "
               f"max difference {hi['max_abs_255']:.0f}/255, {100 * hi['changed_values']:.2f} % of values changed")
+        if "rasterisation [torch reference]" in ms:
+            train_ratio = ms["training iteration [torch reference rasteriser]"] / ms["training iteration"]
+            print(f"  compiled CPU compositor: {ms['rasterisation [torch reference]'] / ms['rasterisation']:.1f}x the "
+                  f"PyTorch rasterisation, {train_ratio:.1f}x the training iteration")
         if "deformation field [compiled]" in r["ms"]:
             print(f"  compiled field: {r['ms']['deformation field'] / r['ms']['deformation field [compiled]']:.1f}x "
                   "the eager field")
