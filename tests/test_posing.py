@@ -124,10 +124,16 @@ def test_benchmark_script_measures_every_stage():
     spec.loader.exec_module(mod)
     r = mod.run(600, 32, torch.device("cpu"), budget=0.0)
     assert r["gaussians"] == 600
+    from gstalk.render import cpu_ext
+
+    compiled = cpu_ext.available()  # then the PyTorch compositor is timed beside the compiled one
+    assert r["render_backend"] == ("cpu" if compiled else "torch")
     stages = ["audio features (per frame)", "audio code", "skinning + triangle frames", "deformation field [reference]",
-              "deformation field", "posing step [torch]", "rasterisation", "copy-out (uint8 to host)",
+              "deformation field", "posing step [torch]", "rasterisation",
+              *(["rasterisation [torch reference]"] if compiled else []), "copy-out (uint8 to host)",
               "whole frame [torch]", f"whole frame, batches of {mod.OFFLINE_BATCH} [torch]", "deformation field [half]",
-              "whole frame [torch, half field]", "training iteration"]
+              "whole frame [torch, half field]", "training iteration",
+              *(["training iteration [torch reference rasteriser]"] if compiled else [])]
     assert list(r["ms"]) == stages
     assert all(0 < v < 60_000 for v in r["ms"].values())
     hi = r["half_field_image"]  # what the half-precision field changed in the uint8 frame
