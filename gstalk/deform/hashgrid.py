@@ -59,21 +59,24 @@ def grid_index(coords: Tensor, res: int, table_size: int) -> Tensor:
 
 
 def hash_encode_torch(x: Tensor, tables: Tensor, resolutions: list[int]) -> Tensor:
-    """Reference encoding: ``x`` [N, D] in [0, 1], ``tables`` [L, T, F] -> [N, L*F]."""
+    """Reference encoding: ``x`` [N, D] in [0, 1], ``tables`` [L, T, F] -> [N, L*F].
+
+    Every level's corners are looked up in one gather from the flattened tables, so the
+    backward pass scatters into one table-sized gradient, not one per level (per level, the
+    gradient of ``tables[lv]`` alone is a zero-filled copy of all L tables)."""
     n, dim = x.shape
     L, T, F = tables.shape
     offs = corner_offsets(dim, x.device)  # [C, D]
-    out = []
+    idx, wts = [], []
     for lv in range(L):
         pos = x * resolutions[lv]
         p0 = torch.floor(pos)
         frac = pos - p0
         corners = p0.long()[:, None, :] + offs[None]  # [N, C, D]
-        idx = grid_index(corners, resolutions[lv], T)  # [N, C]
-        w = torch.where(offs[None].bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(-1)  # [N, C]
-        feats = tables[lv][idx]  # [N, C, F]
-        out.append((w[..., None] * feats).sum(1))
-    return torch.cat(out, -1)
+        idx.append(grid_index(corners, resolutions[lv], T) + lv * T)  # [N, C] into the flattened tables
+        wts.append(torch.where(offs[None].bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(-1))  # [N, C]
+    feats = tables.reshape(L * T, F)[torch.stack(idx, 1)]  # [N, L, C, F]
+    return (torch.stack(wts, 1)[..., None] * feats).sum(2).reshape(n, L * F)
 
 
 class _CudaHashEncode(torch.autograd.Function):
@@ -136,7 +139,8 @@ class HashGrid(nn.Module):
         try:
             import tinycudann as tcnn
         except ImportError:
-            raise InputError("backend 'tcnn' needs tiny-cuda-nn, which is not installed (use 'cuda' or 'torch')") from None
+            raise InputError("backend 'tcnn' needs tiny-cuda-nn, which is not installed (use 'cuda' or 'torch')"
+                             ) from None
         if self._tcnn is None:
             scale = math.exp((math.log(self.resolutions[-1]) - math.log(self.resolutions[0])) / max(self.levels - 1, 1))
             self._tcnn = tcnn.Encoding(self.dim, {
