@@ -416,3 +416,44 @@ def test_gsplat_frames_in_one_launch_match_reference():
     torch.testing.assert_close(fast.alphas.cpu(), ref.alphas, atol=2e-3, rtol=0)
     assert torch.equal(fast.visible.cpu(), ref.visible)
     torch.testing.assert_close(fast.means2d.detach().cpu(), ref.means2d.detach(), atol=1e-3, rtol=0)
+
+
+def test_cpu_kernel_build_recovers_from_a_killed_build_and_falls_back_on_failure(monkeypatch, tmp_path, capsys):
+    """A build lock left by a killed build is removed (torch would wait for it forever), a fresh
+    one is left to its builder, and a failed build falls back to the PyTorch compositor."""
+    import os
+    import time
+
+    import torch.utils.cpp_extension as cpp
+    from gstalk.render import cpu_ext
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("GSTALK_CPU_KERNEL", raising=False)
+    monkeypatch.setattr(cpu_ext.shutil, "which", lambda name: "/usr/bin/c++")
+    calls = []
+    monkeypatch.setattr(cpp, "load", lambda **kw: calls.append(kw) or "module")
+    where = cpu_ext.build_directory()
+    assert where.parent.parent == tmp_path
+    where.mkdir(parents=True)
+    try:
+        lock = where / "lock"
+        for age, kept in ((2 * cpu_ext.STALE_LOCK_S, False), (1.0, True)):
+            lock.write_text("")
+            os.utime(lock, (time.time() - age, time.time() - age))
+            cpu_ext.load_cpu_ext.cache_clear()
+            assert cpu_ext.load_cpu_ext() == "module"
+            assert lock.exists() == kept
+            assert calls[-1]["build_directory"] == str(where)
+        assert "building the CPU compositor" in capsys.readouterr().err  # nothing built there yet: says so
+
+        def broken(**kw):
+            raise RuntimeError("Error building extension 'gstalk_raster_cpu'")
+
+        monkeypatch.setattr(cpp, "load", broken)
+        cpu_ext.load_cpu_ext.cache_clear()
+        assert cpu_ext.load_cpu_ext() is None and not cpu_ext.available()
+        with pytest.raises(InputError, match="could not be built"):
+            rasterize(small_scene(3), front_camera(), backend="cpu")
+        assert rasterize(small_scene(3), front_camera()).backend == "torch"
+    finally:
+        cpu_ext.load_cpu_ext.cache_clear()

@@ -14,6 +14,9 @@ import functools
 import logging
 import os
 import shutil
+import sys
+import time
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -23,6 +26,17 @@ from gstalk.render.project import ALPHA_THRESHOLD, Projected
 from gstalk.render.reference import T_MIN, _tile_lists
 
 log = logging.getLogger(__name__)
+
+
+STALE_LOCK_S = 600  # a build lock older than this was left by a killed build
+
+
+def build_directory() -> Path:
+    """Where the module is built and cached: under ``TORCH_EXTENSIONS_DIR`` (default
+    ``~/.cache/torch_extensions``), one folder per Python and torch version."""
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
+    return Path(base) / tag / "gstalk_raster_cpu"
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,9 +50,17 @@ def load_cpu_ext():
     from torch.utils.cpp_extension import load
 
     try:
-        return load(name="gstalk_raster_cpu", sources=[str(CSRC / "raster_cpu.cpp")],
+        where = build_directory()
+        where.mkdir(parents=True, exist_ok=True)
+        lock = where / "lock"
+        # torch waits for a build lock forever; one left by a killed build would hang every run
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+        if not any(where.glob("gstalk_raster_cpu*.so")):
+            print("gstalk: building the CPU compositor (once, about 30 s) ...", file=sys.stderr, flush=True)
+        return load(name="gstalk_raster_cpu", sources=[str(CSRC / "raster_cpu.cpp")], build_directory=str(where),
                     extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # compiler or headers missing, ...
+    except Exception as e:  # compiler or headers missing, unwritable cache, ...
         log.warning("building the CPU compositor failed (%s): rendering on the CPU uses the slower pure-PyTorch "
                     "compositor", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
