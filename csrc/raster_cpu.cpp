@@ -7,9 +7,15 @@
 //   stop at the first Gaussian that would take T to t_min or below (that one excluded)
 //   out_f += alpha T f,   alpha_out += alpha T,   T *= 1 - alpha
 //
-// The backward pass writes one gradient row per (tile, Gaussian) intersection, a slot of
-// the sorted list that only its own tile touches, so tiles run in parallel without atomics;
-// the caller sums the rows per Gaussian (index_add_).
+// Each tile is walked Gaussian by Gaussian, front to back, over only the pixels of the
+// Gaussian's footprint box (where sigma can be within its alpha threshold), with each pixel's
+// transmittance kept; every pixel still sees its Gaussians in depth order with the same
+// arithmetic, so the result is the pixel-by-pixel one. The forward pass also returns each
+// pixel's final transmittance and the list position where it stopped; the backward pass walks
+// the list back to front from there, recovering T before each Gaussian as T / (1 - alpha).
+// It writes one gradient row per (tile, Gaussian) intersection, a slot of the sorted list that
+// only its own tile touches, so tiles run in parallel without atomics; the caller sums the
+// rows per Gaussian (index_add_).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -81,16 +87,40 @@ inline bool footprint(const scalar_t* mu, const scalar_t* con, scalar_t o, scala
     return alpha >= alpha_threshold;
 }
 
+// The pixels [x0, x1) x [y0, y1) of a tile that a Gaussian may reach: the box around its ellipse
+// sigma <= limit (half-widths sqrt(2 limit Sigma_xx), sqrt(2 limit Sigma_yy), Sigma the inverse
+// of the conic), one pixel wider for rounding. Returns false when it reaches none.
+template <typename scalar_t>
+inline bool reach(const scalar_t* mu, const scalar_t* con, scalar_t limit, int64_t& x0, int64_t& y0, int64_t& x1,
+                  int64_t& y1) {
+    if (limit < 0) return false;
+    const double a = con[0], b = con[1], c = con[2], det = a * c - b * b;
+    if (det > 0 && a > 0 && c > 0) {
+        const double rx = std::sqrt(2.0 * double(limit) * c / det), ry = std::sqrt(2.0 * double(limit) * a / det);
+        // pixel px has its centre at px + 0.5
+        const double lx = std::floor(double(mu[0]) - rx - 0.5) - 1, hx = std::ceil(double(mu[0]) + rx - 0.5) + 2;
+        const double ly = std::floor(double(mu[1]) - ry - 0.5) - 1, hy = std::ceil(double(mu[1]) + ry - 0.5) + 2;
+        if (lx > double(x0)) x0 = int64_t(lx);
+        if (hx < double(x1)) x1 = int64_t(hx);
+        if (ly > double(y0)) y0 = int64_t(ly);
+        if (hy < double(y1)) y1 = int64_t(hy);
+    }  // else (not positive definite): the whole tile, checked pixel by pixel
+    return x0 < x1 && y0 < y1;
+}
+
 }  // namespace
 
-// -> [H, W, F + 1]: composited features, then alpha (no background)
-torch::Tensor composite_forward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor opacities,
-                                torch::Tensor feats, torch::Tensor gauss_sorted, torch::Tensor starts,
-                                torch::Tensor counts, int64_t width, int64_t height, int64_t tile_size,
-                                double alpha_threshold, double t_min) {
+// -> [H, W, F + 1] composited features, then alpha (no background); [H, W] final transmittance;
+// [H, W] int64 list position where the pixel stopped (the tile's list length if it did not)
+std::vector<torch::Tensor> composite_forward(torch::Tensor means2d, torch::Tensor conics, torch::Tensor opacities,
+                                             torch::Tensor feats, torch::Tensor gauss_sorted, torch::Tensor starts,
+                                             torch::Tensor counts, int64_t width, int64_t height, int64_t tile_size,
+                                             double alpha_threshold, double t_min) {
     const Layout l = layout(means2d, conics, opacities, feats, gauss_sorted, starts, counts, width, height, tile_size);
     const int64_t F = l.feat, C = F + 1;
     auto out = torch::zeros({height, width, C}, feats.options());
+    auto t_final = torch::ones({height, width}, feats.options());
+    auto stop_at = torch::zeros({height, width}, counts.options());
     AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "composite_forward", [&] {
         const scalar_t* mu = means2d.data_ptr<scalar_t>();
         const scalar_t* con = conics.data_ptr<scalar_t>();
@@ -100,53 +130,82 @@ torch::Tensor composite_forward(torch::Tensor means2d, torch::Tensor conics, tor
         const int64_t* st = starts.data_ptr<int64_t>();
         const int64_t* ct = counts.data_ptr<int64_t>();
         scalar_t* o = out.data_ptr<scalar_t>();
+        scalar_t* tf = t_final.data_ptr<scalar_t>();
+        int64_t* sa = stop_at.data_ptr<int64_t>();
         const scalar_t thr = scalar_t(alpha_threshold), tmin = scalar_t(t_min);
         const std::vector<scalar_t> lim = sigma_limits(op, opacities.size(0), thr);
         at::parallel_for(0, l.n_tiles, 1, [&](int64_t t0, int64_t t1) {
+            std::vector<scalar_t> T(l.tile_size * l.tile_size);
+            std::vector<int64_t> stop(l.tile_size * l.tile_size);
             for (int64_t tile = t0; tile < t1; ++tile) {
                 const int64_t n = ct[tile], s = st[tile];
                 if (n == 0) continue;
                 const int64_t x0 = (tile % l.tiles_x) * l.tile_size, y0 = (tile / l.tiles_x) * l.tile_size;
                 const int64_t x1 = std::min(x0 + l.tile_size, width), y1 = std::min(y0 + l.tile_size, height);
-                for (int64_t py = y0; py < y1; ++py) {
-                    for (int64_t px = x0; px < x1; ++px) {
-                        const scalar_t x = scalar_t(px) + scalar_t(0.5), y = scalar_t(py) + scalar_t(0.5);
-                        scalar_t* pix = o + (py * width + px) * C;
-                        scalar_t T = 1;
-                        for (int64_t k = 0; k < n; ++k) {
-                            const int64_t g = gs[s + k];
+                const int64_t w = x1 - x0, npx = w * (y1 - y0);
+                std::fill(T.begin(), T.begin() + npx, scalar_t(1));
+                std::fill(stop.begin(), stop.begin() + npx, n);
+                int64_t n_done = 0;
+                for (int64_t k = 0; k < n && n_done < npx; ++k) {
+                    const int64_t g = gs[s + k];
+                    int64_t bx0 = x0, by0 = y0, bx1 = x1, by1 = y1;
+                    if (!reach(mu + 2 * g, con + 3 * g, lim[g], bx0, by0, bx1, by1)) continue;
+                    const scalar_t* f = ft + g * F;
+                    for (int64_t py = by0; py < by1; ++py) {
+                        for (int64_t px = bx0; px < bx1; ++px) {
+                            const int64_t i = (py - y0) * w + (px - x0);
+                            if (stop[i] != n) continue;  // this pixel has stopped
                             scalar_t dx, dy, alpha;
                             bool clamped;
-                            if (!footprint(mu + 2 * g, con + 3 * g, op[g], lim[g], x, y, thr, dx, dy, alpha, clamped)) continue;
-                            const scalar_t t_next = T * (1 - alpha);
-                            if (t_next <= tmin) break;
-                            const scalar_t w = alpha * T;
-                            const scalar_t* f = ft + g * F;
-                            for (int64_t c = 0; c < F; ++c) pix[c] += w * f[c];
-                            pix[F] += w;
-                            T = t_next;
+                            if (!footprint(mu + 2 * g, con + 3 * g, op[g], lim[g], scalar_t(px) + scalar_t(0.5),
+                                           scalar_t(py) + scalar_t(0.5), thr, dx, dy, alpha, clamped))
+                                continue;
+                            const scalar_t t_next = T[i] * (1 - alpha);
+                            if (t_next <= tmin) {
+                                stop[i] = k;
+                                ++n_done;
+                                continue;
+                            }
+                            const scalar_t wt = alpha * T[i];
+                            scalar_t* pix = o + (py * width + px) * C;
+                            for (int64_t c = 0; c < F; ++c) pix[c] += wt * f[c];
+                            pix[F] += wt;
+                            T[i] = t_next;
                         }
                     }
                 }
+                for (int64_t py = y0; py < y1; ++py)
+                    for (int64_t px = x0; px < x1; ++px) {
+                        const int64_t i = (py - y0) * w + (px - x0);
+                        tf[py * width + px] = T[i];
+                        sa[py * width + px] = stop[i];
+                    }
             }
         });
     });
-    return out;
+    return {out, t_final, stop_at};
 }
 
-// grad_out [H, W, F + 1] -> per intersection (slot of gauss_sorted): d means2d [M, 2],
-// d conics [M, 3], d opacities [M], d feats [M, F]
-std::vector<torch::Tensor> composite_backward(torch::Tensor grad_out, torch::Tensor means2d, torch::Tensor conics,
-                                              torch::Tensor opacities, torch::Tensor feats,
-                                              torch::Tensor gauss_sorted, torch::Tensor starts, torch::Tensor counts,
-                                              int64_t width, int64_t height, int64_t tile_size,
-                                              double alpha_threshold, double t_min) {
+// grad_out [H, W, F + 1] (with the forward pass's final transmittance and stop positions) ->
+// per intersection (slot of gauss_sorted): d means2d [M, 2], d conics [M, 3], d opacities [M],
+// d feats [M, F]
+std::vector<torch::Tensor> composite_backward(torch::Tensor grad_out, torch::Tensor t_final, torch::Tensor stop_at,
+                                              torch::Tensor means2d, torch::Tensor conics, torch::Tensor opacities,
+                                              torch::Tensor feats, torch::Tensor gauss_sorted, torch::Tensor starts,
+                                              torch::Tensor counts, int64_t width, int64_t height, int64_t tile_size,
+                                              double alpha_threshold) {
     const Layout l = layout(means2d, conics, opacities, feats, gauss_sorted, starts, counts, width, height, tile_size);
     const int64_t F = l.feat, C = F + 1, M = gauss_sorted.size(0);
     grad_out = grad_out.contiguous().to(feats.scalar_type());
     check(grad_out, "grad_out", 3);
+    check(t_final, "t_final", 2);
+    check(stop_at, "stop_at", 2);
     TORCH_CHECK(grad_out.size(0) == height && grad_out.size(1) == width && grad_out.size(2) == C,
                 "grad_out must be [H, W, F + 1]");
+    TORCH_CHECK(t_final.size(0) == height && t_final.size(1) == width && stop_at.size(0) == height &&
+                    stop_at.size(1) == width && t_final.scalar_type() == feats.scalar_type() &&
+                    stop_at.scalar_type() == torch::kLong,
+                "t_final and stop_at must be the forward pass's [H, W] outputs");
     auto g_mu = torch::zeros({M, 2}, feats.options());
     auto g_con = torch::zeros({M, 3}, feats.options());
     auto g_op = torch::zeros({M}, feats.options());
@@ -157,6 +216,8 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor grad_out, torch::Ten
         const scalar_t* op = opacities.data_ptr<scalar_t>();
         const scalar_t* ft = feats.data_ptr<scalar_t>();
         const scalar_t* go = grad_out.data_ptr<scalar_t>();
+        const scalar_t* tf = t_final.data_ptr<scalar_t>();
+        const int64_t* sa = stop_at.data_ptr<int64_t>();
         const int64_t* gs = gauss_sorted.data_ptr<int64_t>();
         const int64_t* st = starts.data_ptr<int64_t>();
         const int64_t* ct = counts.data_ptr<int64_t>();
@@ -164,59 +225,56 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor grad_out, torch::Ten
         scalar_t* dcon = g_con.data_ptr<scalar_t>();
         scalar_t* dop = g_op.data_ptr<scalar_t>();
         scalar_t* dft = g_ft.data_ptr<scalar_t>();
-        const scalar_t thr = scalar_t(alpha_threshold), tmin = scalar_t(t_min);
+        const scalar_t thr = scalar_t(alpha_threshold);
         const std::vector<scalar_t> lim = sigma_limits(op, opacities.size(0), thr);
         at::parallel_for(0, l.n_tiles, 1, [&](int64_t t0, int64_t t1) {
-            struct Hit {
-                int64_t k;
-                scalar_t dx, dy, alpha, T;
-                bool clamped;
-            };
-            std::vector<Hit> hits;
-            std::vector<scalar_t> suffix(C);
+            const int64_t P = l.tile_size * l.tile_size;
+            std::vector<scalar_t> T(P), suffix(P * C);  // per pixel: T behind the Gaussian, and sum of w f behind it
             for (int64_t tile = t0; tile < t1; ++tile) {
                 const int64_t n = ct[tile], s = st[tile];
                 if (n == 0) continue;
                 const int64_t x0 = (tile % l.tiles_x) * l.tile_size, y0 = (tile / l.tiles_x) * l.tile_size;
                 const int64_t x1 = std::min(x0 + l.tile_size, width), y1 = std::min(y0 + l.tile_size, height);
-                for (int64_t py = y0; py < y1; ++py) {
+                const int64_t w = x1 - x0, npx = w * (y1 - y0);
+                int64_t last = 0;  // the furthest list position any pixel of the tile reached
+                for (int64_t py = y0; py < y1; ++py)
                     for (int64_t px = x0; px < x1; ++px) {
-                        const scalar_t x = scalar_t(px) + scalar_t(0.5), y = scalar_t(py) + scalar_t(0.5);
-                        const scalar_t* gp = go + (py * width + px) * C;
-                        // the forward pass again, keeping what each contributing Gaussian needs
-                        hits.clear();
-                        scalar_t T = 1;
-                        for (int64_t k = 0; k < n; ++k) {
-                            const int64_t g = gs[s + k];
-                            Hit h;
-                            if (!footprint(mu + 2 * g, con + 3 * g, op[g], lim[g], x, y, thr, h.dx, h.dy, h.alpha, h.clamped))
+                        const int64_t i = (py - y0) * w + (px - x0);
+                        T[i] = tf[py * width + px];
+                        last = std::max(last, sa[py * width + px]);
+                    }
+                std::fill(suffix.begin(), suffix.begin() + npx * C, scalar_t(0));
+                for (int64_t k = std::min(last, n - 1); k >= 0; --k) {
+                    const int64_t slot = s + k, g = gs[slot];
+                    int64_t bx0 = x0, by0 = y0, bx1 = x1, by1 = y1;
+                    if (!reach(mu + 2 * g, con + 3 * g, lim[g], bx0, by0, bx1, by1)) continue;
+                    const scalar_t* f = ft + g * F;
+                    const scalar_t* cg = con + 3 * g;
+                    const scalar_t o = op[g];
+                    for (int64_t py = by0; py < by1; ++py) {
+                        for (int64_t px = bx0; px < bx1; ++px) {
+                            if (k >= sa[py * width + px]) continue;  // at or past where this pixel stopped
+                            const int64_t i = (py - y0) * w + (px - x0);
+                            scalar_t dx, dy, alpha;
+                            bool clamped;
+                            if (!footprint(mu + 2 * g, cg, o, lim[g], scalar_t(px) + scalar_t(0.5),
+                                           scalar_t(py) + scalar_t(0.5), thr, dx, dy, alpha, clamped))
                                 continue;
-                            const scalar_t t_next = T * (1 - h.alpha);
-                            if (t_next <= tmin) break;
-                            h.k = k;
-                            h.T = T;
-                            hits.push_back(h);
-                            T = t_next;
-                        }
-                        // back to front: suffix[c] = sum over the Gaussians behind of w f_c (f_F = 1 for alpha)
-                        std::fill(suffix.begin(), suffix.end(), scalar_t(0));
-                        for (auto it = hits.rbegin(); it != hits.rend(); ++it) {
-                            const int64_t slot = s + it->k, g = gs[slot];
-                            const scalar_t* f = ft + g * F;
-                            const scalar_t w = it->alpha * it->T, inv = 1 / (1 - it->alpha);
-                            scalar_t d_alpha = gp[F] * (it->T - suffix[F] * inv);
+                            const scalar_t inv = 1 / (1 - alpha);
+                            const scalar_t t_before = T[i] * inv, wt = alpha * t_before;
+                            const scalar_t* gp = go + (py * width + px) * C;
+                            scalar_t* sf = suffix.data() + i * C;
+                            scalar_t d_alpha = gp[F] * (t_before - sf[F] * inv);
                             for (int64_t c = 0; c < F; ++c) {
-                                dft[slot * F + c] += w * gp[c];
-                                d_alpha += gp[c] * (it->T * f[c] - suffix[c] * inv);
-                                suffix[c] += w * f[c];
+                                dft[slot * F + c] += wt * gp[c];
+                                d_alpha += gp[c] * (t_before * f[c] - sf[c] * inv);
+                                sf[c] += wt * f[c];
                             }
-                            suffix[F] += w;
-                            if (it->clamped) continue;  // min(0.999, .) passes no gradient there
-                            const scalar_t o = op[g];
-                            dop[slot] += d_alpha * it->alpha / o;
-                            const scalar_t d_sigma = -d_alpha * it->alpha;
-                            const scalar_t* cg = con + 3 * g;
-                            const scalar_t dx = it->dx, dy = it->dy;
+                            sf[F] += wt;
+                            T[i] = t_before;
+                            if (clamped) continue;  // min(0.999, .) passes no gradient there
+                            dop[slot] += d_alpha * alpha / o;
+                            const scalar_t d_sigma = -d_alpha * alpha;
                             dcon[slot * 3 + 0] += d_sigma * scalar_t(0.5) * dx * dx;
                             dcon[slot * 3 + 1] += d_sigma * dx * dy;
                             dcon[slot * 3 + 2] += d_sigma * scalar_t(0.5) * dy * dy;

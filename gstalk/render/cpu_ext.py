@@ -1,6 +1,7 @@
 """The compiled CPU compositor (``csrc/raster_cpu.cpp``): the same tiled front-to-back
 compositing as :func:`gstalk.render.reference.composite`, in C++ with a hand-written
-backward pass, tiles in parallel on torch's CPU threads.
+backward pass, tiles in parallel on torch's CPU threads, each tile walked Gaussian by
+Gaussian over the pixels of its footprint.
 
 It is built with torch's extension loader on first use (a C++ compiler is needed; the build,
 about a minute, is cached by torch in ``TORCH_EXTENSIONS_DIR``). Where it cannot be built,
@@ -74,18 +75,20 @@ class _Composite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means2d, conics, opacities, feats, gauss_sorted, starts, counts, width, height, tile_size):
         ext = load_cpu_ext()
-        args = (gauss_sorted, starts, counts, width, height, tile_size, ALPHA_THRESHOLD, T_MIN)
         ins = [t.contiguous() for t in (means2d, conics, opacities, feats)]
-        ctx.save_for_backward(*ins, gauss_sorted, starts, counts)
+        img, t_final, stop_at = ext.composite_forward(*ins, gauss_sorted, starts, counts, width, height, tile_size,
+                                                      ALPHA_THRESHOLD, T_MIN)
+        ctx.save_for_backward(*ins, gauss_sorted, starts, counts, t_final, stop_at)
         ctx.size = (width, height, tile_size)
-        return ext.composite_forward(*ins, *args)
+        return img
 
     @staticmethod
     def backward(ctx, grad):
-        means2d, conics, opacities, feats, gauss_sorted, starts, counts = ctx.saved_tensors
+        means2d, conics, opacities, feats, gauss_sorted, starts, counts, t_final, stop_at = ctx.saved_tensors
         width, height, tile_size = ctx.size
-        per_hit = load_cpu_ext().composite_backward(grad, means2d, conics, opacities, feats, gauss_sorted, starts,
-                                                     counts, width, height, tile_size, ALPHA_THRESHOLD, T_MIN)
+        per_hit = load_cpu_ext().composite_backward(grad, t_final, stop_at, means2d, conics, opacities, feats,
+                                                     gauss_sorted, starts, counts, width, height, tile_size,
+                                                     ALPHA_THRESHOLD)
         # one row per (tile, Gaussian) intersection: summed per Gaussian
         grads = [torch.zeros_like(t).index_add_(0, gauss_sorted, h)
                  for t, h in zip((means2d, conics, opacities, feats), per_hit)]
