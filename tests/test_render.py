@@ -297,6 +297,12 @@ def test_cpu_backend_draws_frames_and_empty_views():
     fast = rasterize_frames(gb, cams, background=0.5, backend="cpu")
     assert fast.backend == "cpu"
     torch.testing.assert_close(fast.colors, ref.colors, atol=1e-5, rtol=0)
+    # float16: 'auto' draws it with the reference, 'cpu' refuses it clearly
+    half = small_scene(20).activated()
+    half = GaussianTensors(*(t.half() for t in half))
+    assert rasterize(half, front_camera().to(dtype=torch.float16)).backend == "torch"
+    with pytest.raises(InputError, match="float32 or float64"):
+        rasterize(half, front_camera(), backend="cpu")
     # nothing in view: the background, zero alpha, and zero gradients
     g = small_scene(5)
     params = g.optimizable()

@@ -3,8 +3,8 @@ compositing as :func:`gstalk.render.reference.composite`, in C++ with a hand-wri
 backward pass, tiles in parallel on torch's CPU threads, each tile walked Gaussian by
 Gaussian over the pixels of its footprint.
 
-It is built with torch's extension loader on first use (a C++ compiler is needed; the build,
-about a minute, is cached by torch in ``TORCH_EXTENSIONS_DIR``). Where it cannot be built,
+It is built with torch's extension loader on first use (a C++ compiler and Python's headers
+are needed; the build, about 30 s on 2 cores, is cached in :func:`build_directory`). Where it cannot be built,
 or with ``GSTALK_CPU_KERNEL=0``, rendering on the CPU falls back to the pure-PyTorch
 compositor, which stays the reference the tests compare this one against.
 """

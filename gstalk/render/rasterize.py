@@ -71,6 +71,18 @@ def select_backend(backend: Backend, device: torch.device) -> str:
     return "cpu" if device.type == "cpu" and cpu_ext.available() else "torch"
 
 
+def _backend_for(backend: Backend, means: Tensor) -> str:
+    """:func:`select_backend`, and the compiled CPU compositor only for float32 and float64
+    (other dtypes go to the reference under 'auto')."""
+    which = select_backend(backend, means.device)
+    if which == "cpu" and means.dtype not in (torch.float32, torch.float64):
+        if backend == "cpu":
+            raise InputError(f"the cpu backend draws float32 or float64 Gaussians, got {means.dtype}; "
+                             "use backend='torch'")
+        which = "torch"
+    return which
+
+
 def _as_tensors(gaussians: GaussiansLike, sh_degree: int | None) -> tuple[GaussianTensors, int | None]:
     if isinstance(gaussians, GaussianSet):
         deg = gaussians.sh_degree if sh_degree is None else sh_degree
@@ -160,7 +172,7 @@ def rasterize(
     g, sh_degree = _as_tensors(gaussians, sh_degree)
     _validate(g, sh_degree)
     cams, bg = _cameras_and_background(cameras, g, sh_degree, background)
-    which = select_backend(backend, g.means.device)
+    which = _backend_for(backend, g.means)
     if which == "gsplat":
         return _rasterize_gsplat(g, cams.viewmats, cams.Ks, cams.width, cams.height, bg, sh_degree, near, far, eps2d,
                                  tile_size)
@@ -204,7 +216,7 @@ def rasterize_frames(
     if not bool(torch.isfinite(g.means).all() & torch.isfinite(g.scales).all()):
         raise InputError("Gaussian means or scales contain NaN or infinite values")
     cams, bg = _cameras_and_background(cameras, g, sh_degree, background, frames=nb)
-    which = select_backend(backend, g.means.device)
+    which = _backend_for(backend, g.means)
     if which == "gsplat":
         # gsplat's batch dimension: frame b's Gaussians [b] seen by its one camera [b, 0]
         out = _rasterize_gsplat(g, cams.viewmats[:, None], cams.Ks[:, None], cams.width, cams.height, bg[:, None],
