@@ -108,6 +108,33 @@ inline bool reach(const scalar_t* mu, const scalar_t* con, scalar_t limit, int64
     return x0 < x1 && y0 < y1;
 }
 
+// The inputs both passes read, as raw pointers, with each Gaussian's sigma limit.
+template <typename scalar_t>
+struct Scene {
+    const scalar_t *mu, *con, *op, *ft;
+    const int64_t *gs, *st, *ct;
+    scalar_t thr;
+    std::vector<scalar_t> lim;
+    Scene(const torch::Tensor& means2d, const torch::Tensor& conics, const torch::Tensor& opacities,
+          const torch::Tensor& feats, const torch::Tensor& gauss_sorted, const torch::Tensor& starts,
+          const torch::Tensor& counts, double alpha_threshold)
+        : mu(means2d.data_ptr<scalar_t>()), con(conics.data_ptr<scalar_t>()), op(opacities.data_ptr<scalar_t>()),
+          ft(feats.data_ptr<scalar_t>()), gs(gauss_sorted.data_ptr<int64_t>()), st(starts.data_ptr<int64_t>()),
+          ct(counts.data_ptr<int64_t>()), thr(scalar_t(alpha_threshold)),
+          lim(sigma_limits(op, opacities.size(0), thr)) {}
+};
+
+// A tile's slice of the sorted list (from s, n long) and its pixels [x0, x1) x [y0, y1),
+// w wide, npx in all.
+struct Tile {
+    int64_t n, s, x0, y0, x1, y1, w, npx;
+    Tile(const Layout& l, const int64_t* starts, const int64_t* counts, int64_t tile)
+        : n(counts[tile]), s(starts[tile]), x0((tile % l.tiles_x) * l.tile_size),
+          y0((tile / l.tiles_x) * l.tile_size), x1(std::min(x0 + l.tile_size, l.width)),
+          y1(std::min(y0 + l.tile_size, l.height)), w(x1 - x0), npx(w * (y1 - y0)) {}
+    int64_t local(int64_t px, int64_t py) const { return (py - y0) * w + (px - x0); }
+};
+
 }  // namespace
 
 // -> [H, W, F + 1] composited features, then alpha (no background); [H, W] final transmittance;
@@ -122,43 +149,34 @@ std::vector<torch::Tensor> composite_forward(torch::Tensor means2d, torch::Tenso
     auto t_final = torch::ones({height, width}, feats.options());
     auto stop_at = torch::zeros({height, width}, counts.options());
     AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "composite_forward", [&] {
-        const scalar_t* mu = means2d.data_ptr<scalar_t>();
-        const scalar_t* con = conics.data_ptr<scalar_t>();
-        const scalar_t* op = opacities.data_ptr<scalar_t>();
-        const scalar_t* ft = feats.data_ptr<scalar_t>();
-        const int64_t* gs = gauss_sorted.data_ptr<int64_t>();
-        const int64_t* st = starts.data_ptr<int64_t>();
-        const int64_t* ct = counts.data_ptr<int64_t>();
+        const Scene<scalar_t> sc(means2d, conics, opacities, feats, gauss_sorted, starts, counts, alpha_threshold);
         scalar_t* o = out.data_ptr<scalar_t>();
         scalar_t* tf = t_final.data_ptr<scalar_t>();
         int64_t* sa = stop_at.data_ptr<int64_t>();
-        const scalar_t thr = scalar_t(alpha_threshold), tmin = scalar_t(t_min);
-        const std::vector<scalar_t> lim = sigma_limits(op, opacities.size(0), thr);
+        const scalar_t tmin = scalar_t(t_min);
         at::parallel_for(0, l.n_tiles, 1, [&](int64_t t0, int64_t t1) {
             std::vector<scalar_t> T(l.tile_size * l.tile_size);
             std::vector<int64_t> stop(l.tile_size * l.tile_size);
             for (int64_t tile = t0; tile < t1; ++tile) {
-                const int64_t n = ct[tile], s = st[tile];
+                const Tile tl(l, sc.st, sc.ct, tile);
+                const int64_t n = tl.n;
                 if (n == 0) continue;
-                const int64_t x0 = (tile % l.tiles_x) * l.tile_size, y0 = (tile / l.tiles_x) * l.tile_size;
-                const int64_t x1 = std::min(x0 + l.tile_size, width), y1 = std::min(y0 + l.tile_size, height);
-                const int64_t w = x1 - x0, npx = w * (y1 - y0);
-                std::fill(T.begin(), T.begin() + npx, scalar_t(1));
-                std::fill(stop.begin(), stop.begin() + npx, n);
+                std::fill(T.begin(), T.begin() + tl.npx, scalar_t(1));
+                std::fill(stop.begin(), stop.begin() + tl.npx, n);
                 int64_t n_done = 0;
-                for (int64_t k = 0; k < n && n_done < npx; ++k) {
-                    const int64_t g = gs[s + k];
-                    int64_t bx0 = x0, by0 = y0, bx1 = x1, by1 = y1;
-                    if (!reach(mu + 2 * g, con + 3 * g, lim[g], bx0, by0, bx1, by1)) continue;
-                    const scalar_t* f = ft + g * F;
+                for (int64_t k = 0; k < n && n_done < tl.npx; ++k) {
+                    const int64_t g = sc.gs[tl.s + k];
+                    const scalar_t *mg = sc.mu + 2 * g, *cg = sc.con + 3 * g, *f = sc.ft + g * F;
+                    int64_t bx0 = tl.x0, by0 = tl.y0, bx1 = tl.x1, by1 = tl.y1;
+                    if (!reach(mg, cg, sc.lim[g], bx0, by0, bx1, by1)) continue;
                     for (int64_t py = by0; py < by1; ++py) {
                         for (int64_t px = bx0; px < bx1; ++px) {
-                            const int64_t i = (py - y0) * w + (px - x0);
+                            const int64_t i = tl.local(px, py);
                             if (stop[i] != n) continue;  // this pixel has stopped
                             scalar_t dx, dy, alpha;
                             bool clamped;
-                            if (!footprint(mu + 2 * g, con + 3 * g, op[g], lim[g], scalar_t(px) + scalar_t(0.5),
-                                           scalar_t(py) + scalar_t(0.5), thr, dx, dy, alpha, clamped))
+                            if (!footprint(mg, cg, sc.op[g], sc.lim[g], scalar_t(px) + scalar_t(0.5),
+                                           scalar_t(py) + scalar_t(0.5), sc.thr, dx, dy, alpha, clamped))
                                 continue;
                             const scalar_t t_next = T[i] * (1 - alpha);
                             if (t_next <= tmin) {
@@ -174,11 +192,10 @@ std::vector<torch::Tensor> composite_forward(torch::Tensor means2d, torch::Tenso
                         }
                     }
                 }
-                for (int64_t py = y0; py < y1; ++py)
-                    for (int64_t px = x0; px < x1; ++px) {
-                        const int64_t i = (py - y0) * w + (px - x0);
-                        tf[py * width + px] = T[i];
-                        sa[py * width + px] = stop[i];
+                for (int64_t py = tl.y0; py < tl.y1; ++py)
+                    for (int64_t px = tl.x0; px < tl.x1; ++px) {
+                        tf[py * width + px] = T[tl.local(px, py)];
+                        sa[py * width + px] = stop[tl.local(px, py)];
                     }
             }
         });
@@ -211,54 +228,41 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor grad_out, torch::Ten
     auto g_op = torch::zeros({M}, feats.options());
     auto g_ft = torch::zeros({M, F}, feats.options());
     AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "composite_backward", [&] {
-        const scalar_t* mu = means2d.data_ptr<scalar_t>();
-        const scalar_t* con = conics.data_ptr<scalar_t>();
-        const scalar_t* op = opacities.data_ptr<scalar_t>();
-        const scalar_t* ft = feats.data_ptr<scalar_t>();
+        const Scene<scalar_t> sc(means2d, conics, opacities, feats, gauss_sorted, starts, counts, alpha_threshold);
         const scalar_t* go = grad_out.data_ptr<scalar_t>();
         const scalar_t* tf = t_final.data_ptr<scalar_t>();
         const int64_t* sa = stop_at.data_ptr<int64_t>();
-        const int64_t* gs = gauss_sorted.data_ptr<int64_t>();
-        const int64_t* st = starts.data_ptr<int64_t>();
-        const int64_t* ct = counts.data_ptr<int64_t>();
         scalar_t* dmu = g_mu.data_ptr<scalar_t>();
         scalar_t* dcon = g_con.data_ptr<scalar_t>();
         scalar_t* dop = g_op.data_ptr<scalar_t>();
         scalar_t* dft = g_ft.data_ptr<scalar_t>();
-        const scalar_t thr = scalar_t(alpha_threshold);
-        const std::vector<scalar_t> lim = sigma_limits(op, opacities.size(0), thr);
         at::parallel_for(0, l.n_tiles, 1, [&](int64_t t0, int64_t t1) {
             const int64_t P = l.tile_size * l.tile_size;
             std::vector<scalar_t> T(P), suffix(P * C);  // per pixel: T behind the Gaussian, and sum of w f behind it
             for (int64_t tile = t0; tile < t1; ++tile) {
-                const int64_t n = ct[tile], s = st[tile];
-                if (n == 0) continue;
-                const int64_t x0 = (tile % l.tiles_x) * l.tile_size, y0 = (tile / l.tiles_x) * l.tile_size;
-                const int64_t x1 = std::min(x0 + l.tile_size, width), y1 = std::min(y0 + l.tile_size, height);
-                const int64_t w = x1 - x0, npx = w * (y1 - y0);
+                const Tile tl(l, sc.st, sc.ct, tile);
+                if (tl.n == 0) continue;
                 int64_t last = 0;  // the furthest list position any pixel of the tile reached
-                for (int64_t py = y0; py < y1; ++py)
-                    for (int64_t px = x0; px < x1; ++px) {
-                        const int64_t i = (py - y0) * w + (px - x0);
-                        T[i] = tf[py * width + px];
+                for (int64_t py = tl.y0; py < tl.y1; ++py)
+                    for (int64_t px = tl.x0; px < tl.x1; ++px) {
+                        T[tl.local(px, py)] = tf[py * width + px];
                         last = std::max(last, sa[py * width + px]);
                     }
-                std::fill(suffix.begin(), suffix.begin() + npx * C, scalar_t(0));
-                for (int64_t k = std::min(last, n - 1); k >= 0; --k) {
-                    const int64_t slot = s + k, g = gs[slot];
-                    int64_t bx0 = x0, by0 = y0, bx1 = x1, by1 = y1;
-                    if (!reach(mu + 2 * g, con + 3 * g, lim[g], bx0, by0, bx1, by1)) continue;
-                    const scalar_t* f = ft + g * F;
-                    const scalar_t* cg = con + 3 * g;
-                    const scalar_t o = op[g];
+                std::fill(suffix.begin(), suffix.begin() + tl.npx * C, scalar_t(0));
+                for (int64_t k = std::min(last, tl.n - 1); k >= 0; --k) {
+                    const int64_t slot = tl.s + k, g = sc.gs[slot];
+                    const scalar_t *mg = sc.mu + 2 * g, *cg = sc.con + 3 * g, *f = sc.ft + g * F;
+                    const scalar_t o = sc.op[g];
+                    int64_t bx0 = tl.x0, by0 = tl.y0, bx1 = tl.x1, by1 = tl.y1;
+                    if (!reach(mg, cg, sc.lim[g], bx0, by0, bx1, by1)) continue;
                     for (int64_t py = by0; py < by1; ++py) {
                         for (int64_t px = bx0; px < bx1; ++px) {
                             if (k >= sa[py * width + px]) continue;  // at or past where this pixel stopped
-                            const int64_t i = (py - y0) * w + (px - x0);
+                            const int64_t i = tl.local(px, py);
                             scalar_t dx, dy, alpha;
                             bool clamped;
-                            if (!footprint(mu + 2 * g, cg, o, lim[g], scalar_t(px) + scalar_t(0.5),
-                                           scalar_t(py) + scalar_t(0.5), thr, dx, dy, alpha, clamped))
+                            if (!footprint(mg, cg, o, sc.lim[g], scalar_t(px) + scalar_t(0.5),
+                                           scalar_t(py) + scalar_t(0.5), sc.thr, dx, dy, alpha, clamped))
                                 continue;
                             const scalar_t inv = 1 / (1 - alpha);
                             const scalar_t t_before = T[i] * inv, wt = alpha * t_before;
