@@ -24,7 +24,7 @@ from torch import Tensor
 
 from gstalk.deform.cuda_ext import CSRC
 from gstalk.render.project import ALPHA_THRESHOLD, Projected
-from gstalk.render.reference import T_MIN, _tile_lists
+from gstalk.render.reference import T_MIN, view_tiles
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,9 @@ def composite(proj: Projected, cam: int, opacities: Tensor, colors: Tensor, widt
               tile_size: int = 16) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`gstalk.render.reference.composite` (same arguments and results) with the
     compiled compositor; the tensors must be on the CPU and the extension built."""
-    means2d, conics, depths, radii = proj.means2d[cam], proj.conics[cam], proj.depths[cam], proj.radii[cam]
-    tiles_x = (width + tile_size - 1) // tile_size
-    tiles_y = (height + tile_size - 1) // tile_size
-    gauss_sorted, counts, starts = _tile_lists(means2d, radii, depths, tiles_x, tiles_y, tile_size)
+    means2d, conics = proj.means2d[cam], proj.conics[cam]
+    _, _, gauss_sorted, counts, starts, feats = view_tiles(proj, cam, colors, width, height, tile_size)
     d = colors.shape[-1]
-    feats = torch.cat([colors, depths[:, None].to(colors.dtype)], dim=-1)
     dt = means2d.dtype
     img = _Composite.apply(means2d, conics.to(dt), opacities.to(dt), feats.to(dt), gauss_sorted, starts, counts,
                            width, height, tile_size)

@@ -61,6 +61,19 @@ def _tile_lists(means2d: Tensor, radii: Tensor, depths: Tensor, tiles_x: int, ti
     return gauss_sorted, counts, starts
 
 
+def view_tiles(proj: Projected, cam: int, colors: Tensor, width: int, height: int, tile_size: int):
+    """What both compositors (this one and the compiled one, :mod:`gstalk.render.cpu_ext`)
+    start from for camera ``cam``: tiles_x, tiles_y, the sorted tile lists (gauss_sorted,
+    counts, starts) and the features composited together [N, D + 1] (colour channels, then
+    depth)."""
+    means2d, depths, radii = proj.means2d[cam], proj.depths[cam], proj.radii[cam]
+    tiles_x = (width + tile_size - 1) // tile_size
+    tiles_y = (height + tile_size - 1) // tile_size
+    gauss_sorted, counts, starts = _tile_lists(means2d, radii, depths, tiles_x, tiles_y, tile_size)
+    feats = torch.cat([colors, depths[:, None].to(colors.dtype)], dim=-1)
+    return tiles_x, tiles_y, gauss_sorted, counts, starts, feats
+
+
 def composite(proj: Projected, cam: int, opacities: Tensor, colors: Tensor, width: int, height: int,
               tile_size: int = 16, budget: int = 1 << 22) -> tuple[Tensor, Tensor, Tensor]:
     """Composite the Gaussians of camera ``cam``.
@@ -75,17 +88,12 @@ def composite(proj: Projected, cam: int, opacities: Tensor, colors: Tensor, widt
         colors [H, W, D] (no background), alpha [H, W, 1], accumulated depth [H, W, 1]
         (sum of weight x z, not yet divided by alpha).
     """
-    means2d, conics, depths, radii = proj.means2d[cam], proj.conics[cam], proj.depths[cam], proj.radii[cam]
+    means2d, conics = proj.means2d[cam], proj.conics[cam]
     dev, dt = means2d.device, means2d.dtype
     d = colors.shape[-1]
-    tiles_x = (width + tile_size - 1) // tile_size
-    tiles_y = (height + tile_size - 1) // tile_size
+    tiles_x, tiles_y, gauss_sorted, counts, starts, feats = view_tiles(proj, cam, colors, width, height, tile_size)
     n_tiles = tiles_x * tiles_y
     p = tile_size * tile_size
-    gauss_sorted, counts, starts = _tile_lists(means2d, radii, depths, tiles_x, tiles_y, tile_size)
-
-    # features composited together: colour channels, then depth
-    feats = torch.cat([colors, depths[:, None].to(colors.dtype)], dim=-1)
     out = torch.zeros(n_tiles, p, d + 2, dtype=dt, device=dev)  # + depth + alpha
     busy = counts.nonzero(as_tuple=True)[0]
     if busy.numel():
