@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gstalk.gaussians import GaussianSet  # noqa: E402
 from gstalk.eval.bench import device_name, time_it  # noqa: E402
-from gstalk.render import orbit_cameras, rasterize  # noqa: E402
+from gstalk.errors import InputError  # noqa: E402
+from gstalk.render import orbit_cameras, rasterize, select_backend  # noqa: E402
 
 
 def scene(n: int, device: torch.device) -> GaussianSet:
@@ -60,6 +61,10 @@ def main() -> None:
     rows = []
     for backend in backends:
         device = torch.device("cuda" if backend == "gsplat" or (cuda and backend == "torch") else "cpu")
+        try:
+            select_backend(backend, device)
+        except InputError as e:
+            sys.exit(f"bench_render: {e}")
         name = device_name(device)
         for n in args.counts:
             g = scene(n, device)
