@@ -16,12 +16,17 @@
 // It writes one gradient row per (tile, Gaussian) intersection, a slot of the sorted list that
 // only its own tile touches, so tiles run in parallel without atomics; the caller sums the
 // rows per Gaussian (index_add_).
+//
+// `tile_lists` (at the end) builds the depth-sorted per-tile lists both passes read, the twin
+// of reference.py's `_tile_lists`.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -293,7 +298,134 @@ std::vector<torch::Tensor> composite_backward(torch::Tensor grad_out, torch::Ten
     return {g_mu, g_con, g_op, g_ft};
 }
 
+// Unsigned keys that order as the floats do (the sign bit flipped for positives, every bit for
+// negatives; -0 taken as +0), for a radix sort.
+template <typename scalar_t>
+struct SortKey;
+template <>
+struct SortKey<float> {
+    using type = uint32_t;
+};
+template <>
+struct SortKey<double> {
+    using type = uint64_t;
+};
+
+template <typename scalar_t>
+typename SortKey<scalar_t>::type sort_key(scalar_t x) {
+    using U = typename SortKey<scalar_t>::type;
+    if (x == scalar_t(0)) x = scalar_t(0);
+    U u;
+    std::memcpy(&u, &x, sizeof(U));
+    const U top = U(1) << (8 * sizeof(U) - 1);
+    return (u & top) ? ~u : (u | top);
+}
+
+// Indices of `keys` in ascending order, equal keys in index order (torch.argsort(stable=True)):
+// a least-significant-digit radix sort, 8 bits a pass, skipping digits every key shares.
+template <typename U>
+std::vector<int64_t> stable_order(std::vector<U> keys, std::vector<int64_t> idx) {
+    const size_t n = keys.size();
+    std::vector<U> k2(n);
+    std::vector<int64_t> i2(n);
+    for (int shift = 0; shift < int(8 * sizeof(U)); shift += 8) {
+        size_t count[257] = {0};
+        for (size_t i = 0; i < n; ++i) ++count[((keys[i] >> shift) & 0xff) + 1];
+        if (n == 0 || count[((keys[0] >> shift) & 0xff) + 1] == n) continue;
+        for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
+        for (size_t i = 0; i < n; ++i) {
+            const size_t at = count[(keys[i] >> shift) & 0xff]++;
+            k2[at] = keys[i];
+            i2[at] = idx[i];
+        }
+        keys.swap(k2);
+        idx.swap(i2);
+    }
+    return idx;
+}
+
+// Tile lists: every visible Gaussian (both radii > 0) listed in the tiles its screen
+// rectangle touches, each tile's list in depth order, as reference.py's `_tile_lists` builds
+// them with one sort on (tile, depth rank). Here the visible Gaussians are sorted by depth
+// (stably, as that rank is), then counted and placed into their tiles in that order, so the
+// intersections themselves are never sorted. The rectangle is computed as the reference
+// computes it, in the means' dtype; bands of tile rows run in parallel, each writing only its
+// own tiles' counts and slots.
+// -> gauss_sorted [M] int64, counts [T] int64, starts [T] int64
+std::vector<torch::Tensor> tile_lists(torch::Tensor means2d, torch::Tensor radii, torch::Tensor depths,
+                                      int64_t tiles_x, int64_t tiles_y, int64_t tile_size) {
+    check(means2d, "means2d", 2);
+    check(radii, "radii", 2);
+    check(depths, "depths", 1);
+    const int64_t n = means2d.size(0), n_tiles = tiles_x * tiles_y;
+    TORCH_CHECK(means2d.size(1) == 2 && radii.size(0) == n && radii.size(1) == 2 && depths.size(0) == n,
+                "means2d [N, 2], radii [N, 2] and depths [N] must agree");
+    TORCH_CHECK(radii.scalar_type() == torch::kInt && depths.scalar_type() == means2d.scalar_type(),
+                "radii must be int32, depths of the means' dtype");
+    TORCH_CHECK(tiles_x > 0 && tiles_y > 0 && tile_size > 0, "tiles_x, tiles_y and tile_size must be positive");
+    const int32_t* r = radii.data_ptr<int32_t>();
+    std::vector<int64_t> order;
+    std::vector<int64_t> rect;  // x0, x1, y0, y1 per entry of `order`
+    AT_DISPATCH_FLOATING_TYPES(means2d.scalar_type(), "tile_lists", [&] {
+        const scalar_t* m = means2d.data_ptr<scalar_t>();
+        const scalar_t* d = depths.data_ptr<scalar_t>();
+        std::vector<typename SortKey<scalar_t>::type> keys;
+        std::vector<int64_t> vis;
+        for (int64_t g = 0; g < n; ++g)
+            if (r[2 * g] > 0 && r[2 * g + 1] > 0) {
+                vis.push_back(g);
+                keys.push_back(sort_key(d[g]));
+            }
+        order = stable_order(std::move(keys), std::move(vis));
+        const scalar_t ts = scalar_t(tile_size);
+        // (floor(value) + add).clamp(0, hi).long(), as the reference writes it
+        auto cell = [](scalar_t value, scalar_t add, int64_t hi) -> int64_t {
+            const scalar_t f = std::floor(value) + add;
+            if (!(f > scalar_t(0))) return 0;
+            return f >= scalar_t(hi) ? hi : int64_t(f);
+        };
+        rect.resize(4 * order.size());
+        for (size_t k = 0; k < order.size(); ++k) {
+            const int64_t g = order[k];
+            const scalar_t mx = m[2 * g], my = m[2 * g + 1], rx = scalar_t(r[2 * g]), ry = scalar_t(r[2 * g + 1]);
+            int64_t* q = rect.data() + 4 * k;
+            q[0] = cell((mx - rx) / ts, scalar_t(0), tiles_x);
+            q[1] = cell((mx + rx) / ts, scalar_t(1), tiles_x);
+            q[2] = cell((my - ry) / ts, scalar_t(0), tiles_y);
+            q[3] = cell((my + ry) / ts, scalar_t(1), tiles_y);
+        }
+    });
+    const int64_t v = int64_t(order.size());
+    const auto opts = torch::TensorOptions().dtype(torch::kLong);
+    auto counts = torch::zeros({n_tiles}, opts);
+    int64_t* cnt = counts.data_ptr<int64_t>();
+    auto each_band = [&](auto&& visit) {
+        at::parallel_for(0, tiles_y, 1, [&](int64_t r0, int64_t r1) {
+            for (int64_t k = 0; k < v; ++k) {
+                const int64_t* q = rect.data() + 4 * k;
+                const int64_t y0 = std::max(q[2], r0), y1 = std::min(q[3], r1);
+                for (int64_t ty = y0; ty < y1; ++ty)
+                    for (int64_t tx = q[0]; tx < q[1]; ++tx) visit(ty * tiles_x + tx, order[k]);
+            }
+        });
+    };
+    each_band([&](int64_t tile, int64_t) { ++cnt[tile]; });
+    auto starts = torch::empty({n_tiles}, opts);
+    int64_t* st = starts.data_ptr<int64_t>();
+    int64_t total = 0;
+    for (int64_t t = 0; t < n_tiles; ++t) {
+        st[t] = total;
+        total += cnt[t];
+    }
+    auto gauss_sorted = torch::empty({total}, opts);
+    int64_t* gs = gauss_sorted.data_ptr<int64_t>();
+    std::vector<int64_t> cursor(st, st + n_tiles);
+    each_band([&](int64_t tile, int64_t g) { gs[cursor[tile]++] = g; });
+    return {gauss_sorted, counts, starts};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("composite_forward", &composite_forward, "tiled Gaussian compositing, forward (CPU)");
     m.def("composite_backward", &composite_backward, "tiled Gaussian compositing, backward (CPU)");
+    m.def("tile_lists", &tile_lists, "depth-sorted per-tile lists of Gaussians (CPU)");
 }

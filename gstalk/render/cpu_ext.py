@@ -95,12 +95,22 @@ class _Composite(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
+def tile_lists(means2d: Tensor, radii: Tensor, depths: Tensor, tiles_x: int, tiles_y: int, tile_size: int):
+    """:func:`gstalk.render.reference._tile_lists` (same arguments, same lists), compiled: the
+    visible Gaussians are radix-sorted by depth, then counted and placed into their tiles in
+    that order, so the intersections themselves are never sorted."""
+    m = means2d.detach()
+    return load_cpu_ext().tile_lists(m.contiguous(), radii.to(torch.int32).contiguous(),
+                                     depths.detach().to(m.dtype).contiguous(), tiles_x, tiles_y, tile_size)
+
+
 def composite(proj: Projected, cam: int, opacities: Tensor, colors: Tensor, width: int, height: int,
               tile_size: int = 16) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`gstalk.render.reference.composite` (same arguments and results) with the
     compiled compositor; the tensors must be on the CPU and the extension built."""
     means2d, conics = proj.means2d[cam], proj.conics[cam]
-    _, _, gauss_sorted, counts, starts, feats = view_tiles(proj, cam, colors, width, height, tile_size)
+    _, _, gauss_sorted, counts, starts, feats = view_tiles(proj, cam, colors, width, height, tile_size,
+                                                           tile_lists=tile_lists)
     d = colors.shape[-1]
     dt = means2d.dtype
     img = _Composite.apply(means2d, conics.to(dt), opacities.to(dt), feats.to(dt), gauss_sorted, starts, counts,

@@ -61,15 +61,16 @@ def _tile_lists(means2d: Tensor, radii: Tensor, depths: Tensor, tiles_x: int, ti
     return gauss_sorted, counts, starts
 
 
-def view_tiles(proj: Projected, cam: int, colors: Tensor, width: int, height: int, tile_size: int):
+def view_tiles(proj: Projected, cam: int, colors: Tensor, width: int, height: int, tile_size: int,
+               tile_lists=_tile_lists):
     """What both compositors (this one and the compiled one, :mod:`gstalk.render.cpu_ext`)
     start from for camera ``cam``: tiles_x, tiles_y, the sorted tile lists (gauss_sorted,
-    counts, starts) and the features composited together [N, D + 1] (colour channels, then
-    depth)."""
+    counts, starts, built by ``tile_lists``, :func:`_tile_lists`'s signature) and the
+    features composited together [N, D + 1] (colour channels, then depth)."""
     means2d, depths, radii = proj.means2d[cam], proj.depths[cam], proj.radii[cam]
     tiles_x = (width + tile_size - 1) // tile_size
     tiles_y = (height + tile_size - 1) // tile_size
-    gauss_sorted, counts, starts = _tile_lists(means2d, radii, depths, tiles_x, tiles_y, tile_size)
+    gauss_sorted, counts, starts = tile_lists(means2d, radii, depths, tiles_x, tiles_y, tile_size)
     feats = torch.cat([colors, depths[:, None].to(colors.dtype)], dim=-1)
     return tiles_x, tiles_y, gauss_sorted, counts, starts, feats
 
