@@ -424,8 +424,15 @@ std::vector<torch::Tensor> tile_lists(torch::Tensor means2d, torch::Tensor radii
     return {gauss_sorted, counts, starts};
 }
 
+// csrc/hashgrid_cpu.cpp, built into the same module
+torch::Tensor hash_encode_forward(torch::Tensor x, torch::Tensor tables, std::vector<int64_t> resolutions);
+torch::Tensor hash_encode_backward(torch::Tensor grad, torch::Tensor x, std::vector<int64_t> resolutions,
+                                   int64_t levels, int64_t table_size, int64_t features);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("composite_forward", &composite_forward, "tiled Gaussian compositing, forward (CPU)");
     m.def("composite_backward", &composite_backward, "tiled Gaussian compositing, backward (CPU)");
     m.def("tile_lists", &tile_lists, "depth-sorted per-tile lists of Gaussians (CPU)");
+    m.def("hash_encode_forward", &hash_encode_forward, "multi-resolution hash encoding, forward (CPU)");
+    m.def("hash_encode_backward", &hash_encode_backward, "multi-resolution hash encoding, tables' gradient (CPU)");
 }

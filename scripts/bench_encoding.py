@@ -1,6 +1,7 @@
 """Hash-encoding speed: million encodings per second (forward, and forward+backward) for 100k
-points, for each backend present (torch always; cuda = gstalk's kernels and tcnn when a GPU
-and tiny-cuda-nn are there). Prints the device name.
+points, for each backend present (torch always; cpu = the compiled CPU kernel where it builds;
+cuda = gstalk's kernels and tcnn when a GPU and tiny-cuda-nn are there). Prints the device
+name.
 
     python scripts/bench_encoding.py [--points 100000] [--levels 16] [--log2-table 19]
 """
@@ -25,7 +26,9 @@ def main() -> None:
     ap.add_argument("--levels", type=int, default=16)
     ap.add_argument("--log2-table", type=int, default=19)
     args = ap.parse_args()
-    runs = [("torch", torch.device("cpu"))]
+    from gstalk.render import cpu_ext
+
+    runs = [("torch", torch.device("cpu"))] + ([("cpu", torch.device("cpu"))] if cpu_ext.available() else [])
     if torch.cuda.is_available():
         runs += [("torch", torch.device("cuda")), ("cuda", torch.device("cuda"))]
         try:

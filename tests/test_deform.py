@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cuda
+from conftest import cpu_kernel, cuda
+from gstalk.errors import InputError
 from gstalk.deform.field import REGION_MOUTH, REGION_TORSO, DeformationField
 from gstalk.deform.hashgrid import PRIMES, HashGrid, TriPlane, hash_encode_torch, level_resolutions
 
@@ -178,6 +179,58 @@ def test_cuda_hash_encoding_matches_torch(dim):
     gt = torch.autograd.grad(out.square().sum(), g.tables)[0]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gt, gt_ref, atol=1e-4, rtol=1e-4)
+
+
+@cpu_kernel
+@pytest.mark.parametrize("dim,dtype", [(2, torch.float64), (3, torch.float64), (2, torch.float32), (3, torch.float32)])
+def test_compiled_cpu_hash_encoding_matches_torch(dim, dtype):
+    """csrc/hashgrid_cpu.cpp against the PyTorch reference, dense and hashed levels: the
+    encoding (float64 to the last bit in 2D) and the tables' gradient."""
+    g = HashGrid(dim, levels=8, features=2, log2_table=12, base=4, finest=300, backend="torch").to(dtype)
+    assert any((r + 1) ** dim <= g.table_size for r in g.resolutions)  # dense levels
+    assert any((r + 1) ** dim > g.table_size for r in g.resolutions)  # hashed levels
+    with torch.no_grad():
+        g.tables.normal_()
+    x = torch.rand(3000, dim, dtype=dtype, generator=torch.Generator().manual_seed(dim))
+    w = torch.randn(3000, g.out_dim, dtype=dtype, generator=torch.Generator().manual_seed(9))
+    ref = g(x)
+    gt_ref = torch.autograd.grad((ref * w).sum(), g.tables)[0]
+    g.backend = "cpu"
+    out = g(x)
+    gt = torch.autograd.grad((out * w).sum(), g.tables)[0]
+    if dim == 2 and dtype == torch.float64:
+        assert torch.equal(out, ref)
+    tol = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(gt, gt_ref, **tol)
+    assert float(gt.abs().max()) > 0
+    # the kernel's own gradient is the same from run to run (the reference's float32 one is not)
+    assert torch.equal(torch.autograd.grad((g(x) * w).sum(), g.tables)[0], gt)
+
+
+@cpu_kernel
+def test_compiled_cpu_hash_encoding_is_picked_only_where_it_applies(monkeypatch):
+    from gstalk.render import cpu_ext
+
+    g = HashGrid(2, levels=4, features=2, log2_table=10)
+    x = torch.rand(10, 2)
+    assert g.which_backend(x) == "cpu"
+    assert g.which_backend(x.requires_grad_()) == "torch"  # positions that need a gradient
+    assert g.which_backend(torch.rand(10, 2, dtype=torch.float16)) == "torch"
+    g.backend = "cpu"
+    with pytest.raises(InputError, match="no gradient for the positions"):
+        g(x)
+    with pytest.raises(InputError, match="float32 or float64"):
+        g(torch.rand(10, 2, dtype=torch.float64))  # tables are float32
+    monkeypatch.setenv("GSTALK_CPU_KERNEL", "0")
+    cpu_ext.load_cpu_ext.cache_clear()
+    try:
+        assert HashGrid(2, levels=4, features=2, log2_table=10).which_backend(torch.rand(10, 2)) == "torch"
+        with pytest.raises(InputError, match="could not be built"):
+            g(torch.rand(10, 2))
+    finally:
+        monkeypatch.delenv("GSTALK_CPU_KERNEL")
+        cpu_ext.load_cpu_ext.cache_clear()
 
 
 def test_expression_prior_keeps_expressions_off_the_hair():

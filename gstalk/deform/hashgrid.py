@@ -9,10 +9,14 @@ up in the level's table of ``2**log2_table`` feature vectors, directly when the 
 
 Backends behind one module: ``torch`` (the reference: plain PyTorch, any device,
 differentiable), ``cuda`` (gstalk's own kernels in ``csrc/hashgrid.cu``, built on first use
-with torch's extension loader when CUDA is present), ``tcnn`` (tiny-cuda-nn, only if
-importable). ``auto`` picks cuda for CUDA tensors, torch otherwise. The CUDA and tcnn
-backends give gradients for the tables, not for the input positions (canonical positions
-are constants in gstalk); the torch backend gives both.
+with torch's extension loader when CUDA is present), ``cpu`` (``csrc/hashgrid_cpu.cpp``, in
+the compiled CPU module of :mod:`gstalk.render.cpu_ext`: the reference's arithmetic in the
+reference's order, float32 and float64), ``tcnn`` (tiny-cuda-nn, only if importable).
+``auto`` picks cuda for CUDA tensors, and on the CPU the compiled kernel where it is built
+and the positions need no gradient, torch otherwise. The CUDA, CPU and tcnn backends give
+gradients for the tables, not for the input positions (canonical positions are constants in
+gstalk; the compiled backends refuse positions that require a gradient); the torch backend
+gives both.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from torch import Tensor, nn
 from gstalk.errors import InputError
 
 PRIMES = (1, 2654435761, 805459861)
-Backend = Literal["auto", "torch", "cuda", "tcnn"]
+Backend = Literal["auto", "torch", "cuda", "cpu", "tcnn"]
 
 
 def level_resolutions(levels: int, base: int, finest: int) -> list[int]:
@@ -94,6 +98,19 @@ class _CudaHashEncode(torch.autograd.Function):
         return None, gt, None, None
 
 
+class _CpuHashEncode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, tables, resolutions, ext):
+        ctx.save_for_backward(x)
+        ctx.ext, ctx.resolutions, ctx.table_shape = ext, resolutions, tables.shape
+        return ext.hash_encode_forward(x, tables.contiguous(), resolutions)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return None, ctx.ext.hash_encode_backward(grad.contiguous(), x, ctx.resolutions, *ctx.table_shape), None, None
+
+
 class HashGrid(nn.Module):
     """Learnable multi-resolution hash encoding of ``dim``-D points in [0, 1]^dim."""
 
@@ -117,7 +134,15 @@ class HashGrid(nn.Module):
 
     def which_backend(self, x: Tensor) -> str:
         if self.backend == "auto":
-            return "cuda" if x.is_cuda else "torch"
+            if x.is_cuda:
+                return "cuda"
+            if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dtype == self.tables.dtype \
+                    and not x.requires_grad:
+                from gstalk.render import cpu_ext
+
+                if cpu_ext.available():
+                    return "cpu"
+            return "torch"
         return self.backend
 
     def forward(self, x: Tensor) -> Tensor:
@@ -131,6 +156,18 @@ class HashGrid(nn.Module):
             from gstalk.deform.cuda_ext import load_hashgrid_ext
 
             return _CudaHashEncode.apply(x.float(), self.tables, self.res_tensor.to(x.device), load_hashgrid_ext())
+        if b == "cpu":
+            from gstalk.render import cpu_ext
+
+            if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dtype != self.tables.dtype:
+                raise InputError("the compiled CPU hash encoding takes float32 or float64 CPU points and tables of the "
+                                 "same dtype")
+            if x.requires_grad:
+                raise InputError("the compiled CPU hash encoding gives no gradient for the positions: use 'torch'")
+            if not cpu_ext.available():
+                raise InputError("the compiled CPU kernels could not be built here (or GSTALK_CPU_KERNEL=0): use "
+                                 "'torch'")
+            return _CpuHashEncode.apply(x.contiguous(), self.tables, self.resolutions, cpu_ext.load_cpu_ext())
         if b == "tcnn":
             return self._tcnn_forward(x)
         raise InputError(f"unknown hash-grid backend {b!r}")

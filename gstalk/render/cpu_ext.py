@@ -1,12 +1,14 @@
 """The compiled CPU compositor (``csrc/raster_cpu.cpp``): the same tiled front-to-back
 compositing as :func:`gstalk.render.reference.composite`, in C++ with a hand-written
 backward pass, tiles in parallel on torch's CPU threads, each tile walked Gaussian by
-Gaussian over the pixels of its footprint.
+Gaussian over the pixels of its footprint; and the tile lists it reads. The same module holds
+the CPU hash encoding (``csrc/hashgrid_cpu.cpp``) that :mod:`gstalk.deform.hashgrid` uses.
 
 It is built with torch's extension loader on first use (a C++ compiler and Python's headers
 are needed; the build, about 30 s on 2 cores, is cached in :func:`build_directory`). Where it cannot be built,
 or with ``GSTALK_CPU_KERNEL=0``, rendering on the CPU falls back to the pure-PyTorch
-compositor, which stays the reference the tests compare this one against.
+compositor (and the hash encoding to its PyTorch form), which stay the references the tests
+compare these against.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from gstalk.render.reference import T_MIN, view_tiles
 log = logging.getLogger(__name__)
 
 
+SOURCES = ("raster_cpu.cpp", "hashgrid_cpu.cpp")  # one module: the compositor and the hash encoding
 STALE_LOCK_S = 600  # a build lock older than this was left by a killed build
 
 
@@ -59,8 +62,9 @@ def load_cpu_ext():
             lock.unlink(missing_ok=True)
         if not any(where.glob("gstalk_raster_cpu*.so")):
             print("gstalk: building the CPU compositor (once, about 30 s) ...", file=sys.stderr, flush=True)
-        return load(name="gstalk_raster_cpu", sources=[str(CSRC / "raster_cpu.cpp")], build_directory=str(where),
-                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        # no fused multiply-add: the kernels keep their PyTorch twins' rounding on any -march
+        return load(name="gstalk_raster_cpu", sources=[str(CSRC / s) for s in SOURCES], build_directory=str(where),
+                    extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # compiler or headers missing, unwritable cache, ...
         log.warning("building the CPU compositor failed (%s): rendering on the CPU uses the slower pure-PyTorch "
                     "compositor", str(e).splitlines()[0] if str(e) else type(e).__name__)
