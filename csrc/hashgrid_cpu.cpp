@@ -36,6 +36,15 @@ Grid grid(const torch::Tensor& x, int64_t levels, int64_t table_size, int64_t fe
     return {x.size(0), x.size(1), levels, table_size, features, int64_t(1) << x.size(1), res};
 }
 
+// Points outside [0, 1) (or NaN) would index outside the tables: refused before any lookup
+// (HashGrid clamps its input to [0, 1 - 1e-6]).
+template <typename scalar_t>
+void check_unit(const scalar_t* xp, int64_t count) {
+    bool ok = true;
+    for (int64_t i = 0; i < count; ++i) ok = ok && xp[i] >= scalar_t(0) && xp[i] < scalar_t(1);
+    TORCH_CHECK(ok, "hash encoding: points must lie in [0, 1) (a NaN or a point outside the box)");
+}
+
 // Corner rows and weights of one point at one level.
 template <typename scalar_t>
 void corners(const scalar_t* xp, int64_t dim, int64_t res, int64_t table_size, int64_t* row, scalar_t* weight) {
@@ -78,6 +87,7 @@ torch::Tensor hash_encode_forward(torch::Tensor x, torch::Tensor tables, std::ve
     auto out = torch::empty({g.n, g.levels * g.features}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_forward", [&] {
         const scalar_t* xp = x.data_ptr<scalar_t>();
+        check_unit(xp, g.n * g.dim);
         const scalar_t* tb = tables.data_ptr<scalar_t>();
         scalar_t* o = out.data_ptr<scalar_t>();
         at::parallel_for(0, g.n, 256, [&](int64_t i0, int64_t i1) {
@@ -109,6 +119,7 @@ torch::Tensor hash_encode_backward(torch::Tensor grad, torch::Tensor x, std::vec
     auto out = torch::zeros({levels, table_size, features}, x.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hash_encode_backward", [&] {
         const scalar_t* xp = x.data_ptr<scalar_t>();
+        check_unit(xp, g.n * g.dim);
         const scalar_t* gp = grad.data_ptr<scalar_t>();
         scalar_t* o = out.data_ptr<scalar_t>();
         at::parallel_for(0, levels, 1, [&](int64_t l0, int64_t l1) {

@@ -222,6 +222,9 @@ def test_compiled_cpu_hash_encoding_is_picked_only_where_it_applies(monkeypatch)
         g(x)
     with pytest.raises(InputError, match="float32 or float64"):
         g(torch.rand(10, 2, dtype=torch.float64))  # tables are float32
+    # a NaN position (a diverged fit) is refused before it can index outside the tables
+    with pytest.raises(RuntimeError, match=r"must lie in \[0, 1\)"):
+        HashGrid(2, levels=4, features=2, log2_table=10)(torch.tensor([[float("nan"), 0.5]]))
     monkeypatch.setenv("GSTALK_CPU_KERNEL", "0")
     cpu_ext.load_cpu_ext.cache_clear()
     try:
