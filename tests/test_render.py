@@ -475,7 +475,18 @@ def test_cpu_kernel_build_recovers_from_a_killed_build_and_falls_back_on_failure
             assert cpu_ext.load_cpu_ext() == "module"
             assert lock.exists() == kept
             assert calls[-1]["build_directory"] == str(where)
-        assert "building the CPU compositor" in capsys.readouterr().err  # nothing built there yet: says so
+        assert "building the CPU kernels" in capsys.readouterr().err  # nothing built there yet: says so
+        # built here from these sources: silent; from a checkout elsewhere, or edited since: says so
+        so = where / "gstalk_raster_cpu.so"
+        so.write_text("")
+        ninja = where / "build.ninja"
+        ninja.write_text(" ".join(str(cpu_ext.CSRC / f) for f in cpu_ext.SOURCES))
+        assert not cpu_ext.needs_build(where)
+        ninja.write_text(" ".join(f"/elsewhere/csrc/{f}" for f in cpu_ext.SOURCES))
+        assert cpu_ext.needs_build(where)
+        ninja.write_text(" ".join(str(cpu_ext.CSRC / f) for f in cpu_ext.SOURCES))
+        os.utime(so, (time.time() - 1e6, time.time() - 1e6))  # sources newer than the build
+        assert cpu_ext.needs_build(where)
 
         def broken(**kw):
             raise RuntimeError("Error building extension 'gstalk_raster_cpu'")

@@ -43,13 +43,26 @@ def build_directory() -> Path:
     return Path(base) / tag / "gstalk_raster_cpu"
 
 
+def needs_build(where: Path) -> bool:
+    """Whether torch's loader will compile: nothing built in ``where`` yet, the sources edited
+    since, or built from a checkout in another folder (a moved or second clone: the compile
+    commands change, so ninja compiles again)."""
+    built = sorted(where.glob("gstalk_raster_cpu*.so"))
+    ninja = where / "build.ninja"
+    if not built or not ninja.exists():
+        return True
+    commands = ninja.read_text(errors="replace")
+    newest = max(p.stat().st_mtime for p in built)
+    return any(str(CSRC / s) not in commands or (CSRC / s).stat().st_mtime > newest for s in SOURCES)
+
+
 @functools.lru_cache(maxsize=None)
 def load_cpu_ext():
     """The compiled module, or None where it cannot be built (the reason is logged once)."""
     if os.environ.get("GSTALK_CPU_KERNEL", "1") == "0":
         return None
     if shutil.which(os.environ.get("CXX", "c++")) is None:
-        log.warning("no C++ compiler found: rendering on the CPU uses the slower pure-PyTorch compositor")
+        log.warning("no C++ compiler found: rendering and hash encoding on the CPU use the slower pure-PyTorch forms")
         return None
     from torch.utils.cpp_extension import load
 
@@ -60,14 +73,14 @@ def load_cpu_ext():
         # torch waits for a build lock forever; one left by a killed build would hang every run
         if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
             lock.unlink(missing_ok=True)
-        if not any(where.glob("gstalk_raster_cpu*.so")):
-            print("gstalk: building the CPU compositor (once, about 30 s) ...", file=sys.stderr, flush=True)
+        if needs_build(where):
+            print("gstalk: building the CPU kernels (once, about 30 s) ...", file=sys.stderr, flush=True)
         # no fused multiply-add: the kernels keep their PyTorch twins' rounding on any -march
         return load(name="gstalk_raster_cpu", sources=[str(CSRC / s) for s in SOURCES], build_directory=str(where),
                     extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # compiler or headers missing, unwritable cache, ...
-        log.warning("building the CPU compositor failed (%s): rendering on the CPU uses the slower pure-PyTorch "
-                    "compositor", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        log.warning("building the CPU kernels failed (%s): rendering and hash encoding on the CPU use the slower "
+                    "pure-PyTorch forms", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
 
 
