@@ -222,9 +222,14 @@ def test_compiled_cpu_hash_encoding_is_picked_only_where_it_applies(monkeypatch)
         g(x)
     with pytest.raises(InputError, match="float32 or float64"):
         g(torch.rand(10, 2, dtype=torch.float64))  # tables are float32
-    # a NaN position (a diverged fit) is refused before it can index outside the tables
+    # a NaN position (a diverged fit) is refused before it can index outside the tables: by the
+    # module, on either backend, and by the kernel itself
+    nan = torch.tensor([[float("nan"), 0.5]])
+    for backend in ("cpu", "torch"):
+        with pytest.raises(InputError, match="NaN positions"):
+            HashGrid(2, levels=4, features=2, log2_table=10, backend=backend)(nan)
     with pytest.raises(RuntimeError, match=r"must lie in \[0, 1\)"):
-        HashGrid(2, levels=4, features=2, log2_table=10)(torch.tensor([[float("nan"), 0.5]]))
+        cpu_ext.load_cpu_ext().hash_encode_forward(nan, g.tables.detach(), g.resolutions)
     monkeypatch.setenv("GSTALK_CPU_KERNEL", "0")
     cpu_ext.load_cpu_ext.cache_clear()
     try:

@@ -136,18 +136,29 @@ class HashGrid(nn.Module):
         if self.backend == "auto":
             if x.is_cuda:
                 return "cuda"
-            if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dtype == self.tables.dtype \
-                    and not x.requires_grad:
-                from gstalk.render import cpu_ext
-
-                if cpu_ext.available():
-                    return "cpu"
-            return "torch"
+            return "cpu" if self._cpu_kernel_refusal(x) is None else "torch"
         return self.backend
+
+    def _cpu_kernel_refusal(self, x: Tensor) -> str | None:
+        """Why the compiled CPU encoding cannot take ``x`` (None when it can): 'auto' then uses
+        the PyTorch form, and ``backend="cpu"`` raises it."""
+        from gstalk.render import cpu_ext
+
+        if x.device.type != "cpu" or x.dtype not in cpu_ext.DTYPES or x.dtype != self.tables.dtype:
+            return "the compiled CPU hash encoding takes float32 or float64 CPU points and tables of the same dtype"
+        if x.requires_grad:
+            return "the compiled CPU hash encoding gives no gradient for the positions: use 'torch'"
+        if not cpu_ext.available():
+            return "the compiled CPU kernels could not be built here (or GSTALK_CPU_KERNEL=0): use 'torch'"
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise InputError(f"hash grid input must be [N, {self.dim}], got {tuple(x.shape)}")
+        # NaN survives the clamp and would index outside the tables (checked off the GPU only:
+        # there it would cost a host-device sync per call)
+        if not x.is_cuda and bool(torch.isnan(x).any()):
+            raise InputError("hash grid input holds NaN positions (did the fit diverge?)")
         x = x.clamp(0.0, 1.0 - 1e-6)
         b = self.which_backend(x)
         if b == "torch":
@@ -159,14 +170,9 @@ class HashGrid(nn.Module):
         if b == "cpu":
             from gstalk.render import cpu_ext
 
-            if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dtype != self.tables.dtype:
-                raise InputError("the compiled CPU hash encoding takes float32 or float64 CPU points and tables of the "
-                                 "same dtype")
-            if x.requires_grad:
-                raise InputError("the compiled CPU hash encoding gives no gradient for the positions: use 'torch'")
-            if not cpu_ext.available():
-                raise InputError("the compiled CPU kernels could not be built here (or GSTALK_CPU_KERNEL=0): use "
-                                 "'torch'")
+            refusal = self._cpu_kernel_refusal(x)
+            if refusal is not None:
+                raise InputError(refusal)
             return _CpuHashEncode.apply(x.contiguous(), self.tables, self.resolutions, cpu_ext.load_cpu_ext())
         if b == "tcnn":
             return self._tcnn_forward(x)

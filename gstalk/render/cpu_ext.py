@@ -31,6 +31,7 @@ from gstalk.render.reference import T_MIN, view_tiles
 log = logging.getLogger(__name__)
 
 
+DTYPES = (torch.float32, torch.float64)  # what the kernels are compiled for
 SOURCES = ("raster_cpu.cpp", "hashgrid_cpu.cpp")  # one module: the compositor and the hash encoding
 STALE_LOCK_S = 600  # a build lock older than this was left by a killed build
 

@@ -75,7 +75,7 @@ def _backend_for(backend: Backend, means: Tensor) -> str:
     """:func:`select_backend`, and the compiled CPU compositor only for float32 and float64
     (other dtypes go to the reference under 'auto')."""
     which = select_backend(backend, means.device)
-    if which == "cpu" and means.dtype not in (torch.float32, torch.float64):
+    if which == "cpu" and means.dtype not in cpu_ext.DTYPES:
         if backend == "cpu":
             raise InputError(f"the cpu backend draws float32 or float64 Gaussians, got {means.dtype}; "
                              "use backend='torch'")
