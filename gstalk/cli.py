@@ -197,8 +197,11 @@ def _eval(cfg: EvalConfig, console) -> int:
             g = res[key]
             console.print(f"{label} (mean +- standard error over frames): "
                           + ", ".join(f"{k} {g[k]['mean']:+.3g} +- {g[k]['sem']:.2g}" for k in g))
-    console.print(f"sync of the real person's mouth with their own clip's audio (for reference): "
-                  f"{res['sync_ground_truth']:.3g}")
+    if res["lip_model"] == "none":
+        console.print("this avatar was fitted without audio: no audio-driven rows")
+    else:
+        console.print(f"sync of the real person's mouth with their own clip's audio (for reference): "
+                      f"{res['sync_ground_truth']:.3g}")
     console.print(f"written: {res['files']['json']}, {res['files']['video']}")
     return 0
 

@@ -195,6 +195,10 @@ class TrainOptions:
     """Stage 3: everything together, extra weight on the mouth."""
     iters_a2m: int = 600
     """Audio-to-motion model (jaw, expression, blink from audio), trained on the track."""
+    audio: Literal["auto", "on", "off"] = "auto"
+    """Fit with the clip's speech (on), without it (off: a deformation field on expression,
+    blink and neck only, no lip model; the avatar is driven by tracked expressions, not audio),
+    or on when the clip has speech and off when its audio is silent or missing (auto)."""
     lip_motion: Literal["visemes", "learned"] = "visemes"
     """What moves the lips for new audio: visemes (phonetic lip shapes of any voice, calibrated
     to the clip's mouth; needs phone features, else learned is used) or learned (the

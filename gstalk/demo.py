@@ -222,13 +222,17 @@ def run_demo(cfg: DemoConfig, progress=None, log: Callable[[str], None] = print)
     t = time.perf_counter()
     ev = evaluate(avatar, ds_dir, size=res, device=cfg.device, progress=prog)
     timings["eval_s"] = time.perf_counter() - t
-    # another voice: a different seed and pitch
-    voice, _ = synth_speech(5.0, seed=7, f0=190.0)
-    write_wav(out / "other_voice.wav", voice)
+    speech = ev["lip_model"] != "none"
+    if speech:  # another voice: a different seed and pitch
+        voice, _ = synth_speech(5.0, seed=7, f0=190.0)
+        write_wav(out / "other_voice.wav", voice)
+        driver = dict(audio_path=out / "other_voice.wav")
+    else:  # a clip without speech gives an avatar that tracked expressions drive: its own
+        log("the clip has no speech: driving the avatar with its own tracked expressions instead of another voice")
+        driver = dict(expressions_path=ds_dir / "track.npz")
     t = time.perf_counter()
-    talk = drive(avatar, out / "demo_talk.mp4", out / "other_voice.wav", size=res, device=cfg.device,
-                 progress=prog)
-    orbit = drive(avatar, out / "demo_orbit.mp4", out / "other_voice.wav", camera="orbit", head="still", size=res,
+    talk = drive(avatar, out / "demo_talk.mp4", **driver, size=res, device=cfg.device, progress=prog)
+    orbit = drive(avatar, out / "demo_orbit.mp4", **driver, camera="orbit", head="still", size=res,
                   device=cfg.device, progress=prog)
     timings["drive_s"] = time.perf_counter() - t
     timings["drive_fps"] = talk.render_fps
@@ -243,8 +247,8 @@ def run_demo(cfg: DemoConfig, progress=None, log: Callable[[str], None] = print)
         f"export    : {ply.parent} (avatar.ply, .splat, .compressed.ply: frame 0, viewer axes)\n"
         f"held-out  : PSNR {d['psnr']:.2f} dB (no deformation {b['psnr']:.2f}), face PSNR "
         f"{d['face_psnr']:.2f} ({b['face_psnr']:.2f}), mouth PSNR {d['mouth_psnr']:.2f} ({b['mouth_psnr']:.2f}), "
-        f"LMD {d['lmd_px512']:.2f} px ({b['lmd_px512']:.2f}; driven by audio alone "
-        f"{ev['audio_driven']['lmd_px512']:.2f})\n"
+        f"LMD {d['lmd_px512']:.2f} px ({b['lmd_px512']:.2f}"
+        + (f"; driven by audio alone {ev['audio_driven']['lmd_px512']:.2f})\n" if speech else ")\n") +
         f"eval      : {ev['files']['json']}, {ev['files']['video']}\n"
         f"time      : " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + f"  [{device}]")
     return r

@@ -129,7 +129,9 @@ def prepare(clip: str | Path, out: str | Path, opts: PrepareOptions | None = Non
     info = probe(clip)  # raises FileFormatError for missing/corrupt files
     ensure_dir(out)
     state = _State(out, _fingerprint(clip, opts))
-    if state.resumed:
+    if state.done("signals") and (state.done("preview") or not opts.preview):
+        log(f"{out} is already prepared from this clip with these options: reusing it")
+    elif state.resumed:
         log(f"resuming the unfinished preparation in {out}")
     warnings: list[str] = []
     prog = progress or (lambda stage, i, n: None)
@@ -186,9 +188,11 @@ def prepare(clip: str | Path, out: str | Path, opts: PrepareOptions | None = Non
             audio_info = {"present": True, "sample_rate": AUDIO_RATE, "samples": int(audio.size),
                           "rms": rms, "silent": silent}
             if silent:
-                scan_warn.append("the audio track is silent: fine for tracking, but audio-driven training needs speech")
+                scan_warn.append("the audio track is silent: fine for tracking; an avatar trained on it is driven by "
+                                 "tracked expressions, not speech")
         else:
-            scan_warn.append("the clip has no audio track: fine for tracking, but audio-driven training needs one")
+            scan_warn.append("the clip has no audio track: fine for tracking; an avatar trained on it is driven by "
+                             "tracked expressions, not speech")
         save_npz(out / "scan.npz", boxes=boxes_a, n_faces=counts_a)
         state.mark("scan", {"num_frames": n, "face_fraction": frac, "audio": audio_info, "warnings": scan_warn,
                             "source": {"width": info.width, "height": info.height, "rotation": info.rotation,

@@ -173,10 +173,18 @@ def test_new_audio_moves_the_lips_through_either_lip_model(tracked, tmp_path):
         torch.testing.assert_close(learned.params.expr[:, n_pred:], fill[n_pred:E].expand(75, -1))
 
 
-def test_training_needs_audio(tmp_path):
+def test_a_clip_without_speech_gives_an_avatar_driven_by_expressions(tmp_path):
+    """A clip with no audio track: 'on' refuses it, 'auto' fits an avatar without audio whose
+    field follows the tracked expressions; tracked expressions drive it, speech is refused."""
+    import av as pyav
+
+    from gstalk.avatar.io import load_avatar
+    from gstalk.drive.render import drive
+    from gstalk.eval.evaluate import evaluate
     from gstalk.train.trainer import TrainingError, Trainer
 
     from synthclip import make_clip
+    from tinyavatar import tone_speech
     from gstalk.head.tracker import track_dataset
     from gstalk.prepare import prepare
 
@@ -185,7 +193,39 @@ def test_training_needs_audio(tmp_path):
     track_dataset(tmp_path / "ds", TrackOptions(iters_rigid=20, iters_shape=20, iters_all=20, focal_search=False,
                                                 preview=False), log=lambda m: None)
     with pytest.raises(TrainingError, match="no audio"):
-        Trainer(tmp_path / "ds", tmp_path / "av", TINY)
+        Trainer(tmp_path / "ds", tmp_path / "av", replace(TINY, audio="on"))
+    logs = []
+    opts = replace(TINY, iters_static=30, iters_audio=30, iters_joint=10, densify_every=0, feature_kind="phoneme")
+    folder = Trainer(tmp_path / "ds", tmp_path / "av", opts, log=logs.append).run()
+    assert any("without audio" in m for m in logs)
+    av, motion = load_avatar(folder)
+    assert av.cfg.lip_motion == "none" and av.cfg.feature_kind == "none"
+    # the field was trained (on expression, blink and neck): it moves the Gaussians
+    from gstalk.avatar.model import Frame
+    from gstalk.head.tracker import load_track
+
+    track = load_track(tmp_path / "ds" / "track.npz")
+    with torch.no_grad():
+        p = track.params(slice(0, 1))
+        on = av.gaussians_at(Frame(p, blink=torch.zeros(1), deform=True))[0].means
+        off = av.gaussians_at(Frame(p, deform=False))[0].means
+    assert (on - off).abs().max() > 1e-6
+    speech = tone_speech(tmp_path / "v.wav", 1.0)
+    with pytest.raises(GstalkError, match="fitted without audio"):
+        drive(folder, tmp_path / "s.mp4", speech, size=32, device="cpu")
+    assert not (tmp_path / "s.mp4").exists()
+    r = drive(folder, tmp_path / "e.mp4", expressions_path=tmp_path / "ds" / "track.npz", size=32, device="cpu")
+    assert r.frames == track.num_frames
+    with pyav.open(str(r.video)) as c:
+        assert sum(1 for _ in c.decode(video=0)) == track.num_frames and not c.streams.audio
+    with pytest.raises(GstalkError, match="fitted without audio"):
+        evaluate(folder, tmp_path / "ds", [speech], size=32, device="cpu")
+    res = evaluate(folder, tmp_path / "ds", size=32, device="cpu")
+    assert res["lip_model"] == "none" and {"deformation", "no_deformation", "gain_over_no_deformation"} <= set(res)
+    assert not {"other_audio", "audio_driven", "gain_over_other_audio"} & set(res)
+    assert math.isfinite(res["deformation"]["psnr"]) and res["sync_ground_truth"] is None
+    data = json.loads((folder / "eval" / "eval.json").read_text())
+    assert data["sync_ground_truth"] is None and len(data["per_frame"]["deformation"]["psnr"]) == res["frames"]
 
 
 def test_old_avatar_versions_are_read_or_refused(avatar, tmp_path):

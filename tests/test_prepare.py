@@ -104,13 +104,18 @@ def test_resume_after_interruption(clip, tmp_path):
     assert len(frames) == 40 and not (out / "manifest.json").exists()
     assert not list(out.rglob(".tmp-*"))
     mtimes = {p.name: p.stat().st_mtime_ns for p in frames}
-    seen = []
+    seen, logs = [], []
     ds = prepare(clip.path, out, opts(preview=False), progress=lambda s, d, t: seen.append((s, d)),
-                 log=lambda m: None)
+                 log=logs.append)
     assert ("scan", 1) not in seen  # the finished scan stage was not redone
     assert min(d for s, d in seen if s == "frames") == 41  # frames resumed after the last written
     assert all((out / "frames" / k).stat().st_mtime_ns == v for k, v in mtimes.items())
     assert ds.num_frames == 75 and len(list((out / "frames").glob("*.jpg"))) == 75
+    assert any("resuming the unfinished" in m for m in logs)
+    # a finished folder is reused as it is, and says so
+    logs, seen = [], []
+    prepare(clip.path, out, opts(preview=False), progress=lambda s, d, t: seen.append((s, d)), log=logs.append)
+    assert not seen and any("already prepared" in m for m in logs), (seen, logs)
 
 
 def test_no_audio_several_faces(tmp_path):

@@ -30,7 +30,7 @@ from gstalk.io.atomic import atomic_path, ensure_dir, write_json
 
 AVATAR_FORMAT = "gstalk-avatar"
 
-READABLE_VERSIONS = (1, 2, 3, 4, AVATAR_VERSION)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, AVATAR_VERSION)
 
 
 def save_avatar(avatar: Avatar, folder: str | os.PathLike, motion: dict[str, np.ndarray],

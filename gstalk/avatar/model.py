@@ -24,9 +24,9 @@ from gstalk.head.flame import HeadModel
 from gstalk.head.lbs import FlameParams, flame_forward
 from gstalk.render import Cameras, RenderOutput, rasterize, rasterize_frames
 
-# 2: relative field + mouth prior; 3: expression prior; 4: viseme lip model; 5: its mouth at rest in pauses
-# (older versions are read as made)
-AVATAR_VERSION = 5
+# 2: relative field + mouth prior; 3: expression prior; 4: viseme lip model; 5: its mouth at rest in pauses;
+# 6: avatars fitted without audio (lip_motion 'none') (older versions are read as made)
+AVATAR_VERSION = 6
 
 
 @dataclass
@@ -62,7 +62,9 @@ class AvatarConfig:
     lip_motion: str = "learned"
     """What moves jaw and expression for new audio: 'visemes' (the speaker-independent viseme
     model calibrated to the clip, :mod:`gstalk.audio.visemes`) or 'learned' (the
-    audio-to-motion network trained on the clip). Blink always comes from the network."""
+    audio-to-motion network trained on the clip). Blink always comes from the network.
+    'none': fitted without audio (its clip was silent, or ``--train.audio off``): no audio can
+    drive it, only tracked expressions; its field saw zero audio codes."""
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -101,6 +101,9 @@ LIP_MODELS = ("visemes", "learned")
 
 def lip_model(av: Avatar, lips: str | None = None) -> str:
     """The lip model new audio goes through: ``lips`` if given, else the avatar's own."""
+    if av.cfg.lip_motion == "none":
+        raise InputError("this avatar was fitted without audio (its clip had no speech), so speech cannot drive it; "
+                         "drive it with --expressions track.npz (from 'gstalk track' on a clip)")
     lips = lips or av.cfg.lip_motion
     if lips not in LIP_MODELS:
         raise InputError(f"unknown lip model {lips!r}: choose {' or '.join(LIP_MODELS)}")

@@ -18,6 +18,9 @@ the switched-off render and over the render driven by other frames' audio are re
 paired per-frame differences with their standard error, so that a clip's few held-out frames
 say whether a difference is more than noise. Writes ``eval.json`` (with the per-frame values)
 and a side-by-side video (ground truth | render | error).
+
+An avatar fitted without audio (lip model 'none') gets the rows that need no speech: with the
+deformation (driven by the tracked expression, blink and neck) and without it.
 """
 
 from __future__ import annotations
@@ -141,6 +144,9 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     prog = progress or (lambda *a: None)
     dev = resolve_device(device)
     av, motion = load_avatar(avatar_dir, dev)
+    speech = av.cfg.lip_motion != "none"
+    if audios and not speech:
+        lip_model(av)  # refuses, saying why, before any work
     ds = Dataset(dataset_dir)
     track = load_track(ds.root / "track.npz")
     size = size or min(ds.resolution, 512 if dev.type == "cuda" else 256)
@@ -151,7 +157,8 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     bg = torch.ones(size, size, 3, device=dev) if bg is None else bg
     gts = [torch.from_numpy(cv2.resize(ds.frame(int(t)), (size, size), interpolation=cv2.INTER_AREA)).float() / 255
            for t in idx]
-    all_lm, clip_audio = ds.landmarks(), ds.audio()
+    all_lm = ds.landmarks()
+    clip_audio = ds.audio() if speech else None
     lm = all_lm["lmk"][idx] * (size / ds.resolution)
     face_boxes = [_box(lm[k, :, :2], size, 0.1) for k in range(len(idx))]
     mouth_boxes = [_square(lm[k, LIPS, :2], size, 1.6) for k in range(len(idx))]
@@ -160,15 +167,20 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     # the control for "is it the audio?": the same deformation driven by the audio of random
     # training frames instead of each frame's own
     shuffled = np.random.default_rng(0).choice(ds.train_indices, len(idx))
-    own_lips = lip_model(av)
-    variants = [("deformation", True, None, None), ("no_deformation", False, None, None),
-                ("other_audio", True, shuffled, None), ("audio_driven", True, None, own_lips)]
-    if own_lips != "learned":  # the learned network too, for comparison
-        variants.append(("audio_driven_learned", True, None, "learned"))
+    variants = [("deformation", True, None, None), ("no_deformation", False, None, None)]
+    if speech:
+        own_lips = lip_model(av)
+        variants += [("other_audio", True, shuffled, None), ("audio_driven", True, None, own_lips)]
+        if own_lips != "learned":  # the learned network too, for comparison
+            variants.append(("audio_driven_learned", True, None, "learned"))
+        # the clip's audio, encoded once for every variant
+        codes, lips, a2m_blink = audio_drive(av, audio_windows(av, clip_audio, ds.num_frames, ds.fps),
+                                             rest_expr(motion))
+    else:  # fitted without audio: the field saw zero audio codes
+        own_lips, lips, a2m_blink = "none", {}, None
+        codes = torch.zeros(ds.num_frames, av.cfg.code_dim, device=dev)
     result["lip_model"] = own_lips
     g_lm = _landmarks([(g.numpy() * 255).astype(np.uint8) for g in gts])
-    # the clip's audio, encoded once for every variant
-    codes, lips, a2m_blink = audio_drive(av, audio_windows(av, clip_audio, ds.num_frames, ds.fps), rest_expr(motion))
     gt_blink = ds.signals()["blink"]
     drive = (codes, lips, a2m_blink, torch.as_tensor(np.nan_to_num(gt_blink), device=dev).float())
     per_frame: dict[str, dict[str, np.ndarray]] = {}
@@ -203,7 +215,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     # the gains as paired per-frame differences (with minus without; for LMD and blink error,
     # lower is better), with their standard error over the frames: a gain within about two
     # standard errors of zero is not shown by this clip
-    for base in ("no_deformation", "other_audio"):
+    for base in ("no_deformation", "other_audio")[:2 if speech else 1]:
         result[f"gain_over_{base}"] = {k: _paired(per_frame["deformation"][k], per_frame[base][k])
                                        for k in GAIN_METRICS}
     if "audio_driven_learned" in per_frame:  # the avatar's lip model against the learned network
@@ -229,9 +241,11 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     # what a real face scores: the filmed person's own mouth (detector landmarks on every frame
     # of the clip) against the clip's own audio; people do not shut the mouth in every pause,
     # so a render far above this exaggerates, one far below it lags or barely moves
-    own_mouth = mouth_opening(np.nan_to_num(all_lm["lmk"]))
-    own_mouth[~np.asarray(all_lm["valid"], bool)] = np.nan
-    result["sync_ground_truth"] = sync_score(own_mouth, clip_audio, ds.fps)
+    result["sync_ground_truth"] = None  # no speech to measure it against
+    if speech:
+        own_mouth = mouth_opening(np.nan_to_num(all_lm["lmk"]))
+        own_mouth[~np.asarray(all_lm["valid"], bool)] = np.nan
+        result["sync_ground_truth"] = sync_score(own_mouth, clip_audio, ds.fps)
     for name in ("deformation", "no_deformation"):
         vals = [v[name] for v in syncs.values() if math.isfinite(v[name])]
         result[name]["sync_other_audio"] = float(np.mean(vals)) if vals else float("nan")

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gstalk.audio.features import check_speech, compute_features
+from gstalk.audio.features import SilentAudioError, check_speech, compute_features
 from gstalk.avatar.io import save_avatar
 from gstalk.avatar.model import (Avatar, AvatarConfig, Frame, concat_sets, init_gaussians, mouth_expressions,
                                  mouth_prior, render_frame, torso_gaussians)
@@ -220,10 +220,7 @@ class Trainer:
         if self.track.num_frames != self.ds.num_frames:
             raise TrainingError(f"track.npz has {self.track.num_frames} frames but the dataset {self.ds.num_frames}; "
                                 "re-run 'gstalk track'")
-        if not self.ds.has_audio:
-            raise TrainingError(f"{self.ds.root} has no audio track; an audio-driven avatar needs a clip with speech")
-        audio = self.ds.audio()
-        check_speech(audio, f"the audio of {self.ds.root}")
+        self.use_audio = self._use_audio()
         self.size = self._train_size()
         self.ckpt_path = self.out / "checkpoint.pt"
         torch.manual_seed(self.opts.seed)
@@ -233,8 +230,10 @@ class Trainer:
         self.cam = scaled_camera(torch.as_tensor(self.track.K), torch.as_tensor(self.track.viewmat),
                                  self.track.width, self.size).to(self.dev)
         self.bg = background_image(self.ds, self.opts.background, self.size, self.dev)
-        feats = compute_features(audio, self.ds.num_frames, self.ds.fps, self.opts.feature_kind)
-        self.windows = torch.from_numpy(feats.windows).to(self.dev)
+        self.windows = None  # [T, W, D] audio windows of every frame; None: fitted without audio
+        if self.use_audio:
+            feats = compute_features(self.ds.audio(), self.ds.num_frames, self.ds.fps, self.opts.feature_kind)
+            self.windows = torch.from_numpy(feats.windows).to(self.dev)
         sig = self.ds.signals()
         self.blink = torch.from_numpy(np.nan_to_num(sig["blink"])).float().to(self.dev)
         self.avatar = self._build_avatar()
@@ -247,6 +246,31 @@ class Trainer:
                             self.dev)
             if mc.usable:
                 self.mouth = mc
+
+    def _use_audio(self) -> bool:
+        """Whether to fit with the clip's speech (``opts.audio``: on, off, or auto = on when
+        the clip has speech)."""
+        mode = self.opts.audio
+        if mode not in ("auto", "on", "off"):
+            raise TrainingError(f"unknown audio mode {mode!r}: auto, on or off")
+        if mode == "off":
+            return False
+        why = None
+        if not self.ds.has_audio:
+            why = f"{self.ds.root} has no audio track"
+        else:
+            try:
+                check_speech(self.ds.audio(), f"the audio of {self.ds.root}")
+            except SilentAudioError as e:
+                why = str(e).split(";")[0]
+        if why is None:
+            return True
+        if mode == "on":
+            raise TrainingError(f"{why}; an audio-driven avatar needs a clip with speech (or train with "
+                                "--train.audio off for an avatar driven by tracked expressions)")
+        self.log(f"{why}: fitting an avatar without audio (its deformation follows expression, blink and neck; "
+                 "drive it with 'gstalk render AVATAR --expressions track.npz', not with speech)")
+        return False
 
     def _train_size(self) -> int:
         if self.opts.scale > 0:
@@ -262,8 +286,11 @@ class Trainer:
         shape = torch.from_numpy(self.track.shape).float()
         bound, region = init_gaussians(head, shape, o.per_triangle, o.sh_degree, o.seed)
         prior = mouth_prior(head, shape) if o.audio_prior else None
-        cfg = AvatarConfig(fps=self.ds.fps, resolution=self.ds.resolution, feature_kind=o.feature_kind,
-                           window=self.windows.shape[1], feature_dim=self.windows.shape[2],
+        # without audio the (unused) audio networks keep their default sizes and there is no lip model
+        audio_cfg = (dict(feature_kind=o.feature_kind, window=self.windows.shape[1],
+                          feature_dim=self.windows.shape[2]) if self.windows is not None else
+                     dict(feature_kind="none", lip_motion="none"))
+        cfg = AvatarConfig(fps=self.ds.fps, resolution=self.ds.resolution, **audio_cfg,
                            expr_cond=min(o.field_expr, head.n_expr), sh_degree=o.sh_degree, background=o.background,
                            head_model=head.reference(), n_shape=head.n_shape, n_expr=head.n_expr, seed=o.seed,
                            mouth_centre=prior[0] if prior else None,
@@ -275,7 +302,8 @@ class Trainer:
         reg = torch.cat([region, tregion]) if torso is not None else region
         av = Avatar(cfg, head, shape, g, reg, K, vm).to(self.dev)
         self._colour_from_first_frame(av)
-        av.audio.set_normalisation(self.windows[torch.as_tensor(self.ds.train_indices)])
+        if self.windows is not None:
+            av.audio.set_normalisation(self.windows[torch.as_tensor(self.ds.train_indices)])
         return av
 
     def _torso_init(self, K, vm, o: TrainOptions):
@@ -325,7 +353,7 @@ class Trainer:
         img, lab = self.frames.get(t)
         tt = torch.tensor([t])
         params = self.track.params(slice(t, t + 1), device=self.dev)
-        audio = self.conditions(tt, self.avatar.audio).to(self.dev) if deform else None
+        audio = self.conditions(tt, self.avatar.audio).to(self.dev) if deform and self.use_audio else None
         frame = Frame(params, audio=audio, blink=self.blink[tt.to(self.dev)], deform=deform)
         gs, d = self.avatar.posed(frame)
         rgb, alpha, out = render_frame(self.avatar, gs[0], self.cam, self.bg)
@@ -363,8 +391,8 @@ class Trainer:
         if stage != "static":
             # networks: Adam's usual eps; the Gaussians' tiny eps turns vanishing gradients into
             # full-size steps
-            groups.append({"params": list(av.field.parameters()) + list(av.audio.parameters()), "lr": o.lr_field,
-                           "name": "networks", "eps": 1e-8})
+            nets = list(av.field.parameters()) + (list(av.audio.parameters()) if self.use_audio else [])
+            groups.append({"params": nets, "lr": o.lr_field, "name": "networks", "eps": 1e-8})
         return torch.optim.Adam(groups, eps=1e-15)
 
     def densify(self, grad_accum: torch.Tensor, count: torch.Tensor) -> None:
@@ -502,7 +530,11 @@ class Trainer:
 
     def train_audio_to_motion(self) -> None:
         """jaw, expression and blink from audio, supervised by the track (train frames); see
-        :mod:`gstalk.train.motion`."""
+        :mod:`gstalk.train.motion`. Without audio there is nothing to learn them from (lip model
+        'none')."""
+        if not self.use_audio:
+            self.avatar.cfg.lip_motion = "none"
+            return
         a2m = self.avatar.a2m
         target = motion_target(self.track.jaw, self.track.expr, self.blink.cpu().numpy(), a2m.n_expr)
         fit_audio_to_motion(a2m, self.windows, target, self.train_idx, self.opts.iters_a2m, self.opts.seed + 1,
