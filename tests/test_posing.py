@@ -164,6 +164,49 @@ def test_offline_frames_in_batches_match_frame_by_frame(tmp_path):
     assert (got[0] - got[3]).abs().max() > 0.05  # the orbit and the motion change the frames
 
 
+def test_other_viewpoints_keep_the_colours_the_training_camera_saw(tmp_path):
+    """The clip's one still camera saw each Gaussian from one direction: from that camera the
+    avatar renders its SH as they are; from anywhere else each Gaussian keeps the colour the
+    training camera saw instead of extrapolating the SH."""
+    from gstalk.avatar.io import load_avatar
+    from gstalk.avatar.model import Frame, render_frame, render_frames, training_view_colors
+    from gstalk.drive.render import cameras_for, conditions_for, training_expressions
+    from gstalk.gaussians.set import GaussianTensors
+    from gstalk.render import Cameras, rasterize
+    from gstalk.render.project import sh_colors
+
+    from tinyavatar import make_avatar
+
+    av, motion = load_avatar(make_avatar(tmp_path / "av", n_frames=3), "cpu")
+    assert av.cfg.sh_degree == 1
+    with torch.no_grad():
+        av.sh[:, 1:] = 0.6 * torch.randn(av.sh[:, 1:].shape, generator=torch.Generator().manual_seed(0))
+        c = conditions_for(av, motion, 3, 25.0, None, training_expressions(motion))
+        g = av.posed(Frame(c.params, c.codes, c.blink))[0][0]
+        track = cameras_for(av, motion, 1, "track", 40)
+        side = cameras_for(av, motion, 8, "orbit", 40)[1:2]  # 45 degrees round
+        bg = torch.zeros(40, 40, 3)
+        rgb, _, _ = render_frame(av, g, track, bg)
+        assert torch.equal(rgb, rasterize(g, track, sh_degree=1, background=0.0).colors[0])
+        seen = training_view_colors(av, g)
+        torch.testing.assert_close(seen.colors, sh_colors(g.colors, g.means, track.centers, 1)[0])
+        rgb, _, _ = render_frame(av, g, side, bg)
+        assert torch.equal(rgb, rasterize(seen, side, background=0.0).colors[0])
+        extrapolated = rasterize(g, side, sh_degree=1, background=0.0).colors[0]
+        assert (rgb - extrapolated).abs().max() > 0.1
+        # the browser viewer's and the viser recording's splats carry these colours too
+        from gstalk.export.exporter import splat_colors
+
+        np.testing.assert_allclose(splat_colors(seen), seen.colors.clamp(0, 1).numpy())
+        # the frames-first path does the same per frame
+        gb = GaussianTensors(*(t[:2] for t in av.posed_batch(Frame(c.params, c.codes, c.blink))[0]))
+        both = render_frames(av, gb, Cameras(torch.cat([track.viewmats, side.viewmats]),
+                                              torch.cat([track.Ks, side.Ks]), 40, 40), bg)
+        for k, cam in enumerate((track, side)):
+            g = GaussianTensors(*(t[k] for t in gb))
+            torch.testing.assert_close(both[k], render_frame(av, g, cam, bg)[0], atol=1e-5, rtol=1e-5)
+
+
 def test_compiled_field_is_one_graph_and_matches_eager(tmp_path):
     """torch.compile captures the deformation field without graph breaks (fullgraph) and gives
     the eager field's outputs; aot_eager checks the capture without a slow C++ build."""

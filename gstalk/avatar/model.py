@@ -23,6 +23,7 @@ from gstalk.gaussians.set import SH_C0, GaussianSet, GaussianTensors
 from gstalk.head.flame import HeadModel
 from gstalk.head.lbs import FlameParams, flame_forward
 from gstalk.render import Cameras, RenderOutput, rasterize, rasterize_frames
+from gstalk.render.project import eval_sh
 
 # 2: relative field + mouth prior; 3: expression prior; 4: viseme lip model; 5: its mouth at rest in pauses;
 # 6: avatars fitted without audio (lip_motion 'none') (older versions are read as made)
@@ -307,17 +308,53 @@ class Avatar(nn.Module):
         return GaussianTensors(means, quats, scales, torch.sigmoid(opac), sh), d
 
 
+def training_view_colors(av: Avatar, g: GaussianTensors) -> GaussianTensors:
+    """``g`` (posed Gaussians, [N, ...] or frames first [B, N, ...]) with plain RGB colours
+    [..., N, 3]: their SH evaluated from the training camera's centre, whatever camera will
+    draw them.
+
+    The clip is filmed by one still camera (the tracker moves the head, not the camera), so
+    each Gaussian was seen from nearly one direction: the SH bands above 0 fitted how its
+    colour changed over a few degrees and say nothing about other views. Evaluated from an
+    orbit or a side view they extrapolate (on a fitted avatar: blue hair and a red and
+    green nose at 45 degrees; docs/avatar.md). From another viewpoint each Gaussian keeps the
+    colour the training camera saw."""
+    if av.cfg.sh_degree == 0:
+        return g
+    centre = Cameras(av.viewmat[None].to(g.means), av.K[None].to(g.means), 1, 1).centers[0]
+    dirs = g.means - centre
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    rgb = torch.clamp_min(eval_sh(av.cfg.sh_degree, g.colors, dirs) + 0.5, 0.0)
+    return GaussianTensors(g.means, g.quats, g.scales, g.opacities, rgb)
+
+
+def _for_cameras(av: Avatar, g: GaussianTensors, cams: Cameras) -> tuple[GaussianTensors, int | None]:
+    """What to rasterize from ``cams`` and the SH degree to evaluate: the Gaussians as they are
+    from the training camera's centre (training, the tracked and still cameras, mouth
+    close-ups), else with :func:`training_view_colors`."""
+    if av.cfg.sh_degree == 0:
+        return g, 0
+    train = Cameras(av.viewmat[None].to(cams.viewmats), av.K[None].to(cams.viewmats), 1, 1).centers
+    if torch.allclose(cams.centers, train.expand_as(cams.centers), rtol=0.0, atol=1e-6):
+        return g, av.cfg.sh_degree
+    return training_view_colors(av, g), None
+
+
 def render_frame(av: Avatar, g: GaussianTensors, cam: Cameras, bg: Tensor) -> tuple[Tensor, Tensor, RenderOutput]:
     """Rasterize one frame's posed Gaussians over the background image ``bg`` [S, S, 3]:
-    (rgb [S, S, 3], alpha [S, S, 1], the render output)."""
-    out = rasterize(g, cam, sh_degree=av.cfg.sh_degree, background=0.0)
+    (rgb [S, S, 3], alpha [S, S, 1], the render output). From a camera elsewhere than the
+    training camera, view-dependent colour is the training camera's (:func:`training_view_colors`)."""
+    g, degree = _for_cameras(av, g, cam)
+    out = rasterize(g, cam, sh_degree=degree, background=0.0)
     return out.colors[0] + (1 - out.alphas[0]) * bg, out.alphas[0], out
 
 
 def render_frames(av: Avatar, g: GaussianTensors, cams: Cameras, bg: Tensor) -> Tensor:
     """Rasterize B frames' posed Gaussians (:meth:`Avatar.posed_batch`), frame b by camera b,
-    in one call, over the background image ``bg`` [S, S, 3]: rgb [B, S, S, 3]."""
-    out = rasterize_frames(g, cams, sh_degree=av.cfg.sh_degree, background=0.0)
+    in one call, over the background image ``bg`` [S, S, 3]: rgb [B, S, S, 3] (view-dependent
+    colour as in :func:`render_frame`)."""
+    g, degree = _for_cameras(av, g, cams)
+    out = rasterize_frames(g, cams, sh_degree=degree, background=0.0)
     return out.colors + (1 - out.alphas) * bg
 
 

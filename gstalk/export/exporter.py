@@ -66,9 +66,12 @@ def covariances(g: GaussianTensors) -> np.ndarray:
 
 
 def splat_colors(g: GaussianTensors) -> np.ndarray:
+    """[N, 3] RGB in [0, 1] for splat viewers that take one colour a Gaussian: plain colours
+    [N, 3] as they are (:func:`gstalk.avatar.model.training_view_colors`), else the SH's DC."""
     from gstalk.gaussians.set import SH_C0
 
-    return (g.colors[:, 0].detach() * SH_C0 + 0.5).clamp(0, 1).cpu().numpy()
+    rgb = g.colors if g.colors.dim() == 2 else g.colors[:, 0] * SH_C0 + 0.5
+    return rgb.detach().clamp(0, 1).cpu().numpy()
 
 
 @dataclass
@@ -211,8 +214,12 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
 
     if "viser" in formats:
         def viser_frames():
+            from gstalk.avatar.model import training_view_colors
+
             for g in posed_iter(av, cond, deform):
-                yield convert_axes(to_gaussian_set(g), axes).activated()
+                rgb = training_view_colors(av, g).colors  # the colours the training camera saw
+                c = convert_axes(to_gaussian_set(g), axes).activated()
+                yield GaussianTensors(c.means, c.quats, c.scales, c.opacities, rgb.cpu())
 
         path = write_viser_recording(viser_frames(), fps, out / "avatar.viser", progress, n)
         res.files["viser"] = [path, path.with_suffix(".html")]

@@ -157,10 +157,12 @@ class AvatarViewer:
         return g, ms
 
     def _splat_arrays(self, g):
+        from gstalk.avatar.model import training_view_colors
         from gstalk.export.exporter import covariances, splat_colors
 
         centres = g.means.detach().cpu().numpy().astype(np.float32) - self._centre
-        return centres, covariances(g), splat_colors(g), g.opacities.detach().cpu().numpy()[:, None]
+        rgb = splat_colors(training_view_colors(self.av, g))  # seen from anywhere: the training camera's colours
+        return centres, covariances(g), rgb, g.opacities.detach().cpu().numpy()[:, None]
 
     def show(self, k: int) -> None:
         g, ms = self.frame_gaussians(k)
@@ -182,6 +184,7 @@ class AvatarViewer:
         self._shown = k
 
     def _server_render(self, client, g) -> None:
+        from gstalk.avatar.model import training_view_colors
         from gstalk.gaussians.set import GaussianTensors
         from gstalk.render import Cameras, rasterize
         from gstalk.render.project import quat_to_rotmat
@@ -195,11 +198,12 @@ class AvatarViewer:
         vm = torch.linalg.inv(c2w).float().to(self.dev)
         f = 0.5 * h / math.tan(0.5 * float(cam.fov))
         K = torch.tensor([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1.0]], device=self.dev)
+        g = training_view_colors(self.av, g)  # any viewpoint: the colours the training camera saw
         shifted = GaussianTensors(g.means - torch.as_tensor(self._centre, device=g.means.device), g.quats, g.scales,
                                   g.opacities, g.colors)
         bg = torch.tensor(self.bg_colour.value, dtype=torch.float32, device=self.dev) / 255.0
         with torch.no_grad():
-            out = rasterize(shifted, Cameras(vm[None], K[None], w, h), sh_degree=self.av.cfg.sh_degree)
+            out = rasterize(shifted, Cameras(vm[None], K[None], w, h), sh_degree=None if g.colors.dim() == 2 else 0)
             img = out.colors[0] + (1 - out.alphas[0]) * bg
         client.scene.set_background_image((img.clamp(0, 1).cpu().numpy() * 255).astype(np.uint8), format="jpeg")
 
