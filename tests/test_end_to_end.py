@@ -224,6 +224,7 @@ def test_a_clip_without_speech_gives_an_avatar_driven_by_expressions(tmp_path):
     assert res["lip_model"] == "none" and {"deformation", "no_deformation", "gain_over_no_deformation"} <= set(res)
     assert not {"other_audio", "audio_driven", "gain_over_other_audio"} & set(res)
     assert math.isfinite(res["deformation"]["psnr"]) and res["sync_ground_truth"] is None
+    assert "sync_other_audio" not in res["deformation"]
     data = json.loads((folder / "eval" / "eval.json").read_text())
     assert data["sync_ground_truth"] is None and len(data["per_frame"]["deformation"]["psnr"]) == res["frames"]
 

@@ -246,7 +246,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
         own_mouth = mouth_opening(np.nan_to_num(all_lm["lmk"]))
         own_mouth[~np.asarray(all_lm["valid"], bool)] = np.nan
         result["sync_ground_truth"] = sync_score(own_mouth, clip_audio, ds.fps)
-    for name in ("deformation", "no_deformation"):
+    for name in ("deformation", "no_deformation")[:2 if speech else 0]:  # no speech: nothing to sync
         vals = [v[name] for v in syncs.values() if math.isfinite(v[name])]
         result[name]["sync_other_audio"] = float(np.mean(vals)) if vals else float("nan")
     out_dir = Path(out) if out else Path(avatar_dir) / "eval"
