@@ -349,3 +349,34 @@ def test_negative_training_options_are_refused():
     for name in ("field_expr", "mouth_crop", "audio_prior", "w_mouth_crop"):
         with pytest.raises(TrainingError, match=name.replace("_", "-")):
             resolved(replace(TINY, **{name: -1}), torch.device("cpu"))
+
+
+def test_head_gaussians_the_first_frame_cannot_show_take_the_nearest_shown_colour():
+    """A sphere of Gaussians in front of a camera, over a picture with a green disc (the
+    face) on red: the front takes its pixels; the back, which projects onto the disc too,
+    takes the colour of the nearest Gaussian the picture shows (the red rim), not the green."""
+    from gstalk.render import Cameras, look_at
+    from gstalk.train.trainer import first_frame_colours
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.nn.functional.normalize(torch.randn(4000, 3, generator=g), dim=-1)
+    centre = torch.tensor([0.0, 0.0, -1.0])
+    means = centre + 0.1 * d
+    vm = look_at(torch.zeros(3), centre)
+    f = 64 / (2 * math.tan(math.radians(15)))
+    K = torch.tensor([[f, 0, 32.0], [0, f, 32.0], [0, 0, 1.0]])
+    cam = Cameras(vm[None], K[None], 64, 64)
+    yy, xx = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+    disc = ((xx - 32) ** 2 + (yy - 32) ** 2) < 10**2
+    img = torch.zeros(64, 64, 3)
+    img[..., 0] = (~disc).float()
+    img[..., 1] = disc.float()
+    col = first_frame_colours(means, d, cam, img)
+    facing = (d[:, 2] > 0)  # towards the camera at the origin
+    core = d[:, 2].abs() > 0.9  # front or back, these project well inside the disc
+    assert (col[facing & core, 1] == 1).all()  # the face: its own pixels
+    back = ~facing & core
+    assert back.sum() > 50 and (col[back, 0] == 1).all(), col[back].mean(0)  # the back: the rim's red, not green
+    # every Gaussian the picture shows keeps its pixel; the others copy one of them
+    shown = {tuple(c.tolist()) for c in col[facing]}
+    assert all(tuple(c.tolist()) in shown for c in col[~facing])

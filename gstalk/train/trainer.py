@@ -207,6 +207,30 @@ def background_image(ds: Dataset, mode: str, size: int, device) -> torch.Tensor:
     raise TrainingError(f"unknown background mode {mode!r}: plate, white or black")
 
 
+def first_frame_colours(means: torch.Tensor, normals: torch.Tensor, cam: Cameras, img: torch.Tensor) -> torch.Tensor:
+    """[N, 3] starting colours of head Gaussians at ``means`` [N, 3] (world) on triangles with
+    outward ``normals`` [N, 3], from the frame ``img`` [H, W, 3] seen by ``cam``: the pixel each
+    projects to where the frame shows it (its triangle faces the camera and it falls inside the
+    picture), else the colour given to the nearest Gaussian it shows. A Gaussian on the back of
+    the head projects onto the face; with the face's colour it stays a blurred face seen from
+    behind, since no later frame shows it either."""
+    from scipy.spatial import cKDTree
+
+    vm, K = cam.viewmats[0], cam.Ks[0]
+    pc = means @ vm[:3, :3].T + vm[:3, 3]
+    uv = pc[:, :2] / pc[:, 2:].clamp_min(1e-6) * K[[0, 1], [0, 1]] + K[:2, 2]
+    h, w = img.shape[:2]
+    col = img[uv[:, 1].long().clamp(0, h - 1), uv[:, 0].long().clamp(0, w - 1)]
+    inside = (pc[:, 2] > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < w) & (uv[:, 1] >= 0) & (uv[:, 1] < h)
+    seen = inside & ((cam.centers[0] - means) * normals).sum(-1).gt(0)
+    if seen.any() and not seen.all():
+        pts = means.detach().cpu().double().numpy()
+        s = seen.cpu().numpy()
+        _, j = cKDTree(pts[s]).query(pts[~s])
+        col[~seen] = col[seen][torch.as_tensor(j, device=col.device)]
+    return col
+
+
 class Trainer:
     def __init__(self, dataset: str | Path, avatar_dir: str | Path, opts: TrainOptions,
                  progress: Progress | None = None, log: Callable[[str], None] = print):
@@ -327,17 +351,18 @@ class Trainer:
 
     @torch.no_grad()
     def _colour_from_first_frame(self, av: Avatar) -> None:
-        """Give each head Gaussian the colour of the pixel it projects to in the first frame."""
+        """Give each head Gaussian the colour the first frame shows where it is: the pixel it
+        projects to, or for one the frame cannot show, the colour of the nearest one it shows
+        (:func:`first_frame_colours`)."""
         img = torch.from_numpy(self.ds.frame(0)).float().div(255).to(self.dev)
-        g = av.gaussians_at(Frame(self.track.params(slice(0, 1), device=self.dev), deform=False))[0]
+        params = self.track.params(slice(0, 1), device=self.dev)
+        g = av.gaussians_at(Frame(params, deform=False))[0]
         cam = scaled_camera(av.K, av.viewmat, self.track.width, self.ds.resolution).to(self.dev)
-        pc = g.means @ cam.viewmats[0, :3, :3].T + cam.viewmats[0, :3, 3]
-        uv = pc[:, :2] / pc[:, 2:].clamp_min(1e-6) * cam.Ks[0, [0, 1], [0, 1]] + cam.Ks[0, :2, 2]
-        ui = uv[:, 0].long().clamp(0, img.shape[1] - 1)
-        vi = uv[:, 1].long().clamp(0, img.shape[0] - 1)
         bound = av.binding >= 0
-        col = img[vi, ui]
-        av.sh.data[bound, 0] = rgb_to_sh(col[bound])
+        _, r, _ = av.skin(params)
+        normals = r[0, av.binding[bound], :, 2]
+        col = first_frame_colours(g.means[bound], normals, cam, img)
+        av.sh.data[bound, 0] = rgb_to_sh(col)
 
     # ------------------------------------------------------------------ one iteration
     def conditions(self, t: torch.Tensor, audio_model) -> torch.Tensor:
