@@ -23,7 +23,7 @@ from gstalk.gaussians.set import SH_C0, GaussianSet, GaussianTensors
 from gstalk.head.flame import HeadModel
 from gstalk.head.lbs import FlameParams, flame_forward
 from gstalk.render import Cameras, RenderOutput, rasterize, rasterize_frames
-from gstalk.render.project import eval_sh
+from gstalk.render.project import sh_colors
 
 # 2: relative field + mouth prior; 3: expression prior; 4: viseme lip model; 5: its mouth at rest in pauses;
 # 6: avatars fitted without audio (lip_motion 'none') (older versions are read as made)
@@ -321,11 +321,15 @@ def training_view_colors(av: Avatar, g: GaussianTensors) -> GaussianTensors:
     colour the training camera saw."""
     if av.cfg.sh_degree == 0:
         return g
-    centre = Cameras(av.viewmat[None].to(g.means), av.K[None].to(g.means), 1, 1).centers[0]
-    dirs = g.means - centre
-    dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    rgb = torch.clamp_min(eval_sh(av.cfg.sh_degree, g.colors, dirs) + 0.5, 0.0)
-    return GaussianTensors(g.means, g.quats, g.scales, g.opacities, rgb)
+    k = g.colors.shape[-2]
+    rgb = sh_colors(g.colors.reshape(-1, k, 3), g.means.reshape(-1, 3), _training_centre(av, g.means),
+                    av.cfg.sh_degree)
+    return GaussianTensors(g.means, g.quats, g.scales, g.opacities, rgb.reshape(g.means.shape))
+
+
+def _training_centre(av: Avatar, like: Tensor) -> Tensor:
+    """[1, 3] the training camera's centre, in ``like``'s dtype and device."""
+    return Cameras(av.viewmat[None].to(like), av.K[None].to(like), 1, 1).centers
 
 
 def _for_cameras(av: Avatar, g: GaussianTensors, cams: Cameras) -> tuple[GaussianTensors, int | None]:
@@ -334,7 +338,7 @@ def _for_cameras(av: Avatar, g: GaussianTensors, cams: Cameras) -> tuple[Gaussia
     close-ups), else with :func:`training_view_colors`."""
     if av.cfg.sh_degree == 0:
         return g, 0
-    train = Cameras(av.viewmat[None].to(cams.viewmats), av.K[None].to(cams.viewmats), 1, 1).centers
+    train = _training_centre(av, cams.viewmats)
     if torch.allclose(cams.centers, train.expand_as(cams.centers), rtol=0.0, atol=1e-6):
         return g, av.cfg.sh_degree
     return training_view_colors(av, g), None

@@ -215,7 +215,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     # the gains as paired per-frame differences (with minus without; for LMD and blink error,
     # lower is better), with their standard error over the frames: a gain within about two
     # standard errors of zero is not shown by this clip
-    for base in ("no_deformation", "other_audio")[:2 if speech else 1]:
+    for base in ("no_deformation", "other_audio") if speech else ("no_deformation",):
         result[f"gain_over_{base}"] = {k: _paired(per_frame["deformation"][k], per_frame[base][k])
                                        for k in GAIN_METRICS}
     if "audio_driven_learned" in per_frame:  # the avatar's lip model against the learned network
@@ -246,7 +246,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
         own_mouth = mouth_opening(np.nan_to_num(all_lm["lmk"]))
         own_mouth[~np.asarray(all_lm["valid"], bool)] = np.nan
         result["sync_ground_truth"] = sync_score(own_mouth, clip_audio, ds.fps)
-    for name in ("deformation", "no_deformation")[:2 if speech else 0]:  # no speech: nothing to sync
+    for name in ("deformation", "no_deformation") if speech else ():  # no speech: nothing to sync
         vals = [v[name] for v in syncs.values() if math.isfinite(v[name])]
         result[name]["sync_other_audio"] = float(np.mean(vals)) if vals else float("nan")
     out_dir = Path(out) if out else Path(avatar_dir) / "eval"

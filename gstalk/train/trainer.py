@@ -244,7 +244,8 @@ class Trainer:
         if self.track.num_frames != self.ds.num_frames:
             raise TrainingError(f"track.npz has {self.track.num_frames} frames but the dataset {self.ds.num_frames}; "
                                 "re-run 'gstalk track'")
-        self.use_audio = self._use_audio()
+        speech = self._speech()  # the clip's audio, or None to fit without it
+        self.use_audio = speech is not None
         self.size = self._train_size()
         self.ckpt_path = self.out / "checkpoint.pt"
         torch.manual_seed(self.opts.seed)
@@ -255,8 +256,8 @@ class Trainer:
                                  self.track.width, self.size).to(self.dev)
         self.bg = background_image(self.ds, self.opts.background, self.size, self.dev)
         self.windows = None  # [T, W, D] audio windows of every frame; None: fitted without audio
-        if self.use_audio:
-            feats = compute_features(self.ds.audio(), self.ds.num_frames, self.ds.fps, self.opts.feature_kind)
+        if speech is not None:
+            feats = compute_features(speech, self.ds.num_frames, self.ds.fps, self.opts.feature_kind)
             self.windows = torch.from_numpy(feats.windows).to(self.dev)
         sig = self.ds.signals()
         self.blink = torch.from_numpy(np.nan_to_num(sig["blink"])).float().to(self.dev)
@@ -271,30 +272,31 @@ class Trainer:
             if mc.usable:
                 self.mouth = mc
 
-    def _use_audio(self) -> bool:
-        """Whether to fit with the clip's speech (``opts.audio``: on, off, or auto = on when
-        the clip has speech)."""
+    def _speech(self) -> np.ndarray | None:
+        """The clip's audio to fit with, or None to fit without audio (``opts.audio``: on, off,
+        or auto = on when the clip has speech)."""
         mode = self.opts.audio
         if mode not in ("auto", "on", "off"):
             raise TrainingError(f"unknown audio mode {mode!r}: auto, on or off")
         if mode == "off":
-            return False
-        why = None
+            return None
+        why, audio = None, None
         if not self.ds.has_audio:
             why = f"{self.ds.root} has no audio track"
         else:
+            audio = self.ds.audio()
             try:
-                check_speech(self.ds.audio(), f"the audio of {self.ds.root}")
+                check_speech(audio, f"the audio of {self.ds.root}")
             except SilentAudioError as e:
                 why = str(e).split(";")[0]
         if why is None:
-            return True
+            return audio
         if mode == "on":
             raise TrainingError(f"{why}; an audio-driven avatar needs a clip with speech (or train with "
                                 "--train.audio off for an avatar driven by tracked expressions)")
         self.log(f"{why}: fitting an avatar without audio (its deformation follows expression, blink and neck; "
                  "drive it with 'gstalk render AVATAR --expressions track.npz', not with speech)")
-        return False
+        return None
 
     def _train_size(self) -> int:
         if self.opts.scale > 0:
