@@ -14,6 +14,16 @@ PY=${PYTHON:-python3}
 stamp() { cat pyproject.toml run.sh | sha256sum | cut -d' ' -f1; }
 
 install() {
+  # A full disk makes pip stop half-way with "[Errno 28] No space left on device"; say so
+  # first. The CPU install takes about 3 GB (torch, mediapipe with jaxlib, OpenCV, ffmpeg).
+  # (An update of an existing .venv needs far less.)
+  local free_mb need_mb=3500
+  [ -x "$VENV/bin/python" ] && need_mb=1000
+  free_mb=$(df -Pm . | awk 'NR == 2 {print $4}')
+  if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
+    echo "run.sh: only ${free_mb} MB free on the disk holding $(pwd); installing gstalk into $VENV needs about ${need_mb} MB. Free some space and run it again." >&2
+    exit 1
+  fi
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   local pip=("$VENV/bin/python" -m pip)
   "${pip[@]}" install -q --upgrade pip >/dev/null
