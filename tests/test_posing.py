@@ -190,6 +190,7 @@ def test_other_viewpoints_keep_the_colours_the_training_camera_saw(tmp_path):
         assert torch.equal(rgb, rasterize(g, track, sh_degree=1, background=0.0).colors[0])
         seen = training_view_colors(av, g)
         torch.testing.assert_close(seen.colors, sh_colors(g.colors, g.means, track.centers, 1)[0])
+        av.view_fill = None  # without the view fill (tested below): the training camera's colours
         rgb, _, _ = render_frame(av, g, side, bg)
         assert torch.equal(rgb, rasterize(seen, side, background=0.0).colors[0])
         extrapolated = rasterize(g, side, sh_degree=1, background=0.0).colors[0]
@@ -205,6 +206,72 @@ def test_other_viewpoints_keep_the_colours_the_training_camera_saw(tmp_path):
         for k, cam in enumerate((track, side)):
             g = GaussianTensors(*(t[k] for t in gb))
             torch.testing.assert_close(both[k], render_frame(av, g, cam, bg)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part_it_did(tmp_path):
+    """From the side, the Gaussians that the tracked frames only showed edge-on (or not at
+    all) show the colour of the nearest seen, opaque head Gaussian, faded in between 5 and 25
+    degrees away from the training camera; from the training camera nothing changes."""
+    from gstalk.avatar.io import load_avatar
+    from gstalk.avatar.model import SEEN_COS, Frame, fill_weight, render_frame, training_view_colors
+    from gstalk.drive.render import cameras_for, conditions_for, training_expressions
+    from gstalk.head.lbs import FlameParams
+    from gstalk.render import Cameras
+
+    from tinyavatar import make_avatar
+
+    av, motion = load_avatar(make_avatar(tmp_path / "av", n_frames=4), "cpu")
+    with torch.no_grad():
+        av.opacity_logits[::3] = -2.0  # some faint Gaussians: they lend no colour
+    av.set_view_fill(motion)
+    fill = av.view_fill
+    n, bound = av.num_gaussians, av.binding >= 0
+    moved = fill != torch.arange(n)
+    assert bool(moved.any()) and not bool(moved.all())
+    assert not bool(moved[~bound].any())  # the free (torso) Gaussians keep their own
+    # seen: some tracked frame showed the Gaussian's triangle at under 60 degrees from face-on
+    keys = ("expr", "global_rot", "neck", "jaw", "eyes", "eyelids", "translation")
+    with torch.no_grad():
+        o, r, _ = av.skin(FlameParams(**{k: torch.as_tensor(motion[k]).float() for k in keys}))
+    tri = av.binding.clamp_min(0)
+    to_cam = -o[:, tri]  # the training camera sits at the origin (the tracker's VIEWMAT)
+    cos = ((r[:, tri, :, 2] * to_cam).sum(-1) / to_cam.norm(dim=-1)).amax(0)
+    seen = bound & (cos >= SEEN_COS)
+    assert torch.equal(moved, bound & ~seen)
+    # each takes the nearest (rest pose) seen Gaussian that is opaque
+    source = seen & (torch.sigmoid(av.opacity_logits.detach()) > 0.6)
+    x = av.canonical_positions()
+    src = torch.nonzero(source)[:, 0]
+    want = src[torch.cdist(x[moved].double(), x[src].double()).argmin(1)]
+    assert torch.equal(fill[moved], want)
+    assert bool((cos[moved] < SEEN_COS).all()) and bool(source[fill[moved]].all())
+
+    cams = cameras_for(av, motion, 120, "orbit", 40)  # 3 degrees a step
+    w = fill_weight(av, cams.centers[:31])
+    torch.testing.assert_close(w[[0, 1, 9, 30]], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    assert 0.4 < float(w[5]) < 0.6  # 15 degrees: half way
+    with torch.no_grad():
+        c = conditions_for(av, motion, 1, 25.0, None, training_expressions(motion))
+        g = av.posed(Frame(c.params, c.codes, c.blink))[0][0]
+        plain = training_view_colors(av, g).colors  # no viewpoint given: nothing filled
+        near = training_view_colors(av, g, cams.centers[1:2]).colors  # 3 degrees
+        side = training_view_colors(av, g, cams.centers[30:31]).colors  # 90 degrees
+        half = training_view_colors(av, g, cams.centers[5:6]).colors
+    assert torch.equal(near, plain)
+    torch.testing.assert_close(side[moved], plain[fill[moved]])
+    assert torch.equal(side[~moved], plain[~moved])
+    torch.testing.assert_close(half, plain + w[5] * (plain[fill] - plain))
+    # the renders: the tracked camera as before; the side view shows the filled colours
+    track = cameras_for(av, motion, 1, "track", 40)
+    profile = Cameras(cams.viewmats[30:31], cams.Ks[30:31], 40, 40)
+    bg = torch.zeros(40, 40, 3)
+    with torch.no_grad():
+        front = render_frame(av, g, track, bg)[0]
+        side_rgb = render_frame(av, g, profile, bg)[0]
+        av.view_fill = None
+        assert torch.equal(front, render_frame(av, g, track, bg)[0])
+        unfilled = render_frame(av, g, profile, bg)[0]
+    assert (side_rgb - unfilled).abs().max() > 0.1
 
 
 def test_compiled_field_is_one_graph_and_matches_eager(tmp_path):

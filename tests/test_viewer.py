@@ -97,6 +97,9 @@ def test_viewer_shows_plays_and_drives_the_head(browser, avatar_dir, tmp_path):
         page.get_by_role("button", name="Profile").click()
         page.wait_for_timeout(1500)
         profile = _shot(page, tmp_path / "profile.png")
+        # seen from the side, the splats the clip never showed face-on take the view fill
+        assert v.av.view_fill is not None
+        _wait(lambda: v._fill_shown == 1.0, what="the profile's splats to take the view fill")
         page.get_by_role("button", name="Orbit").click()
         page.wait_for_timeout(2000)
         orbit = _shot(page, tmp_path / "orbit.png")

@@ -121,4 +121,6 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
         from gstalk.io.dataset import read_image_file
 
         motion["background"] = read_image_file(root / "background.png")
-    return av.to(device), motion
+    av = av.to(device)
+    av.set_view_fill(motion)
+    return av, motion

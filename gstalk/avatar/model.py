@@ -116,6 +116,7 @@ class Avatar(nn.Module):
         object.__setattr__(self, "_compiled", None)  # see compile_field(); not a submodule
         object.__setattr__(self, "_compile_opts", None)
         object.__setattr__(self, "precision", "float32")  # see set_precision()
+        self.register_buffer("view_centre", torch.zeros(3), persistent=False)  # see set_view_fill()
         self.set_gaussians(gaussians, region)
         self.field = DeformationField(audio_dim=cfg.code_dim, expr_dim=cfg.expr_cond, encoding=cfg.encoding,
                                       colour=False)
@@ -142,6 +143,7 @@ class Avatar(nn.Module):
         self.sh = nn.Parameter(g.sh.detach().clone())
         self.register_buffer("binding", g.binding.detach().clone().long())
         self.register_buffer("region", region.detach().clone().long())
+        self.register_buffer("view_fill", None, persistent=False)  # see set_view_fill()
         self.invalidate()
 
     def gaussian_set(self) -> GaussianSet:
@@ -179,6 +181,48 @@ class Avatar(nn.Module):
                     pos[bound] = m[0]
                 self._canon = pos
         return self._canon
+
+    @torch.no_grad()
+    def set_view_fill(self, motion: dict, max_frames: int = 128) -> None:
+        """Choose the colours the Gaussians the clip never showed face-on take from other
+        viewpoints (:func:`training_view_colors`), from the tracked motion (``motion``: arrays
+        of FlameParams fields, a row a frame, as in motion.npz).
+
+        A head Gaussian is seen when some frame (of up to ``max_frames`` spread over the clip)
+        showed its triangle at less than 60 degrees from face-on. The others, at the sides and
+        back of the head, under the chin and on top of the hair, were drawn edge-on at the
+        silhouette or not at all: what they learnt is how to blend the head's outline into
+        the background, and from the side they showed the background's and the shirt's
+        colours in blobs (on every fitted avatar: blue, orange and red patches from 90
+        degrees, the face's colours on the back of the head). Each takes the colour of the
+        nearest (in the rest pose) seen, opaque head Gaussian. Free Gaussians keep their own.
+        Without a seen one, nothing is filled."""
+        self.view_fill = None
+        t = np.asarray(motion["translation"], dtype=np.float64)
+        self.view_centre = torch.as_tensor(np.median(t, 0), dtype=torch.float32, device=self.means.device)
+        bound = self.binding >= 0
+        if not bool(bound.any()):
+            return
+        idx = np.unique(np.linspace(0, len(t) - 1, min(max_frames, len(t))).round().astype(int))
+        keys = ("expr", "global_rot", "neck", "jaw", "eyes", "eyelids", "translation")
+        p = FlameParams(**{k: torch.as_tensor(np.asarray(motion[k])[idx], dtype=torch.float32,
+                                              device=self.means.device) for k in keys if k in motion})
+        o, r, _ = self.skin(p)
+        tri = self.binding[bound]
+        to_cam = _training_centre(self, o)[:, None] - o[:, tri]
+        cos = (r[:, tri, :, 2] * to_cam).sum(-1) / to_cam.norm(dim=-1).clamp_min(1e-12)
+        seen = cos.amax(0) >= SEEN_COS
+        source = seen & (torch.sigmoid(self.opacity_logits[bound]) > SOURCE_OPACITY)
+        if seen.all() or not source.any():
+            return
+        from scipy.spatial import cKDTree
+
+        ids = torch.nonzero(bound)[:, 0]
+        pts = self.canonical_positions()[bound].double().cpu().numpy()
+        _, j = cKDTree(pts[source.cpu().numpy()]).query(pts[(~seen).cpu().numpy()])
+        fill = torch.arange(self.num_gaussians, device=self.means.device)
+        fill[ids[~seen]] = ids[source][torch.as_tensor(j, device=ids.device)]
+        self.view_fill = fill
 
     def invalidate(self) -> None:
         """Forget what was computed from the Gaussians and the field (call after changing them)."""
@@ -308,10 +352,16 @@ class Avatar(nn.Module):
         return GaussianTensors(means, quats, scales, torch.sigmoid(opac), sh), d
 
 
-def training_view_colors(av: Avatar, g: GaussianTensors) -> GaussianTensors:
+def training_view_colors(av: Avatar, g: GaussianTensors, centres: Tensor | None = None) -> GaussianTensors:
     """``g`` (posed Gaussians, [N, ...] or frames first [B, N, ...]) with plain RGB colours
-    [..., N, 3]: their SH evaluated from the training camera's centre, whatever camera will
-    draw them.
+    [..., N, 3] for a viewpoint other than the training camera: their SH evaluated from the
+    training camera's centre, whatever camera will draw them, and, seen from the camera
+    centres ``centres`` ([1, 3], or [B, 3] one per frame; world), for the Gaussians the
+    training camera never saw face-on the colour of a nearby one it did
+    (:meth:`Avatar.set_view_fill`), faded in over the first 25 degrees away from the training
+    camera (:func:`fill_weight`). Without ``centres`` (splats that any viewpoint may draw)
+    nothing is filled: from the front, the fill would change the outline the training
+    camera saw.
 
     The clip is filmed by one still camera (the tracker moves the head, not the camera), so
     each Gaussian was seen from nearly one direction: the SH bands above 0 fitted how its
@@ -319,12 +369,39 @@ def training_view_colors(av: Avatar, g: GaussianTensors) -> GaussianTensors:
     orbit or a side view they extrapolate (on a fitted avatar: blue hair and a red and
     green nose at 45 degrees; docs/avatar.md). From another viewpoint each Gaussian keeps the
     colour the training camera saw."""
-    if av.cfg.sh_degree == 0:
-        return g
     k = g.colors.shape[-2]
     rgb = sh_colors(g.colors.reshape(-1, k, 3), g.means.reshape(-1, 3), _training_centre(av, g.means),
-                    av.cfg.sh_degree)
-    return GaussianTensors(g.means, g.quats, g.scales, g.opacities, rgb.reshape(g.means.shape))
+                    av.cfg.sh_degree).reshape(g.means.shape)
+    fill = av.view_fill
+    if fill is not None and centres is not None and fill.shape[0] == rgb.shape[-2]:
+        w = fill_weight(av, centres).to(rgb)
+        if bool(w.gt(0).any()):
+            w = w.reshape(-1, 1, 1) if rgb.dim() == 3 else w.reshape(())  # one weight a frame
+            rgb = rgb + w * (rgb.index_select(-2, fill) - rgb)
+    return GaussianTensors(g.means, g.quats, g.scales, g.opacities, rgb)
+
+
+#: The view fill fades in between these angles (degrees) from the training camera, as seen from
+#: the head's centre.
+FILL_ANGLES = (5.0, 25.0)
+#: A head Gaussian counts as seen when some tracked frame showed its triangle at less than
+#: 60 degrees from face-on (the cosine between its normal and the direction to the camera).
+SEEN_COS = 0.5
+#: ... and lends its colour to unseen ones when it is also this opaque.
+SOURCE_OPACITY = 0.6
+
+
+def fill_weight(av: Avatar, centres: Tensor) -> Tensor:
+    """[C] how much of the view fill cameras at ``centres`` [C, 3] (world) show: 0 up to 5
+    degrees from the training camera (round the head's centre), 1 from 25 degrees, smooth
+    between."""
+    c = av.view_centre.to(centres)
+    a = centres - c
+    b = _training_centre(av, centres) - c
+    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
+    deg = torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+    t = ((deg - FILL_ANGLES[0]) / (FILL_ANGLES[1] - FILL_ANGLES[0])).clamp(0.0, 1.0)
+    return t * t * (3 - 2 * t)
 
 
 def _training_centre(av: Avatar, like: Tensor) -> Tensor:
@@ -336,12 +413,12 @@ def _for_cameras(av: Avatar, g: GaussianTensors, cams: Cameras) -> tuple[Gaussia
     """What to rasterize from ``cams`` and the SH degree to evaluate: the Gaussians as they are
     from the training camera's centre (training, the tracked and still cameras, mouth
     close-ups), else with :func:`training_view_colors`."""
-    if av.cfg.sh_degree == 0:
-        return g, 0
     train = _training_centre(av, cams.viewmats)
     if torch.allclose(cams.centers, train.expand_as(cams.centers), rtol=0.0, atol=1e-6):
         return g, av.cfg.sh_degree
-    return training_view_colors(av, g), None
+    if av.cfg.sh_degree == 0 and av.view_fill is None:
+        return g, 0
+    return training_view_colors(av, g, cams.centers), None
 
 
 def render_frame(av: Avatar, g: GaussianTensors, cam: Cameras, bg: Tensor) -> tuple[Tensor, Tensor, RenderOutput]:

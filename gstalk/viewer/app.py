@@ -85,6 +85,7 @@ class AvatarViewer:
         if audio is not None:
             self.set_audio(Path(audio).read_bytes(), Path(audio).name)
         self._splats = None
+        self._fill_shown = 0.0  # the view fill's weight in the browser's splats
         self.server.on_client_connect(self._on_connect)
         self._thread: threading.Thread | None = None
 
@@ -156,13 +157,40 @@ class AvatarViewer:
             ms = 1000 * (time.perf_counter() - t0)
         return g, ms
 
+    def _eye(self, client=None) -> torch.Tensor | None:
+        """[1, 3] where ``client``'s camera (default: the first browser's) is, in the avatar's
+        world; None without a browser."""
+        if client is None:
+            clients = list(self.server.get_clients().values())
+            if not clients:
+                return None
+            client = clients[0]
+        pos = np.asarray(client.camera.position, dtype=np.float32) + self._centre
+        return torch.as_tensor(pos, device=self.dev)[None]
+
     def _splat_arrays(self, g):
-        from gstalk.avatar.model import training_view_colors
+        from gstalk.avatar.model import fill_weight, training_view_colors
         from gstalk.export.exporter import covariances, splat_colors
 
         centres = g.means.detach().cpu().numpy().astype(np.float32) - self._centre
-        rgb = splat_colors(training_view_colors(self.av, g))  # seen from anywhere: the training camera's colours
+        # the colours the training camera saw, and the view fill as far as the (first) browser's
+        # camera is from the training camera's
+        eye = self._eye()
+        self._fill_shown = 0.0 if eye is None else float(fill_weight(self.av, eye)[0])
+        rgb = splat_colors(training_view_colors(self.av, g, eye))
         return centres, covariances(g), rgb, g.opacities.detach().cpu().numpy()[:, None]
+
+    def _camera_moved(self, client) -> None:
+        """Server renders follow every move; browser splats only need new colours when the
+        view fill's weight changes."""
+        from gstalk.avatar.model import fill_weight
+
+        if self.render_mode == "server":
+            self._dirty = True
+        elif self.av.view_fill is not None:
+            w = float(fill_weight(self.av, self._eye(client))[0])
+            if abs(w - self._fill_shown) > 0.05 or (w in (0.0, 1.0) and w != self._fill_shown):
+                self._dirty = True
 
     def show(self, k: int) -> None:
         g, ms = self.frame_gaussians(k)
@@ -198,12 +226,12 @@ class AvatarViewer:
         vm = torch.linalg.inv(c2w).float().to(self.dev)
         f = 0.5 * h / math.tan(0.5 * float(cam.fov))
         K = torch.tensor([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1.0]], device=self.dev)
-        g = training_view_colors(self.av, g)  # any viewpoint: the colours the training camera saw
+        g = training_view_colors(self.av, g, self._eye(client))  # the training camera's colours, filled
         shifted = GaussianTensors(g.means - torch.as_tensor(self._centre, device=g.means.device), g.quats, g.scales,
                                   g.opacities, g.colors)
         bg = torch.tensor(self.bg_colour.value, dtype=torch.float32, device=self.dev) / 255.0
         with torch.no_grad():
-            out = rasterize(shifted, Cameras(vm[None], K[None], w, h), sh_degree=None if g.colors.dim() == 2 else 0)
+            out = rasterize(shifted, Cameras(vm[None], K[None], w, h), sh_degree=None)
             img = out.colors[0] + (1 - out.alphas[0]) * bg
         client.scene.set_background_image((img.clamp(0, 1).cpu().numpy() * 255).astype(np.uint8), format="jpeg")
 
@@ -341,9 +369,8 @@ class AvatarViewer:
     def _on_connect(self, client) -> None:
         client.camera.fov = 2 * math.atan(0.5 / (float(self.av.K[0, 0]) / float(self.av.cfg.resolution)))
         self._place(client, np.array([0.0, 0.0, self._view_distance()]))
-        if self.render_mode == "server":  # re-render from the new viewpoint whenever it moves
-            client.camera.on_update(lambda _: self._mark_dirty())
-            self._dirty = True
+        client.camera.on_update(lambda _: self._camera_moved(client))
+        self._dirty = True
 
     # ------------------------------------------------------------------ actions
     def export_frame(self) -> Path:
