@@ -208,20 +208,16 @@ class Avatar(nn.Module):
         p = FlameParams(**{k: torch.as_tensor(np.asarray(motion[k])[idx], dtype=torch.float32,
                                               device=self.means.device) for k in keys if k in motion})
         o, r, _ = self.skin(p)
-        tri = self.binding[bound]
+        tri = self.binding.clamp_min(0)
         to_cam = _training_centre(self, o)[:, None] - o[:, tri]
         cos = (r[:, tri, :, 2] * to_cam).sum(-1) / to_cam.norm(dim=-1).clamp_min(1e-12)
-        seen = cos.amax(0) >= SEEN_COS
-        source = seen & (torch.sigmoid(self.opacity_logits[bound]) > SOURCE_OPACITY)
-        if seen.all() or not source.any():
+        seen = bound & (cos.amax(0) >= SEEN_COS)
+        unseen = bound & ~seen
+        source = seen & (torch.sigmoid(self.opacity_logits) > SOURCE_OPACITY)
+        if not bool(unseen.any()) or not bool(source.any()):
             return
-        from scipy.spatial import cKDTree
-
-        ids = torch.nonzero(bound)[:, 0]
-        pts = self.canonical_positions()[bound].double().cpu().numpy()
-        _, j = cKDTree(pts[source.cpu().numpy()]).query(pts[(~seen).cpu().numpy()])
         fill = torch.arange(self.num_gaussians, device=self.means.device)
-        fill[ids[~seen]] = ids[source][torch.as_tensor(j, device=ids.device)]
+        fill[unseen] = nearest_of(self.canonical_positions(), source, unseen)
         self.view_fill = fill
 
     def invalidate(self) -> None:
@@ -350,6 +346,17 @@ class Avatar(nn.Module):
             opac = opac + 2.0 * torch.tanh(d.d_opacity[..., 0] / 2.0)
             sh = torch.cat([sh[:, :, :1] + (d.d_colors / SH_C0)[:, :, None], sh[:, :, 1:]], 2)
         return GaussianTensors(means, quats, scales, torch.sigmoid(opac), sh), d
+
+
+def nearest_of(points: Tensor, sources: Tensor, targets: Tensor) -> Tensor:
+    """For each of the ``targets`` (a mask over ``points`` [N, 3]), the index into ``points``
+    of the nearest of the ``sources`` (a mask; at least one)."""
+    from scipy.spatial import cKDTree
+
+    pts = points.detach().double().cpu().numpy()
+    src = torch.nonzero(sources)[:, 0]
+    _, j = cKDTree(pts[src.cpu().numpy()]).query(pts[targets.cpu().numpy()])
+    return src[torch.as_tensor(j, device=src.device)]
 
 
 def training_view_colors(av: Avatar, g: GaussianTensors, centres: Tensor | None = None) -> GaussianTensors:
@@ -556,4 +563,4 @@ def concat_sets(a: GaussianSet, b: GaussianSet) -> GaussianSet:
 
 
 __all__ = ["AVATAR_VERSION", "Avatar", "AvatarConfig", "AudioToMotion", "Frame", "concat_sets", "expression_activity",
-           "init_gaussians", "mouth_prior", "rotmat_to_quat", "torso_gaussians"]
+           "init_gaussians", "mouth_prior", "nearest_of", "rotmat_to_quat", "torso_gaussians"]

@@ -170,7 +170,7 @@ class HashGrid(nn.Module):
         if b == "cpu":
             from gstalk.render import cpu_ext
 
-            refusal = self._cpu_kernel_refusal(x)
+            refusal = self._cpu_kernel_refusal(x) if self.backend == "cpu" else None  # 'auto' checked it
             if refusal is not None:
                 raise InputError(refusal)
             return _CpuHashEncode.apply(x.contiguous(), self.tables, self.resolutions, cpu_ext.load_cpu_ext())

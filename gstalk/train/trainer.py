@@ -29,7 +29,7 @@ import torch
 from gstalk.audio.features import SilentAudioError, check_speech, compute_features
 from gstalk.avatar.io import save_avatar
 from gstalk.avatar.model import (Avatar, AvatarConfig, Frame, concat_sets, init_gaussians, mouth_expressions,
-                                 mouth_prior, render_frame, torso_gaussians)
+                                 mouth_prior, nearest_of, render_frame, torso_gaussians)
 from gstalk.config import TrainOptions, resolve_device
 from gstalk.errors import GstalkError
 from gstalk.gaussians.set import GaussianSet, rgb_to_sh
@@ -214,8 +214,6 @@ def first_frame_colours(means: torch.Tensor, normals: torch.Tensor, cam: Cameras
     picture), else the colour given to the nearest Gaussian it shows. A Gaussian on the back of
     the head projects onto the face; with the face's colour it stays a blurred face seen from
     behind, since no later frame shows it either."""
-    from scipy.spatial import cKDTree
-
     vm, K = cam.viewmats[0], cam.Ks[0]
     pc = means @ vm[:3, :3].T + vm[:3, 3]
     uv = pc[:, :2] / pc[:, 2:].clamp_min(1e-6) * K[[0, 1], [0, 1]] + K[:2, 2]
@@ -224,10 +222,7 @@ def first_frame_colours(means: torch.Tensor, normals: torch.Tensor, cam: Cameras
     inside = (pc[:, 2] > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < w) & (uv[:, 1] >= 0) & (uv[:, 1] < h)
     seen = inside & ((cam.centers[0] - means) * normals).sum(-1).gt(0)
     if seen.any() and not seen.all():
-        pts = means.detach().cpu().double().numpy()
-        s = seen.cpu().numpy()
-        _, j = cKDTree(pts[s]).query(pts[~s])
-        col[~seen] = col[seen][torch.as_tensor(j, device=col.device)]
+        col[~seen] = col[nearest_of(means, seen, ~seen)]
     return col
 
 
