@@ -274,6 +274,25 @@ def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part
     assert (side_rgb - unfilled).abs().max() > 0.1
 
 
+def test_an_avatar_with_a_broken_motion_file_is_refused_with_a_message(tmp_path):
+    """motion.npz holds what drives the avatar and chooses its view fill: without it, or
+    with a key missing, loading says which file and what is wrong."""
+    from gstalk.avatar.io import load_avatar
+    from gstalk.errors import FileFormatError
+
+    from tinyavatar import make_avatar
+
+    folder = make_avatar(tmp_path / "av", n_frames=3)
+    with np.load(folder / "motion.npz") as z:
+        motion = {k: z[k] for k in z.files if k != "translation"}
+    np.savez(folder / "motion.npz", **motion)
+    with pytest.raises(FileFormatError, match="motion.npz lacks translation"):
+        load_avatar(folder)
+    (folder / "motion.npz").write_bytes(b"not a zip")
+    with pytest.raises(FileFormatError, match="motion.npz cannot be read"):
+        load_avatar(folder)
+
+
 def test_compiled_field_is_one_graph_and_matches_eager(tmp_path):
     """torch.compile captures the deformation field without graph breaks (fullgraph) and gives
     the eager field's outputs; aot_eager checks the capture without a slow C++ build."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,9 @@ from gstalk.io.atomic import atomic_path, ensure_dir, write_json
 AVATAR_FORMAT = "gstalk-avatar"
 
 READABLE_VERSIONS = (1, 2, 3, 4, 5, AVATAR_VERSION)
+# what motion.npz must hold: the identity and camera, and the training clip's motion that
+# drives new audio and chooses the view fill
+MOTION_KEYS = ("shape", "K", "viewmat", "global_rot", "neck", "translation", "eyes", "jaw", "expr")
 
 
 def save_avatar(avatar: Avatar, folder: str | os.PathLike, motion: dict[str, np.ndarray],
@@ -101,8 +105,14 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
     g = load_ply(root / "gaussians.ply")
     if g.binding is None or "region" not in g.extra:
         raise FileFormatError(f"{root / 'gaussians.ply'} lacks gstalk's binding/region properties")
-    with np.load(root / "motion.npz", allow_pickle=False) as z:
-        motion = {k: z[k] for k in z.files}
+    try:
+        with np.load(root / "motion.npz", allow_pickle=False) as z:
+            motion = {k: z[k] for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise FileFormatError(f"{root / 'motion.npz'} cannot be read ({e})") from None
+    missing = [k for k in MOTION_KEYS if k not in motion]
+    if missing:
+        raise FileFormatError(f"{root / 'motion.npz'} lacks {', '.join(missing)}; re-fit the avatar ('gstalk train')")
     av = Avatar(cfg, head, torch.from_numpy(motion.pop("shape")), g, g.extra["region"].long(),
                 torch.from_numpy(motion.pop("K")), torch.from_numpy(motion.pop("viewmat")))
     tensors = load_file(str(root / "networks.safetensors"))
