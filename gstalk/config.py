@@ -215,7 +215,8 @@ class TrainOptions:
     background: str = "plate"
     """'plate': composite over the dataset's background plate; 'white' / 'black'."""
     lr_means: float = 0.005
-    """Learning rate of Gaussian positions (in triangle-local units)."""
+    """Learning rate of Gaussian positions, in triangle-local units (a mesh triangle's size); free
+    Gaussians (torso), placed in metres, step by the same distance in the world."""
     lr_field: float = 2e-3
     w_ssim: float = 0.2
     w_alpha: float = 0.1

@@ -2,7 +2,8 @@
 
 Stages: (1) static canonical fit (deformation off), (2) the audio-conditioned deformation
 field and audio encoder (Gaussians at a lower rate), (3) joint fine-tune with extra weight
-on the mouth; then the audio-to-motion model on the track. Losses: L1 + D-SSIM (kornia),
+on the mouth; then the audio-to-motion model on the track; free Gaussians no training frame
+shows are removed at the end. Losses: L1 + D-SSIM (kornia),
 alpha vs the person mask, mouth-region weight, a close-up of the mouth rendered at the
 dataset's full resolution (stages 2 and 3, :class:`MouthCrops`), offset regulariser.
 
@@ -28,20 +29,23 @@ import torch
 
 from gstalk.audio.features import SilentAudioError, check_speech, compute_features
 from gstalk.avatar.io import save_avatar
-from gstalk.avatar.model import (Avatar, AvatarConfig, Frame, concat_sets, init_gaussians, mouth_expressions,
-                                 mouth_prior, nearest_of, render_frame, torso_gaussians)
+from gstalk.avatar.model import (Avatar, AvatarConfig, Frame, concat_sets, init_gaussians,
+                                 mouth_expressions, mouth_prior, nearest_of, render_frame, torso_gaussians)
 from gstalk.config import TrainOptions, resolve_device
 from gstalk.errors import GstalkError
-from gstalk.gaussians.set import GaussianSet, rgb_to_sh
+from gstalk.gaussians.set import GaussianSet, GaussianTensors, rgb_to_sh
 from gstalk.head.tracker import load_track
 from gstalk.io.atomic import atomic_path
 from gstalk.io.dataset import Dataset
 from gstalk.train.motion import fit_audio_to_motion, fit_visemes, motion_target
-from gstalk.render import Cameras
+from gstalk.render import Cameras, rasterize
 
 Progress = Callable[[str, int, int, dict], None]
 STAGES = ("static", "audio", "joint")
 CODE_RANGE = 2.0  # audio codes beyond +-this are pulled back (tanh(2) = 0.96)
+#: Free Gaussians drawn with less than this many pixels' worth of weight over the sampled
+#: training frames are removed at the end (:meth:`Trainer.prune_unseen_free`).
+UNSEEN_WEIGHT = 0.5
 
 
 class TrainingError(GstalkError):
@@ -257,6 +261,8 @@ class Trainer:
         sig = self.ds.signals()
         self.blink = torch.from_numpy(np.nan_to_num(sig["blink"])).float().to(self.dev)
         self.avatar = self._build_avatar()
+        self.free_step = float(self.avatar.rest_frames()[2].median())  # metres per triangle-local unit
+        self._free = None
         self.train_idx = self.ds.train_indices
         self.gen = torch.Generator().manual_seed(self.opts.seed)
         self.mouth = None
@@ -415,7 +421,28 @@ class Trainer:
             # full-size steps
             nets = list(av.field.parameters()) + (list(av.audio.parameters()) if self.use_audio else [])
             groups.append({"params": nets, "lr": o.lr_field, "name": "networks", "eps": 1e-8})
-        return torch.optim.Adam(groups, eps=1e-15)
+        opt = torch.optim.Adam(groups, eps=1e-15)
+        opt.register_step_pre_hook(self._before_step)
+        opt.register_step_post_hook(self._after_step)
+        return opt
+
+    def _before_step(self, opt, args, kwargs) -> None:
+        free = self.avatar.binding < 0
+        self._free = (free, self.avatar.means.detach()[free].clone()) if bool(free.any()) else None
+
+    @torch.no_grad()
+    def _after_step(self, opt, args, kwargs) -> None:
+        """Scale the free Gaussians' position steps by the head mesh's median triangle size.
+        ``lr_means`` is in triangle-local units (a triangle's size, about a centimetre), but free
+        Gaussians are placed in metres: at the same rate they moved a hundred times as fast,
+        wandered tens of centimetres in the static stage, and ended in a clump hidden behind the
+        head, the torso drawn by a handful of large ones (and the clump showed as dots from the
+        side and back)."""
+        if self._free is None:
+            return
+        free, before = self._free
+        m = self.avatar.means.data
+        m[free] = before + self.free_step * (m[free] - before)
 
     def densify(self, grad_accum: torch.Tensor, count: torch.Tensor) -> None:
         """Clone or split Gaussians with large screen-space gradients; prune faint ones (bindings kept)."""
@@ -568,7 +595,42 @@ class Trainer:
             self.avatar.cfg.lip_motion = fit_visemes(vm, self.ds, self.windows, self.track.jaw, self.track.expr,
                                                      self.train_idx, driven[:vm.n_expr], self.log)
 
+    def prune_unseen_free(self, max_frames: int = 32, min_weight: float = UNSEEN_WEIGHT) -> int:
+        """Drop the free Gaussians that no training frame shows; returns how many.
+
+        A Gaussian's weight in a frame is the sum over pixels of its share of the pixel's colour
+        (alpha times transmittance: the gradient of the image's sum with respect to a colour of
+        one for every Gaussian). Free Gaussians whose weight over up to ``max_frames`` training
+        frames (spread over them, posed as in the last stage) is under ``min_weight`` pixels were
+        hidden behind the head or the mesh's neck all along: nothing taught them, and from the
+        side or back they showed as a sheet or stray dots. Head Gaussians stay: the unseen ones
+        are the sides and back of the head (see :meth:`Avatar.set_view_fill`)."""
+        av = self.avatar
+        free = av.binding < 0
+        if not bool(free.any()):
+            return 0
+        idx = np.asarray(self.train_idx)
+        idx = idx[np.unique(np.linspace(0, len(idx) - 1, min(max_frames, len(idx))).round().astype(int))]
+        weight = torch.zeros(av.num_gaussians, device=self.dev)
+        for t in idx:
+            tt = torch.tensor([int(t)])
+            with torch.no_grad():
+                params = self.track.params(slice(int(t), int(t) + 1), device=self.dev)
+                audio = self.conditions(tt, av.audio).to(self.dev) if self.use_audio else None
+                g = av.posed(Frame(params, audio=audio, blink=self.blink[tt.to(self.dev)], deform=True))[0][0]
+            ones = torch.ones(av.num_gaussians, 1, device=self.dev, requires_grad=True)
+            out = rasterize(GaussianTensors(g.means, g.quats, g.scales, g.opacities, ones), self.cam,
+                            sh_degree=None, background=0.0)
+            weight += torch.autograd.grad(out.colors.sum(), ones)[0][:, 0]
+        keep = ~(free & (weight < min_weight))
+        dropped = int((~keep).sum())
+        if dropped:
+            av.set_gaussians(av.gaussian_set().subset(keep), av.region[keep])
+            self.log(f"removed {dropped} of {int(free.sum())} free Gaussians that no training frame showed")
+        return dropped
+
     def finish(self) -> Path:
+        self.prune_unseen_free()
         motion = {k: getattr(self.track, k) for k in ("global_rot", "neck", "translation", "eyes", "eyelids", "jaw",
                                                       "expr")}
         bg = self.ds.background() if self.opts.background == "plate" else None
