@@ -618,10 +618,11 @@ class Trainer:
                 params = self.track.params(slice(int(t), int(t) + 1), device=self.dev)
                 audio = self.conditions(tt, av.audio).to(self.dev) if self.use_audio else None
                 g = av.posed(Frame(params, audio=audio, blink=self.blink[tt.to(self.dev)], deform=True))[0][0]
-            ones = torch.ones(av.num_gaussians, 1, device=self.dev, requires_grad=True)
+            # three channels, as every other render (gsplat's kernels are built for those counts)
+            ones = torch.ones(av.num_gaussians, 3, device=self.dev, requires_grad=True)
             out = rasterize(GaussianTensors(g.means, g.quats, g.scales, g.opacities, ones), self.cam,
                             sh_degree=None, background=0.0)
-            weight += torch.autograd.grad(out.colors.sum(), ones)[0][:, 0]
+            weight += torch.autograd.grad(out.colors[..., 0].sum(), ones)[0][:, 0]
         keep = ~(free & (weight < min_weight))
         dropped = int((~keep).sum())
         if dropped:
