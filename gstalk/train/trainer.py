@@ -38,7 +38,7 @@ from gstalk.head.tracker import load_track
 from gstalk.io.atomic import atomic_path
 from gstalk.io.dataset import Dataset
 from gstalk.train.motion import fit_audio_to_motion, fit_visemes, motion_target
-from gstalk.render import Cameras, rasterize
+from gstalk.render import Cameras, rasterize_frames
 
 Progress = Callable[[str, int, int, dict], None]
 STAGES = ("static", "audio", "joint")
@@ -611,18 +611,16 @@ class Trainer:
             return 0
         idx = np.asarray(self.train_idx)
         idx = idx[np.unique(np.linspace(0, len(idx) - 1, min(max_frames, len(idx))).round().astype(int))]
-        weight = torch.zeros(av.num_gaussians, device=self.dev)
-        for t in idx:
-            tt = torch.tensor([int(t)])
-            with torch.no_grad():
-                params = self.track.params(slice(int(t), int(t) + 1), device=self.dev)
-                audio = self.conditions(tt, av.audio).to(self.dev) if self.use_audio else None
-                g = av.posed(Frame(params, audio=audio, blink=self.blink[tt.to(self.dev)], deform=True))[0][0]
-            # three channels, as every other render (gsplat's kernels are built for those counts)
-            ones = torch.ones(av.num_gaussians, 3, device=self.dev, requires_grad=True)
-            out = rasterize(GaussianTensors(g.means, g.quats, g.scales, g.opacities, ones), self.cam,
-                            sh_degree=None, background=0.0)
-            weight += torch.autograd.grad(out.colors[..., 0].sum(), ones)[0][:, 0]
+        b, tt = len(idx), torch.as_tensor(idx, device=self.dev)
+        with torch.no_grad():  # the frames posed in one batch, as in the last stage
+            audio = self.conditions(tt, av.audio).to(self.dev) if self.use_audio else None
+            g, _ = av.posed_batch(Frame(self.track.params(idx, device=self.dev), audio=audio, blink=self.blink[tt]))
+        # three channels of ones, as every other render (gsplat's kernels are built for those counts)
+        ones = torch.ones(b, av.num_gaussians, 3, device=self.dev, requires_grad=True)
+        cams = Cameras(self.cam.viewmats.expand(b, 4, 4), self.cam.Ks.expand(b, 3, 3), self.cam.width, self.cam.height)
+        out = rasterize_frames(GaussianTensors(g.means, g.quats, g.scales, g.opacities, ones), cams,
+                               sh_degree=None, background=0.0)
+        weight = torch.autograd.grad(out.colors[..., 0].sum(), ones)[0][..., 0].sum(0)
         keep = ~(free & (weight < min_weight))
         dropped = int((~keep).sum())
         if dropped:
