@@ -210,10 +210,12 @@ def test_other_viewpoints_keep_the_colours_the_training_camera_saw(tmp_path):
 
 def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part_it_did(tmp_path):
     """From the side, the Gaussians that the tracked frames only showed edge-on (or not at
-    all) show the colour of the nearest seen, opaque head Gaussian, faded in between 5 and 25
-    degrees away from the training camera; from the training camera nothing changes."""
+    all) show the median colour of the nearest seen, opaque head Gaussians of the same part
+    of the head, faded in between 5 and 25 degrees away from the training camera; from the
+    training camera nothing changes."""
     from gstalk.avatar.io import load_avatar
-    from gstalk.avatar.model import SEEN_COS, Frame, fill_weight, render_frame, training_view_colors
+    from gstalk.avatar.model import (FILL_K, SEEN_COS, Frame, fill_weight, render_frame, sh_colors,
+                                     training_view_colors, _training_centre)
     from gstalk.drive.render import cameras_for, conditions_for, training_expressions
     from gstalk.head.lbs import FlameParams
     from gstalk.render import Cameras
@@ -224,27 +226,58 @@ def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part
     with torch.no_grad():
         av.opacity_logits[::3] = -2.0  # some faint Gaussians: they lend no colour
     av.set_view_fill(motion)
-    fill = av.view_fill
+    fill, fill_rgb = av.view_fill, av.view_fill_rgb
     n, bound = av.num_gaussians, av.binding >= 0
-    moved = fill != torch.arange(n)
+    moved = torch.zeros(n, dtype=torch.bool)
+    moved[fill] = True
     assert bool(moved.any()) and not bool(moved.all())
     assert not bool(moved[~bound].any())  # the free (torso) Gaussians keep their own
     # seen: some tracked frame showed the Gaussian's triangle at under 60 degrees from face-on
     keys = ("expr", "global_rot", "neck", "jaw", "eyes", "eyelids", "translation")
+    params = {k: torch.as_tensor(motion[k]).float() for k in keys}
     with torch.no_grad():
-        o, r, _ = av.skin(FlameParams(**{k: torch.as_tensor(motion[k]).float() for k in keys}))
+        o, r, _ = av.skin(FlameParams(**params))
     tri = av.binding.clamp_min(0)
     to_cam = -o[:, tri]  # the training camera sits at the origin (the tracker's VIEWMAT)
     cos = ((r[:, tri, :, 2] * to_cam).sum(-1) / to_cam.norm(dim=-1)).amax(0)
     seen = bound & (cos >= SEEN_COS)
     assert torch.equal(moved, bound & ~seen)
-    # each takes the nearest (rest pose) seen Gaussian that is opaque
+    # each takes the median colour of the FILL_K nearest (rest pose) seen, opaque Gaussians of
+    # its part of the head, as the training camera saw them in the first tracked frame
     source = seen & (torch.sigmoid(av.opacity_logits.detach()) > 0.6)
+    part = av.head_parts()
+    assert part is not None and bool((part[bound] >= 0).all()) and bool((part[~bound] == -1).all())
+    with torch.no_grad():
+        g0 = av.posed_batch(Frame(FlameParams(**{k: v[:1] for k, v in params.items()}), deform=False))[0]
+        rgb0 = sh_colors(g0.colors[0], g0.means[0], _training_centre(av, g0.means[0]), av.cfg.sh_degree)[0]
     x = av.canonical_positions()
-    src = torch.nonzero(source)[:, 0]
-    want = src[torch.cdist(x[moved].double(), x[src].double()).argmin(1)]
-    assert torch.equal(fill[moved], want)
-    assert bool((cos[moved] < SEEN_COS).all()) and bool(source[fill[moved]].all())
+    parts_seen = 0
+    for j, i in enumerate(fill.tolist()):
+        src = torch.nonzero(source & (part == part[i]))[:, 0]
+        if len(src) == 0:
+            src = torch.nonzero(source)[:, 0]
+        else:
+            parts_seen += 1
+        near = src[torch.cdist(x[i:i + 1].double(), x[src].double())[0].argsort()[:FILL_K]]
+        if len(near) < FILL_K:
+            near = torch.cat([near, near[-1:].expand(FILL_K - len(near))])
+        torch.testing.assert_close(fill_rgb[j], rgb0[near].median(0).values, atol=1e-5, rtol=1e-5)
+    assert parts_seen > 0
+    # a single odd source does not paint a patch (as it did when each took its one nearest
+    # source): the median of its neighbours outvotes it, even for the Gaussian it is nearest to
+    t0 = int(fill[0])
+    src = torch.nonzero(source & (part == part[t0]))[:, 0]
+    assert len(src) > FILL_K // 2
+    odd = int(src[torch.cdist(x[t0:t0 + 1].double(), x[src].double())[0].argmin()])
+    keep = av.sh[odd, 0].detach().clone()
+    with torch.no_grad():
+        av.sh[odd, 0] = (torch.tensor([0.0, 0.0, 1.0]) - 0.5) / 0.28209479177387814  # pure blue
+    av.set_view_fill(motion)
+    assert not bool((av.view_fill_rgb - torch.tensor([0.0, 0.0, 1.0])).abs().amax(1).lt(0.05).any())
+    with torch.no_grad():
+        av.sh[odd, 0] = keep
+    av.set_view_fill(motion)
+    torch.testing.assert_close(av.view_fill_rgb, fill_rgb)
 
     cams = cameras_for(av, motion, 120, "orbit", 40)  # 3 degrees a step
     w = fill_weight(av, cams.centers[:31])
@@ -258,9 +291,11 @@ def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part
         side = training_view_colors(av, g, cams.centers[30:31]).colors  # 90 degrees
         half = training_view_colors(av, g, cams.centers[5:6]).colors
     assert torch.equal(near, plain)
-    torch.testing.assert_close(side[moved], plain[fill[moved]])
+    torch.testing.assert_close(side[moved], fill_rgb)
     assert torch.equal(side[~moved], plain[~moved])
-    torch.testing.assert_close(half, plain + w[5] * (plain[fill] - plain))
+    want = plain.clone()
+    want[moved] = plain[moved] + w[5] * (fill_rgb - plain[moved])
+    torch.testing.assert_close(half, want)
     # the renders: the tracked camera as before; the side view shows the filled colours
     track = cameras_for(av, motion, 1, "track", 40)
     profile = Cameras(cams.viewmats[30:31], cams.Ks[30:31], 40, 40)

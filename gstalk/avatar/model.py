@@ -144,6 +144,7 @@ class Avatar(nn.Module):
         self.register_buffer("binding", g.binding.detach().clone().long())
         self.register_buffer("region", region.detach().clone().long())
         self.register_buffer("view_fill", None, persistent=False)  # see set_view_fill()
+        self.register_buffer("view_fill_rgb", None, persistent=False)
         self.invalidate()
 
     def gaussian_set(self) -> GaussianSet:
@@ -194,10 +195,20 @@ class Avatar(nn.Module):
         silhouette or not at all: what they learnt is how to blend the head's outline into
         the background, and from the side they showed the background's and the shirt's
         colours in blobs (on every fitted avatar: blue, orange and red patches from 90
-        degrees, the face's colours on the back of the head). Each takes the colour of the
-        nearest (in the rest pose) seen, opaque head Gaussian. Free Gaussians keep their own.
-        Without a seen one, nothing is filled."""
-        self.view_fill = None
+        degrees, the face's colours on the back of the head). Each takes the median colour
+        (channel by channel, as the training camera sees them in the first of those frames)
+        of the ``FILL_K`` nearest (in the rest pose) seen, opaque head Gaussians of the same
+        part of the head (skull, face, neck, ... where the head model names its parts, as the
+        stand-in does; of any part where it does not or that part has none seen). So the back
+        of the skull takes the hair (or scalp) of its top and front, not the skin of the ears,
+        cheeks and neck beside it, and no single Gaussian at the edge of what the camera saw
+        (a grey one that blended the hair into a light wall, a dark one in a parting) paints a
+        patch of its own. Free Gaussians keep their own colours. Without a seen one, nothing is
+        filled.
+
+        Sets ``view_fill`` ([T] indices of the filled Gaussians, or None) and ``view_fill_rgb``
+        ([T, 3] their colours); changing the Gaussians (:meth:`set_gaussians`) drops both."""
+        self.view_fill = self.view_fill_rgb = None
         t = np.asarray(motion["translation"], dtype=np.float64)
         self.view_centre = torch.as_tensor(np.median(t, 0), dtype=torch.float32, device=self.means.device)
         bound = self.binding >= 0
@@ -207,18 +218,43 @@ class Avatar(nn.Module):
         keys = ("expr", "global_rot", "neck", "jaw", "eyes", "eyelids", "translation")
         p = FlameParams(**{k: torch.as_tensor(np.asarray(motion[k])[idx], dtype=torch.float32,
                                               device=self.means.device) for k in keys if k in motion})
-        o, r, _ = self.skin(p)
-        tri = self.binding.clamp_min(0)
-        to_cam = _training_centre(self, o)[:, None] - o[:, tri]
-        cos = (r[:, tri, :, 2] * to_cam).sum(-1) / to_cam.norm(dim=-1).clamp_min(1e-12)
-        seen = bound & (cos.amax(0) >= SEEN_COS)
-        unseen = bound & ~seen
-        source = seen & (torch.sigmoid(self.opacity_logits) > SOURCE_OPACITY)
-        if not bool(unseen.any()) or not bool(source.any()):
-            return
-        fill = torch.arange(self.num_gaussians, device=self.means.device)
-        fill[unseen] = nearest_of(self.canonical_positions(), source, unseen)
-        self.view_fill = fill
+        with torch.no_grad():
+            o, r, _ = self.skin(p)
+            tri = self.binding.clamp_min(0)
+            to_cam = _training_centre(self, o)[:, None] - o[:, tri]
+            cos = ((r[:, tri, :, 2] * to_cam).sum(-1) / to_cam.norm(dim=-1).clamp_min(1e-12)).amax(0)
+            seen = bound & (cos >= SEEN_COS)
+            unseen = bound & ~seen
+            source = seen & (torch.sigmoid(self.opacity_logits) > SOURCE_OPACITY)
+            if not bool(unseen.any()) or not bool(source.any()):
+                return
+            x = self.canonical_positions()
+            part = self.head_parts()
+            targets = torch.nonzero(unseen)[:, 0]
+            near = torch.empty(len(targets), FILL_K, dtype=torch.long, device=targets.device)
+            groups = [unseen] if part is None else [unseen & (part == k) for k in torch.unique(part[unseen]).tolist()]
+            for to in groups:
+                src = source if part is None else source & (part == part[to][0])
+                near[to[targets]] = nearest_of(x, src if bool(src.any()) else source, to, FILL_K)
+            first = FlameParams(**{k: getattr(p, k)[:1] for k in keys if getattr(p, k, None) is not None})
+            g = self.posed_batch(Frame(first, deform=False))[0]
+            rgb = sh_colors(g.colors[0], g.means[0], _training_centre(self, g.means[0]), self.cfg.sh_degree)[0]
+            self.view_fill = targets
+            self.view_fill_rgb = rgb[near].median(1).values
+
+    def head_parts(self) -> Tensor | None:
+        """[N] the part of the head (the head model's ``vertex_region``: skull, face, neck, ...)
+        each Gaussian's triangle belongs to (its first corner's), -1 for free Gaussians; None
+        when the head model names no parts."""
+        vr = self.head_model.meta.get("vertex_region")
+        if vr is None:
+            return None
+        vr = torch.as_tensor(np.asarray(vr), dtype=torch.long, device=self.binding.device)
+        faces = self.head_model.faces.to(self.binding.device)
+        part = torch.full_like(self.binding, -1)
+        bound = self.binding >= 0
+        part[bound] = vr[faces[self.binding[bound], 0]]
+        return part
 
     def invalidate(self) -> None:
         """Forget what was computed from the Gaussians and the field (call after changing them)."""
@@ -348,14 +384,21 @@ class Avatar(nn.Module):
         return GaussianTensors(means, quats, scales, torch.sigmoid(opac), sh), d
 
 
-def nearest_of(points: Tensor, sources: Tensor, targets: Tensor) -> Tensor:
+def nearest_of(points: Tensor, sources: Tensor, targets: Tensor, k: int = 0) -> Tensor:
     """For each of the ``targets`` (a mask over ``points`` [N, 3]), the index into ``points``
-    of the nearest of the ``sources`` (a mask; at least one)."""
+    of the nearest of the ``sources`` (a mask; at least one): [T]; with ``k``, of the ``k``
+    nearest, nearest first: [T, k] (where there are fewer sources, the farthest repeats)."""
     from scipy.spatial import cKDTree
 
     pts = points.detach().double().cpu().numpy()
     src = torch.nonzero(sources)[:, 0]
-    _, j = cKDTree(pts[src.cpu().numpy()]).query(pts[targets.cpu().numpy()])
+    q = pts[targets.cpu().numpy()]
+    tree = cKDTree(pts[src.cpu().numpy()])
+    if k <= 0:
+        return src[torch.as_tensor(tree.query(q)[1], device=src.device)]
+    m = min(k, len(src))
+    j = np.asarray(tree.query(q, k=m)[1]).reshape(len(q), m)
+    j = np.concatenate([j, np.repeat(j[:, -1:], k - m, 1)], 1)
     return src[torch.as_tensor(j, device=src.device)]
 
 
@@ -380,11 +423,12 @@ def training_view_colors(av: Avatar, g: GaussianTensors, centres: Tensor | None 
     rgb = sh_colors(g.colors.reshape(-1, k, 3), g.means.reshape(-1, 3), _training_centre(av, g.means),
                     av.cfg.sh_degree).reshape(g.means.shape)
     fill = av.view_fill
-    if fill is not None and centres is not None and fill.shape[0] == rgb.shape[-2]:
+    if fill is not None and centres is not None and av.num_gaussians == rgb.shape[-2]:
         w = fill_weight(av, centres).to(rgb)
         if bool(w.gt(0).any()):
             w = w.reshape(-1, 1, 1) if rgb.dim() == 3 else w.reshape(())  # one weight a frame
-            rgb = rgb + w * (rgb.index_select(-2, fill) - rgb)
+            own = rgb.index_select(-2, fill)
+            rgb = rgb.index_copy(-2, fill, own + w * (av.view_fill_rgb.to(rgb) - own))
     return GaussianTensors(g.means, g.quats, g.scales, g.opacities, rgb)
 
 
@@ -396,6 +440,9 @@ FILL_ANGLES = (5.0, 25.0)
 SEEN_COS = 0.5
 #: ... and lends its colour to unseen ones when it is also this opaque.
 SOURCE_OPACITY = 0.6
+#: Each Gaussian the clip never showed face-on takes the median colour of this many seen ones
+#: (the nearest of its part of the head).
+FILL_K = 64
 
 
 def fill_weight(av: Avatar, centres: Tensor) -> Tensor:
