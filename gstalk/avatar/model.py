@@ -216,31 +216,30 @@ class Avatar(nn.Module):
             return
         idx = np.unique(np.linspace(0, len(t) - 1, min(max_frames, len(t))).round().astype(int))
         keys = ("expr", "global_rot", "neck", "jaw", "eyes", "eyelids", "translation")
-        p = FlameParams(**{k: torch.as_tensor(np.asarray(motion[k])[idx], dtype=torch.float32,
-                                              device=self.means.device) for k in keys if k in motion})
-        with torch.no_grad():
-            o, r, _ = self.skin(p)
-            tri = self.binding.clamp_min(0)
-            to_cam = _training_centre(self, o)[:, None] - o[:, tri]
-            cos = ((r[:, tri, :, 2] * to_cam).sum(-1) / to_cam.norm(dim=-1).clamp_min(1e-12)).amax(0)
-            seen = bound & (cos >= SEEN_COS)
-            unseen = bound & ~seen
-            source = seen & (torch.sigmoid(self.opacity_logits) > SOURCE_OPACITY)
-            if not bool(unseen.any()) or not bool(source.any()):
-                return
-            x = self.canonical_positions()
-            part = self.head_parts()
-            targets = torch.nonzero(unseen)[:, 0]
-            near = torch.empty(len(targets), FILL_K, dtype=torch.long, device=targets.device)
-            groups = [unseen] if part is None else [unseen & (part == k) for k in torch.unique(part[unseen]).tolist()]
-            for to in groups:
-                src = source if part is None else source & (part == part[to][0])
-                near[to[targets]] = nearest_of(x, src if bool(src.any()) else source, to, FILL_K)
-            first = FlameParams(**{k: getattr(p, k)[:1] for k in keys if getattr(p, k, None) is not None})
-            g = self.posed_batch(Frame(first, deform=False))[0]
-            rgb = sh_colors(g.colors[0], g.means[0], _training_centre(self, g.means[0]), self.cfg.sh_degree)[0]
-            self.view_fill = targets
-            self.view_fill_rgb = rgb[near].median(1).values
+        arrays = {k: torch.as_tensor(np.asarray(motion[k])[idx], dtype=torch.float32, device=self.means.device)
+                  for k in keys if k in motion}
+        o, r, _ = self.skin(FlameParams(**arrays))
+        tri = self.binding.clamp_min(0)
+        to_cam = _training_centre(self, o)[:, None] - o[:, tri]
+        cos = ((r[:, tri, :, 2] * to_cam).sum(-1) / to_cam.norm(dim=-1).clamp_min(1e-12)).amax(0)
+        seen = bound & (cos >= SEEN_COS)
+        unseen = bound & ~seen
+        source = seen & (torch.sigmoid(self.opacity_logits) > SOURCE_OPACITY)
+        if not bool(unseen.any()) or not bool(source.any()):
+            return
+        x = self.canonical_positions()
+        part = self.head_parts()
+        targets = torch.nonzero(unseen)[:, 0]
+        near = torch.empty(len(targets), FILL_K, dtype=torch.long, device=targets.device)
+        for k in [None] if part is None else torch.unique(part[unseen]).tolist():
+            to = unseen if k is None else unseen & (part == k)
+            src = source if k is None else source & (part == k)
+            near[to[targets]] = nearest_of(x, src if bool(src.any()) else source, to, FILL_K)
+        # the sources' colours as the training camera saw them in the first of those frames
+        g = self.posed_batch(Frame(FlameParams(**{k: a[:1] for k, a in arrays.items()}), deform=False))[0]
+        rgb = sh_colors(g.colors[0], g.means[0], _training_centre(self, g.means[0]), self.cfg.sh_degree)[0]
+        self.view_fill = targets
+        self.view_fill_rgb = rgb[near].median(1).values
 
     def head_parts(self) -> Tensor | None:
         """[N] the part of the head (the head model's ``vertex_region``: skull, face, neck, ...)
