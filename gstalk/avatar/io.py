@@ -113,6 +113,11 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
     missing = [k for k in MOTION_KEYS if k not in motion]
     if missing:
         raise FileFormatError(f"{root / 'motion.npz'} lacks {', '.join(missing)}; re-fit the avatar ('gstalk train')")
+    rows = {k: int(np.shape(motion[k])[0]) if np.ndim(motion[k]) else 0 for k in MOTION_KEYS[3:]}
+    if min(rows.values()) == 0 or len(set(rows.values())) > 1:
+        counts = ", ".join(f"{k}: {n}" for k, n in rows.items())
+        raise FileFormatError(f"{root / 'motion.npz'} holds no frames or frames of different counts ({counts}); "
+                              "re-fit the avatar ('gstalk train')")
     av = Avatar(cfg, head, torch.from_numpy(motion.pop("shape")), g, g.extra["region"].long(),
                 torch.from_numpy(motion.pop("K")), torch.from_numpy(motion.pop("viewmat")))
     tensors = load_file(str(root / "networks.safetensors"))
