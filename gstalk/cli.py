@@ -180,7 +180,7 @@ def _eval(cfg: EvalConfig, console) -> int:
         res = evaluate(cfg.avatar, cfg.dataset, list(cfg.audio), cfg.size, cfg.out, cfg.device, progress=prog)
     cols = {"deformation": "with deformation", "no_deformation": "switched off", "other_audio": "other frames' audio",
             "audio_driven": f"audio alone ({res['lip_model']} lips)",
-            "audio_driven_learned": "audio alone (learned lips)"}
+            "audio_driven_learned": "audio alone (learned lips)", "mean_mouth": "mean mouth (control)"}
     cols = {k: v for k, v in cols.items() if k in res}
     table = Table(title=f"held-out frames ({res['frames']}) at {res['size']} px")
     table.add_column("metric")
@@ -191,7 +191,8 @@ def _eval(cfg: EvalConfig, console) -> int:
     console.print(table)
     gains = [("gain_over_no_deformation", "deformation minus switched off"),
              ("gain_over_other_audio", "deformation minus other frames' audio"),
-             ("lips_gain_over_learned", f"audio alone, {res['lip_model']} lips minus learned lips")]
+             ("lips_gain_over_learned", f"audio alone, {res['lip_model']} lips minus learned lips"),
+             ("lips_gain_over_mean_mouth", f"audio alone, {res['lip_model']} lips minus the mean mouth")]
     for key, label in gains:
         if key in res:
             g = res[key]

@@ -58,7 +58,7 @@ def test_held_out_quality_with_and_without_deformation(avatar, tracked):
     _, ds = tracked
     res = evaluate(avatar, ds, size=64, device="cpu")
     d, b = res["deformation"], res["no_deformation"]
-    for m in (d, b, res["other_audio"], res["audio_driven"]):
+    for m in (d, b, res["other_audio"], res["audio_driven"], res["mean_mouth"]):
         for k in ("psnr", "ssim", "face_psnr", "face_ssim", "mouth_psnr", "mouth_ssim"):
             assert math.isfinite(m[k])
     # the clip's lips round and spread with its vowels, the track follows only the mouth's
@@ -77,6 +77,12 @@ def test_held_out_quality_with_and_without_deformation(avatar, tracked):
     assert g["psnr"]["frames"] == res["frames"] and g["psnr"]["sem"] > 0
     assert g["psnr"]["mean"] == pytest.approx(d["psnr"] - b["psnr"], abs=1e-9)
     assert g["mouth_psnr"]["mean"] == pytest.approx(d["mouth_psnr"] - b["mouth_psnr"], abs=1e-9)
+    # the lips' control: the same frames with the mouth held at the training frames' mean
+    a, mm = res["audio_driven"], res["mean_mouth"]
+    lg = res["lips_gain_over_mean_mouth"]
+    assert lg["mouth_psnr"]["mean"] == pytest.approx(a["mouth_psnr"] - mm["mouth_psnr"], abs=1e-9)
+    for m in (d, b, a, mm):  # a correlation, or undefined where a mouth (as the detector sees it) keeps still
+        assert math.isnan(m["mouth_opening_corr"]) or -1 <= m["mouth_opening_corr"] <= 1
     data = json.loads((avatar / "eval" / "eval.json").read_text())
     assert {"deformation", "no_deformation", "other_audio", "sync_other_audio", "frames",
             "gain_over_no_deformation", "gain_over_other_audio", "per_frame"} <= set(data)
@@ -225,7 +231,8 @@ def test_a_clip_without_speech_gives_an_avatar_driven_by_expressions(tmp_path):
         evaluate(folder, tmp_path / "ds", [speech], size=32, device="cpu")
     res = evaluate(folder, tmp_path / "ds", size=32, device="cpu")
     assert res["lip_model"] == "none" and {"deformation", "no_deformation", "gain_over_no_deformation"} <= set(res)
-    assert not {"other_audio", "audio_driven", "gain_over_other_audio"} & set(res)
+    assert not {"other_audio", "audio_driven", "mean_mouth", "gain_over_other_audio",
+                "lips_gain_over_mean_mouth"} & set(res)
     assert math.isfinite(res["deformation"]["psnr"]) and res["sync_ground_truth"] is None
     assert "sync_other_audio" not in res["deformation"]
     data = json.loads((folder / "eval" / "eval.json").read_text())

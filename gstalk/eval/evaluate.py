@@ -5,19 +5,22 @@ Held-out frames are rendered with the tracked head pose, jaw and expression and 
 own audio, and once more (``audio_driven``) with jaw and expression from the avatar's lip
 model and blink from the audio-to-motion network on that audio, as new audio would drive
 them (head pose still tracked; with the viseme lip model, ``audio_driven_learned`` gives the
-learned network's lips for comparison); metrics: PSNR and SSIM over the full frame and over the face box (the
-landmarks' bounding box, 10 % margin) and the mouth box (a square 1.6 times the lips'
-extent, where the audio acts), mouth landmark distance (LMD: the detector's lip
-landmarks on the render vs on the ground truth, pixels at 512), the mouth's motion (spread of
-the detector's mouth opening over the frames, render / ground truth: damped lips give < 1),
-blink error (eye-aspect blink signal of the render vs the dataset's). Other speakers' audio drives the avatar with
-its lip model; the score is the mouth-opening (measured by the detector on the
-render) vs speech-energy sync (:mod:`gstalk.eval.sync`), next to the same score of the real
-person on their own clip (``sync_ground_truth``; a real face scores well below 1). The gains of the deformation over
+learned network's lips for comparison, and ``mean_mouth`` the control: the mouth held at the
+training frames' mean jaw and expression, which ignores the audio); metrics: PSNR and SSIM
+over the full frame and over the face box (the landmarks' bounding box, 10 % margin) and the
+mouth box (a square 1.6 times the lips' extent, where the audio acts), mouth landmark
+distance (LMD: the detector's lip landmarks on the render vs on the ground truth, pixels at
+512), the mouth's motion (spread of the detector's mouth opening over the frames, render /
+ground truth: damped lips give < 1; and its correlation with the ground truth's, which says
+whether the lips open in time), blink error (eye-aspect blink signal of the render vs the
+dataset's). Other speakers' audio drives the avatar with its lip model; the score is the
+mouth-opening (measured by the detector on the render) vs speech-energy sync
+(:mod:`gstalk.eval.sync`), next to the same score of the real person on their own clip
+(``sync_ground_truth``; a real face scores well below 1). The gains of the deformation over
 the switched-off render and over the render driven by other frames' audio are reported as
 paired per-frame differences with their standard error, so that a clip's few held-out frames
-say whether a difference is more than noise. Writes ``eval.json`` (with the per-frame values)
-and a side-by-side video (ground truth | render | error).
+say whether a difference is more than noise. Writes ``eval.json`` (with the per-frame
+values) and a side-by-side video (ground truth | render | error).
 
 An avatar fitted without audio (lip model 'none') gets the rows that need no speech: with the
 deformation (driven by the tracked expression, blink and neck) and without it.
@@ -34,8 +37,8 @@ import torch
 
 from gstalk.avatar.io import load_avatar
 from gstalk.avatar.model import Frame, render_frame
-from gstalk.drive.render import (audio_drive, audio_windows, cameras_for, frames_iter, lip_model, plate_background,
-                                 rest_expr)
+from gstalk.drive.render import (audio_drive, audio_windows, cameras_for, frames_iter, head_expr, lip_model,
+                                 plate_background, rest_expr)
 from gstalk.errors import InputError
 from gstalk.eval.sync import sync_score
 from gstalk.face.regions import LIPS, blink_signal, mouth_opening
@@ -173,9 +176,15 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
         variants += [("other_audio", True, shuffled, None), ("audio_driven", True, None, own_lips)]
         if own_lips != "learned":  # the learned network too, for comparison
             variants.append(("audio_driven_learned", True, None, "learned"))
+        # the control for the lips: a mouth that ignores the audio, held at the training
+        # frames' mean jaw and expression (the best constant guess)
+        variants.append(("mean_mouth", True, None, "mean"))
         # the clip's audio, encoded once for every variant
         codes, lips, a2m_blink = audio_drive(av, audio_windows(av, clip_audio, ds.num_frames, ds.fps),
                                              rest_expr(motion))
+        mean_jaw = torch.as_tensor(np.asarray(motion["jaw"], np.float32).mean(0), device=dev)
+        lips["mean"] = (mean_jaw.expand(ds.num_frames, -1),
+                        head_expr(av, torch.zeros(ds.num_frames, 0, device=dev), rest_expr(motion)))
     else:  # fitted without audio: the field saw zero audio codes
         own_lips, lips, a2m_blink = "none", {}, None
         codes = torch.zeros(ds.num_frames, av.cfg.code_dim, device=dev)
@@ -208,6 +217,10 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
         ok = np.isfinite(r_lm[:, 0, 0]) & np.isfinite(g_lm[:, 0, 0])
         ro, go = mouth_opening(r_lm[ok]), mouth_opening(g_lm[ok])
         m["mouth_motion_ratio"] = float(ro.std() / go.std()) if ok.sum() > 2 and go.std() > 0 else float("nan")
+        # whether it opens when the real mouth does: correlation of the two openings over the
+        # frames (scale-free; near 0 for lips out of sync, undefined for a still mouth)
+        m["mouth_opening_corr"] = (float(np.corrcoef(ro, go)[0, 1]) if ok.sum() > 2 and go.std() > 0
+                                   and ro.std() > 1e-6 * go.std() else float("nan"))
         per_frame[name] = pf
         result[name] = m
         if name == "deformation":
@@ -221,6 +234,9 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     if "audio_driven_learned" in per_frame:  # the avatar's lip model against the learned network
         own, net = per_frame["audio_driven"], per_frame["audio_driven_learned"]
         result["lips_gain_over_learned"] = {k: _paired(own[k], net[k]) for k in GAIN_METRICS}
+    if "mean_mouth" in per_frame:  # do the lips from audio beat a mouth that ignores it?
+        result["lips_gain_over_mean_mouth"] = {k: _paired(per_frame["audio_driven"][k], per_frame["mean_mouth"][k])
+                                               for k in GAIN_METRICS}
     result["per_frame"] = {name: {k: [None if not np.isfinite(x) else round(float(x), 5) for x in v]
                                   for k, v in pf.items()} for name, pf in per_frame.items()}
     # other speakers' audio: mouth opening on the render vs speech energy
