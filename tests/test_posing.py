@@ -169,7 +169,7 @@ def test_other_viewpoints_keep_the_colours_the_training_camera_saw(tmp_path):
     avatar renders its SH as they are; from anywhere else each Gaussian keeps the colour the
     training camera saw instead of extrapolating the SH."""
     from gstalk.avatar.io import load_avatar
-    from gstalk.avatar.model import Frame, render_frame, render_frames, training_view_colors
+    from gstalk.avatar.model import Frame, render_frame, render_frames, other_view
     from gstalk.drive.render import cameras_for, conditions_for, training_expressions
     from gstalk.gaussians.set import GaussianTensors
     from gstalk.render import Cameras, rasterize
@@ -188,9 +188,9 @@ def test_other_viewpoints_keep_the_colours_the_training_camera_saw(tmp_path):
         bg = torch.zeros(40, 40, 3)
         rgb, _, _ = render_frame(av, g, track, bg)
         assert torch.equal(rgb, rasterize(g, track, sh_degree=1, background=0.0).colors[0])
-        seen = training_view_colors(av, g)
+        seen = other_view(av, g)
         torch.testing.assert_close(seen.colors, sh_colors(g.colors, g.means, track.centers, 1)[0])
-        av.view_fill = None  # without the view fill (tested below): the training camera's colours
+        av.view_fill = av.ray_cut = None  # without the view fill and the ray cut (tested below)
         rgb, _, _ = render_frame(av, g, side, bg)
         assert torch.equal(rgb, rasterize(seen, side, background=0.0).colors[0])
         extrapolated = rasterize(g, side, sh_degree=1, background=0.0).colors[0]
@@ -215,7 +215,7 @@ def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part
     training camera nothing changes."""
     from gstalk.avatar.io import load_avatar
     from gstalk.avatar.model import (FILL_K, SEEN_COS, Frame, fill_weight, render_frame, sh_colors,
-                                     training_view_colors, _training_centre)
+                                     other_view, _training_centre)
     from gstalk.drive.render import cameras_for, conditions_for, training_expressions
     from gstalk.head.lbs import FlameParams
     from gstalk.render import Cameras
@@ -286,10 +286,10 @@ def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part
     with torch.no_grad():
         c = conditions_for(av, motion, 1, 25.0, None, training_expressions(motion))
         g = av.posed(Frame(c.params, c.codes, c.blink))[0][0]
-        plain = training_view_colors(av, g).colors  # no viewpoint given: nothing filled
-        near = training_view_colors(av, g, cams.centers[1:2]).colors  # 3 degrees
-        side = training_view_colors(av, g, cams.centers[30:31]).colors  # 90 degrees
-        half = training_view_colors(av, g, cams.centers[5:6]).colors
+        plain = other_view(av, g).colors  # no viewpoint given: nothing filled
+        near = other_view(av, g, cams.centers[1:2]).colors  # 3 degrees
+        side = other_view(av, g, cams.centers[30:31]).colors  # 90 degrees
+        half = other_view(av, g, cams.centers[5:6]).colors
     assert torch.equal(near, plain)
     torch.testing.assert_close(side[moved], fill_rgb)
     assert torch.equal(side[~moved], plain[~moved])
@@ -307,6 +307,95 @@ def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part
         assert torch.equal(front, render_frame(av, g, track, bg)[0])
         unfilled = render_frame(av, g, profile, bg)[0]
     assert (side_rgb - unfilled).abs().max() > 0.1
+
+
+def test_gaussians_the_camera_saw_end_on_are_shortened_from_other_views(tmp_path):
+    """A Gaussian stretched along the training camera's line of sight draws the same small
+    footprint whatever its length; from the side it is a streak. Those (long axis within 25
+    degrees of the ray on average over the clip, over 4 times the middle axis) are drawn with
+    the long axis cut to 4 times the middle one from other viewpoints, faded in like the view
+    fill; the training camera draws them as trained, as do splats for any viewpoint."""
+    import math
+
+    from gstalk.avatar.binding import rotmat_to_quat
+    from gstalk.avatar.io import load_avatar
+    from gstalk.avatar.model import RAY_RATIO, Frame, _training_centre, fill_weight, other_view, render_frame
+    from gstalk.drive.render import cameras_for, conditions_for, training_expressions
+    from gstalk.head.lbs import FlameParams
+    from gstalk.render import Cameras, rasterize
+    from gstalk.render.project import quat_to_rotmat
+
+    from tinyavatar import make_avatar
+
+    av, motion = load_avatar(make_avatar(tmp_path / "av", n_frames=4), "cpu")
+    keys = ("expr", "global_rot", "neck", "jaw", "eyes", "eyelids", "translation")
+    params = FlameParams(**{k: torch.as_tensor(motion[k]).float() for k in keys})
+    bound = torch.nonzero(av.binding >= 0)[:, 0]
+    along, across = bound[::7][:20], bound[3::7][:20]
+    with torch.no_grad():
+        o, r, _ = av.skin(FlameParams(**{k: v[:1] for k, v in params.__dict__.items() if v is not None}))
+        g0 = av.posed_batch(Frame(FlameParams(**{k: v[:1] for k, v in params.__dict__.items() if v is not None}),
+                                  deform=False))[0]
+        for idx, to_ray in ((along, True), (across, False)):
+            ray = g0.means[0, idx] - _training_centre(av, g0.means[0, idx])
+            ray = ray / ray.norm(dim=-1, keepdim=True)
+            # a world rotation whose first axis is the ray (or at right angles to it)
+            up = torch.tensor([0.0, 1.0, 0.0]).expand_as(ray)
+            side = torch.linalg.cross(up, ray)
+            side = side / side.norm(dim=-1, keepdim=True)
+            first = ray if to_ray else side
+            second = side if to_ray else torch.linalg.cross(ray, side)
+            third = torch.linalg.cross(first, second)
+            world = torch.stack([first, second, third], -1)
+            tri = r[0, av.binding[idx]]
+            av.quats[idx] = rotmat_to_quat(tri.transpose(-1, -2) @ world)
+            av.log_scales[idx] = torch.log(torch.tensor([2.0, 0.2, 0.05]))  # 10 times longer than wide
+    av.invalidate()
+    av.set_ray_cut(motion)
+    cut = torch.zeros(av.num_gaussians, dtype=torch.bool)
+    cut[av.ray_cut] = True
+    assert bool(cut[along].all()) and not bool(cut[across].any())
+    # every cut one, checked independently over every tracked frame
+    with torch.no_grad():
+        g = av.posed_batch(Frame(params, deform=False))[0]
+    ls = av.log_scales.detach()
+    top = ls.argmax(-1)
+    R = quat_to_rotmat(g.quats)  # [B, N, 3, 3]
+    axis = torch.stack([R[b, torch.arange(av.num_gaussians), :, top] for b in range(R.shape[0])])
+    ray = g.means - _training_centre(av, g.means)
+    cos = ((axis * ray).sum(-1).abs() / ray.norm(dim=-1)).mean(0)
+    sorted_ls = ls.sort(-1, descending=True).values
+    want = (cos > math.cos(math.radians(25))) & (sorted_ls[:, 0] - sorted_ls[:, 1] > math.log(RAY_RATIO))
+    assert torch.equal(cut, want)
+    f = av.ray_cut_scale
+    assert f.shape == (len(av.ray_cut), 3) and bool((f <= 1).all())
+    assert torch.equal((f < 1).sum(-1), torch.ones(len(f), dtype=torch.long))  # only the long axis
+    # from the side: the long axis RAY_RATIO times the middle one; from the training camera,
+    # from 3 degrees and for splats that any viewpoint may draw: as trained
+    cams = cameras_for(av, motion, 120, "orbit", 40)
+    with torch.no_grad():
+        c = conditions_for(av, motion, 1, 25.0, None, training_expressions(motion))
+        gp = av.posed(Frame(c.params, c.codes, c.blink))[0][0]
+        side = other_view(av, gp, cams.centers[30:31]).scales
+        half = other_view(av, gp, cams.centers[5:6]).scales
+    assert torch.equal(other_view(av, gp).scales, gp.scales)
+    assert torch.equal(other_view(av, gp, cams.centers[1:2]).scales, gp.scales)
+    assert torch.equal(side[~cut], gp.scales[~cut])
+    s_sorted = side[along].sort(-1, descending=True).values
+    torch.testing.assert_close(s_sorted[:, 0], RAY_RATIO * s_sorted[:, 1])
+    w = fill_weight(av, cams.centers[5:6])
+    torch.testing.assert_close(half[cut], gp.scales[cut] * f ** w)
+    # the renders: the training camera's unchanged, the side view's changed by the cut
+    track = cameras_for(av, motion, 1, "track", 40)
+    profile = Cameras(cams.viewmats[30:31], cams.Ks[30:31], 40, 40)
+    bg = torch.zeros(40, 40, 3)
+    with torch.no_grad():
+        assert torch.equal(render_frame(av, gp, track, bg)[0], rasterize(gp, track, sh_degree=1,
+                                                                          background=0.0).colors[0])
+        shortened = render_frame(av, gp, profile, bg)[0]
+        av.ray_cut = None
+        streaks = render_frame(av, gp, profile, bg)[0]
+    assert (shortened - streaks).abs().max() > 0.05
 
 
 def test_an_avatar_with_a_broken_motion_file_is_refused_with_a_message(tmp_path):

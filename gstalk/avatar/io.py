@@ -137,5 +137,6 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
 
         motion["background"] = read_image_file(root / "background.png")
     av = av.to(device)
+    av.set_ray_cut(motion)
     av.set_view_fill(motion)
     return av, motion

@@ -67,7 +67,7 @@ def covariances(g: GaussianTensors) -> np.ndarray:
 
 def splat_colors(g: GaussianTensors) -> np.ndarray:
     """[N, 3] RGB in [0, 1] for splat viewers that take one colour a Gaussian: plain colours
-    [N, 3] as they are (:func:`gstalk.avatar.model.training_view_colors`), else the SH's DC."""
+    [N, 3] as they are (:func:`gstalk.avatar.model.other_view`), else the SH's DC."""
     from gstalk.gaussians.set import SH_C0
 
     rgb = g.colors if g.colors.dim() == 2 else g.colors[:, 0] * SH_C0 + 0.5
@@ -214,10 +214,10 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
 
     if "viser" in formats:
         def viser_frames():
-            from gstalk.avatar.model import training_view_colors
+            from gstalk.avatar.model import other_view
 
             for g in posed_iter(av, cond, deform):
-                rgb = training_view_colors(av, g).colors  # the colours the training camera saw
+                rgb = other_view(av, g).colors  # the colours the training camera saw
                 c = convert_axes(to_gaussian_set(g), axes).activated()
                 yield GaussianTensors(c.means, c.quats, c.scales, c.opacities, rgb.cpu())
 

@@ -169,7 +169,7 @@ class AvatarViewer:
         return torch.as_tensor(pos, device=self.dev)[None]
 
     def _splat_arrays(self, g):
-        from gstalk.avatar.model import fill_weight, training_view_colors
+        from gstalk.avatar.model import fill_weight, other_view
         from gstalk.export.exporter import covariances, splat_colors
 
         centres = g.means.detach().cpu().numpy().astype(np.float32) - self._centre
@@ -177,8 +177,8 @@ class AvatarViewer:
         # camera is from the training camera's
         eye = self._eye()
         self._fill_shown = 0.0 if eye is None else float(fill_weight(self.av, eye)[0])
-        rgb = splat_colors(training_view_colors(self.av, g, eye))
-        return centres, covariances(g), rgb, g.opacities.detach().cpu().numpy()[:, None]
+        g = other_view(self.av, g, eye)
+        return centres, covariances(g), splat_colors(g), g.opacities.detach().cpu().numpy()[:, None]
 
     def _camera_moved(self, client) -> None:
         """Server renders follow every move; browser splats only need new colours when the
@@ -187,7 +187,7 @@ class AvatarViewer:
 
         if self.render_mode == "server":
             self._dirty = True
-        elif self.av.view_fill is not None:
+        elif self.av.view_fill is not None or self.av.ray_cut is not None:
             w = float(fill_weight(self.av, self._eye(client))[0])
             if abs(w - self._fill_shown) > 0.05 or (w in (0.0, 1.0) and w != self._fill_shown):
                 self._dirty = True
@@ -212,7 +212,7 @@ class AvatarViewer:
         self._shown = k
 
     def _server_render(self, client, g) -> None:
-        from gstalk.avatar.model import training_view_colors
+        from gstalk.avatar.model import other_view
         from gstalk.gaussians.set import GaussianTensors
         from gstalk.render import Cameras, rasterize
         from gstalk.render.project import quat_to_rotmat
@@ -226,7 +226,7 @@ class AvatarViewer:
         vm = torch.linalg.inv(c2w).float().to(self.dev)
         f = 0.5 * h / math.tan(0.5 * float(cam.fov))
         K = torch.tensor([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1.0]], device=self.dev)
-        g = training_view_colors(self.av, g, self._eye(client))  # the training camera's colours, filled
+        g = other_view(self.av, g, self._eye(client))  # the training camera's colours, filled
         shifted = GaussianTensors(g.means - torch.as_tensor(self._centre, device=g.means.device), g.quats, g.scales,
                                   g.opacities, g.colors)
         bg = torch.tensor(self.bg_colour.value, dtype=torch.float32, device=self.dev) / 255.0
