@@ -92,6 +92,27 @@ def test_held_out_quality_with_and_without_deformation(avatar, tracked):
     assert (avatar / "eval" / "side_by_side.mp4").is_file()
 
 
+def test_eval_refuses_a_dataset_the_avatar_was_not_fitted_to(avatar, tracked, tmp_path):
+    """Another clip's dataset (another head shape), or the same clip tracked again, would
+    compare the avatar's renders with frames it was never fitted to: refused, saying why,
+    before anything is written."""
+    import dataclasses
+    import shutil
+
+    from gstalk.errors import InputError
+    from gstalk.eval.evaluate import evaluate
+    from gstalk.head.tracker import load_track, save_track
+
+    _, ds = tracked
+    other = tmp_path / "other"
+    shutil.copytree(ds, other)
+    track = load_track(other / "track.npz")
+    save_track(dataclasses.replace(track, shape=track.shape + 0.1), other / "track.npz")
+    with pytest.raises(InputError, match="was not fitted to.*head shape"):
+        evaluate(avatar, other, size=32, out=tmp_path / "ev", device="cpu")
+    assert not (tmp_path / "ev").exists()
+
+
 def test_render_with_new_audio_is_in_sync(avatar, tmp_path):
     import av as pyav
 

@@ -109,6 +109,20 @@ def _square(pts: np.ndarray, size: int, scale: float) -> tuple[int, int, int, in
     return _box(np.array([c - h, c + h]), size, 0.0)
 
 
+def _check_same_clip(av, motion: dict, track, avatar_dir, dataset_dir) -> None:
+    """Refuse a dataset the avatar was not fitted to: its held-out frames would be another
+    person's (or another tracking's), and every number a comparison of the wrong things."""
+    n_av, n_ds = len(motion["translation"]), track.num_frames
+    shape = av.shape.detach().cpu().numpy()
+    other = np.asarray(track.shape, np.float32)
+    same_shape = other.shape == shape.shape and np.allclose(other, shape, atol=1e-4)
+    if n_av != n_ds or not same_shape:
+        why = (f"the avatar was fitted to {n_av} tracked frames, the dataset has {n_ds}" if n_av != n_ds else
+               "the dataset's tracked head shape is not the one the avatar was fitted to")
+        raise InputError(f"{avatar_dir} was not fitted to {dataset_dir} ({why}); evaluate it on the dataset it was "
+                         "trained on (re-tracking a dataset also needs a re-fit)")
+
+
 def _render_test(av, motion, track, idx: np.ndarray, size: int, deform: bool, bg, drive: tuple,
                  audio_from: np.ndarray | None = None, audio_motion: str | None = None) -> list[torch.Tensor]:
     """Renders of frames ``idx`` with their tracked motion. ``drive`` = (audio codes, {lip
@@ -152,6 +166,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
         lip_model(av)  # refuses, saying why, before any work
     ds = Dataset(dataset_dir)
     track = load_track(ds.root / "track.npz")
+    _check_same_clip(av, motion, track, avatar_dir, ds.root)
     size = size or min(ds.resolution, 512 if dev.type == "cuda" else 256)
     idx = ds.test_indices
     if len(idx) == 0:
