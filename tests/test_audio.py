@@ -255,3 +255,28 @@ def test_viseme_columns_of_mel_plus_phoneme():
     both = torch.cat([torch.randn(vis.shape[0], 32, 83), vis], -1)  # mel first, then the visemes
     np.testing.assert_allclose(vm.channels(both).numpy(), VisemeMotion("phoneme", 15, 32, 2).channels(vis).numpy(),
                                atol=1e-6)
+
+
+def test_fit_warns_when_the_clips_phones_barely_follow_its_mouth(monkeypatch):
+    """Where the phones' opening channel hardly follows the mouth's measured opening (hill_8s:
+    +0.18, and its lips from audio did worse than a still mouth), the fit says that lips from
+    new audio will not be in time with the words; where they follow it, it does not."""
+    from types import SimpleNamespace
+
+    import gstalk.train.motion as motion
+    from gstalk.audio.visemes import VisemeMotion
+
+    rng = np.random.default_rng(2)
+    ids = np.repeat(rng.integers(1, len(VISEMES), 40), 10)
+    w = _viseme_windows(ids)
+    n = w.shape[0]
+    a = VisemeMotion("phoneme", len(VISEMES), 32, 2).channels(w).numpy().astype(np.float64)
+    ds = SimpleNamespace(landmarks=lambda: {"valid": np.ones(n, bool), "lmk": np.zeros((n, 478, 3))})
+    jaw, expr = np.zeros((n, 3)), np.zeros((n, 2))
+    for lips, warned in ((np.stack([0.3 * a[:, 0], 0.6 + 0.1 * a[:, 1]], 1), False),
+                         (np.stack([rng.normal(0.1, 0.03, n), rng.normal(0.6, 0.02, n)], 1), True)):
+        monkeypatch.setattr(motion, "lip_measures", lambda lmk, lips=lips: lips)
+        logs: list[str] = []
+        vm = VisemeMotion("phoneme", len(VISEMES), 32, 2)
+        assert motion.fit_visemes(vm, ds, w, jaw, expr, np.arange(n), log=logs.append) == "visemes"
+        assert any("only weakly" in m for m in logs) == warned, logs

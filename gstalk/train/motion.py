@@ -25,6 +25,11 @@ from gstalk.audio.visemes import VisemeMotion, lip_measures
 from gstalk.avatar.model import AudioToMotion
 
 EVAL_EVERY = 10  # validation interval (iterations)
+#: Below this correlation of the phones' opening channel with the measured mouth opening over
+#: the training frames, the fit warns that lips from new audio will be out of time (hill_8s
+#: +0.18, where they did worse than a still mouth; aoc_8s +0.43, swalwell_5s +0.37, the demo
+#: +0.53; docs/benchmarks.md).
+WEAK_PHONES = 0.3
 
 
 def motion_target(jaw: np.ndarray, expr: np.ndarray, blink: np.ndarray, n_expr: int) -> torch.Tensor:
@@ -111,4 +116,9 @@ def fit_visemes(vm: VisemeMotion, ds, windows: torch.Tensor, jaw: np.ndarray, ex
     log(f"lip motion: visemes calibrated on {len(frames)} frames (phones vs measured lips: opening "
         f"{c['opening']:+.2f}, spread {c['spread']:+.2f}; lip measures explain {info['jaw_open_explained']:.0%} "
         f"of the jaw opening; {rest_msg})")
+    if c["opening"] < WEAK_PHONES:
+        log(f"lip motion: on this clip the phones follow the mouth's opening only weakly ({c['opening']:+.2f}; "
+            f"{WEAK_PHONES:.1f} or more is usual): new audio will move the lips, but not reliably in time with the "
+            "words. A longer clip of clear speech, facing the camera, helps; 'gstalk eval' measures it "
+            "(lips_gain_over_mean_mouth)")
     return "visemes"
