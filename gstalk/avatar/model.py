@@ -185,6 +185,22 @@ class Avatar(nn.Module):
                 self._canon = pos
         return self._canon
 
+    def _sampled_motion(self, motion: dict, max_frames: int) -> dict[str, Tensor]:
+        """Up to ``max_frames`` frames spread evenly over ``motion`` (arrays of FlameParams
+        fields, a row a frame, as in motion.npz), as FlameParams keyword tensors on the
+        avatar's device."""
+        n = len(motion["translation"])
+        idx = np.unique(np.linspace(0, n - 1, min(max_frames, n)).round().astype(int))
+        keys = ("expr", "global_rot", "neck", "jaw", "eyes", "eyelids", "translation")
+        return {k: torch.as_tensor(np.asarray(motion[k])[idx], dtype=torch.float32, device=self.means.device)
+                for k in keys if k in motion}
+
+    @property
+    def changes_other_views(self) -> bool:
+        """Whether views other than the training camera's draw some Gaussians differently (the
+        view fill or the ray cut is set; :func:`other_view`)."""
+        return self.view_fill is not None or self.ray_cut is not None
+
     @torch.no_grad()
     def set_view_fill(self, motion: dict, max_frames: int = 128) -> None:
         """Choose the colours the Gaussians the clip never showed face-on take from other
@@ -216,10 +232,7 @@ class Avatar(nn.Module):
         bound = self.binding >= 0
         if not bool(bound.any()):
             return
-        idx = np.unique(np.linspace(0, len(t) - 1, min(max_frames, len(t))).round().astype(int))
-        keys = ("expr", "global_rot", "neck", "jaw", "eyes", "eyelids", "translation")
-        arrays = {k: torch.as_tensor(np.asarray(motion[k])[idx], dtype=torch.float32, device=self.means.device)
-                  for k in keys if k in motion}
+        arrays = self._sampled_motion(motion, max_frames)
         o, r, _ = self.skin(FlameParams(**arrays))
         tri = self.binding.clamp_min(0)
         to_cam = _training_centre(self, o)[:, None] - o[:, tri]
@@ -263,14 +276,9 @@ class Avatar(nn.Module):
         scales, 1 but on the cut axis); changing the Gaussians (:meth:`set_gaussians`) drops
         both."""
         self.ray_cut = self.ray_cut_scale = None
-        t = np.asarray(motion["translation"])
-        idx = np.unique(np.linspace(0, len(t) - 1, min(max_frames, len(t))).round().astype(int))
-        keys = ("expr", "global_rot", "neck", "jaw", "eyes", "eyelids", "translation")
-        arrays = {k: torch.as_tensor(np.asarray(motion[k])[idx], dtype=torch.float32, device=self.means.device)
-                  for k in keys if k in motion}
-        g = self.posed_batch(Frame(FlameParams(**arrays), deform=False))[0]
+        g = self.posed_batch(Frame(FlameParams(**self._sampled_motion(motion, max_frames)), deform=False))[0]
         order = self.log_scales.argsort(-1, descending=True)  # [N, 3]; posing scales the three alike
-        axis = quat_to_rotmat(g.quats).gather(-1, order[None, :, None, :1].expand(len(idx), -1, 3, 1))[..., 0]
+        axis = quat_to_rotmat(g.quats).gather(-1, order[None, :, None, :1].expand(g.quats.shape[0], -1, 3, 1))[..., 0]
         ray = g.means - _training_centre(self, g.means)
         cos = ((axis * ray).sum(-1).abs() / ray.norm(dim=-1).clamp_min(1e-12)).mean(0)  # [N], over the frames
         top, mid = self.log_scales.gather(-1, order[:, :2]).unbind(-1)
@@ -464,7 +472,7 @@ def other_view(av: Avatar, g: GaussianTensors, centres: Tensor | None = None) ->
                     av.cfg.sh_degree).reshape(g.means.shape)
     scales = g.scales
     fill, cut = av.view_fill, av.ray_cut
-    if (fill is not None or cut is not None) and centres is not None and av.num_gaussians == rgb.shape[-2]:
+    if av.changes_other_views and centres is not None and av.num_gaussians == rgb.shape[-2]:
         w = fill_weight(av, centres).to(rgb)
         if bool(w.gt(0).any()):
             w = w.reshape(-1, 1, 1) if rgb.dim() == 3 else w.reshape(())  # one weight a frame
@@ -522,7 +530,7 @@ def _for_cameras(av: Avatar, g: GaussianTensors, cams: Cameras) -> tuple[Gaussia
     train = _training_centre(av, cams.viewmats)
     if torch.allclose(cams.centers, train.expand_as(cams.centers), rtol=0.0, atol=1e-6):
         return g, av.cfg.sh_degree
-    if av.cfg.sh_degree == 0 and av.view_fill is None and av.ray_cut is None:
+    if av.cfg.sh_degree == 0 and not av.changes_other_views:
         return g, 0
     return other_view(av, g, cams.centers), None
 

@@ -198,7 +198,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
         codes, lips, a2m_blink = audio_drive(av, audio_windows(av, clip_audio, ds.num_frames, ds.fps),
                                              rest_expr(motion))
         mean_jaw = torch.as_tensor(np.asarray(motion["jaw"], np.float32).mean(0), device=dev)
-        lips["mean"] = (mean_jaw.expand(ds.num_frames, -1),
+        lips["mean"] = (mean_jaw.expand(ds.num_frames, -1),  # no coefficient predicted: all the clip's mean
                         head_expr(av, torch.zeros(ds.num_frames, 0, device=dev), rest_expr(motion)))
     else:  # fitted without audio: the field saw zero audio codes
         own_lips, lips, a2m_blink = "none", {}, None

@@ -187,7 +187,7 @@ class AvatarViewer:
 
         if self.render_mode == "server":
             self._dirty = True
-        elif self.av.view_fill is not None or self.av.ray_cut is not None:
+        elif self.av.changes_other_views:
             w = float(fill_weight(self.av, self._eye(client))[0])
             if abs(w - self._fill_shown) > 0.05 or (w in (0.0, 1.0) and w != self._fill_shown):
                 self._dirty = True
@@ -226,7 +226,7 @@ class AvatarViewer:
         vm = torch.linalg.inv(c2w).float().to(self.dev)
         f = 0.5 * h / math.tan(0.5 * float(cam.fov))
         K = torch.tensor([[f, 0, w / 2], [0, f, h / 2], [0, 0, 1.0]], device=self.dev)
-        g = other_view(self.av, g, self._eye(client))  # the training camera's colours, filled
+        g = other_view(self.av, g, self._eye(client))  # the training camera's colours, filled and ray-cut
         shifted = GaussianTensors(g.means - torch.as_tensor(self._centre, device=g.means.device), g.quats, g.scales,
                                   g.opacities, g.colors)
         bg = torch.tensor(self.bg_colour.value, dtype=torch.float32, device=self.dev) / 255.0
