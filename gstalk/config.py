@@ -27,7 +27,7 @@ class DemoConfig:
     clip: Path | None = None
     """Your own clip instead of the built-in synthetic one."""
     seconds: float = 8.0
-    """Length of the built-in clip."""
+    """Length of the built-in clip (at least 3 s)."""
     size: int = 0
     """Working resolution; 0 = 512 on a GPU, 128 on a CPU."""
     effort: float = 1.0

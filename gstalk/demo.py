@@ -174,6 +174,10 @@ class DemoResult:
     eval: dict
 
 
+#: The shortest built-in clip (seconds).
+MIN_SECONDS = 3.0
+
+
 def run_demo(cfg: DemoConfig, progress=None, log: Callable[[str], None] = print) -> DemoResult:
     from gstalk.drive.render import drive
     from gstalk.eval.evaluate import evaluate
@@ -182,6 +186,12 @@ def run_demo(cfg: DemoConfig, progress=None, log: Callable[[str], None] = print)
     from gstalk.prepare import prepare
     from gstalk.train.trainer import train
 
+    if cfg.size and cfg.size < 32:
+        raise InputError("--size must be at least 32 pixels (or 0: 512 on a GPU, 128 on a CPU)")
+    if not cfg.effort > 0:
+        raise InputError("--effort must be above 0 (1.0 is the full CPU schedule)")
+    if cfg.clip is None and not cfg.seconds >= MIN_SECONDS:
+        raise InputError(f"--seconds must be at least {MIN_SECONDS:g} (the held-out tail needs frames of its own)")
     device = resolve_device(cfg.device)
     gpu = device.type == "cuda"
     out = ensure_dir(cfg.out)

@@ -56,3 +56,41 @@ def test_video_writer_pads_odd_sizes(tmp_path):
     frames = [np.full((15, 21, 3), i / 3, np.float32) for i in range(3)]
     info = probe_video(write_video(tmp_path / "v.mp4", frames, fps=10))
     assert info["frames"] == 3 and (info["width"], info["height"]) == (22, 16) and info["fps"] == 10
+
+
+def test_options_no_run_can_use_are_refused_before_any_work(tmp_path, capsys):
+    """Demo sizes, efforts and lengths that cannot make an avatar, and a port no socket has,
+    end in one message and exit status 2 before anything is written."""
+    cases = [(["demo", "--size", "8"], "--size must be at least 32"),
+             (["demo", "--effort", "0"], "--effort must be above 0"),
+             (["demo", "--seconds", "1"], "--seconds must be at least 3"),
+             (["view", str(tmp_path / "nowhere"), "--port", "70000"], "--port must be between 0 and 65535")]
+    for args, message in cases:
+        out = ["--out", str(tmp_path / "out")]
+        assert main(args + out) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_that_takes_no_new_files_is_an_output_error(tmp_path, monkeypatch):
+    """Where the temporary file beside the target cannot be made (a full disk, /proc), the
+    write says which file and why, and the old file stays."""
+    import errno
+    import tempfile
+
+    import pytest
+
+    from gstalk.errors import OutputError
+    from gstalk.io.atomic import write_text
+
+    target = tmp_path / "kept.txt"
+    write_text(target, "old")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    with pytest.raises(OutputError, match="cannot write .*kept.txt: No space left on device"):
+        write_text(target, "new")
+    assert target.read_text() == "old"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gstalk.config import PrepareOptions, TrackOptions, TrainOptions
-from gstalk.errors import GstalkError
+from gstalk.errors import FileFormatError, GstalkError
 
 TINY = TrainOptions(iters_static=120, iters_audio=120, iters_joint=60, iters_a2m=60, scale=1.0, per_triangle=1,
                     torso_points=200, densify_every=60, checkpoint_every=0, device="cpu", feature_kind="mel")
@@ -102,6 +102,7 @@ def test_eval_refuses_a_dataset_the_avatar_was_not_fitted_to(avatar, tracked, tm
     from gstalk.errors import InputError
     from gstalk.eval.evaluate import evaluate
     from gstalk.head.tracker import load_track, save_track
+    from gstalk.io.video import write_wav
 
     _, ds = tracked
     other = tmp_path / "other"
@@ -111,6 +112,15 @@ def test_eval_refuses_a_dataset_the_avatar_was_not_fitted_to(avatar, tracked, tm
     with pytest.raises(InputError, match="was not fitted to.*head shape"):
         evaluate(avatar, other, size=32, out=tmp_path / "ev", device="cpu")
     assert not (tmp_path / "ev").exists()
+    # other speakers' audio that cannot be read or is silent is refused before the held-out renders
+    (tmp_path / "not.wav").write_text("not audio")
+    write_wav(tmp_path / "quiet.wav", np.zeros(16000))
+    progress = []
+    for bad, match in (("not.wav", "cannot read"), ("quiet.wav", "silent")):
+        with pytest.raises(GstalkError, match=match):
+            evaluate(avatar, ds, [tmp_path / bad], size=32, out=tmp_path / "ev", device="cpu",
+                     progress=lambda *a: progress.append(a))
+    assert not progress and not (tmp_path / "ev").exists()
 
 
 def test_render_with_new_audio_is_in_sync(avatar, tmp_path):
@@ -160,6 +170,12 @@ def test_resume_gives_the_same_result(tracked, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         Trainer(ds, tmp_path / "b", opts, progress=stop, log=lambda m: None).run()
     assert (tmp_path / "b" / "checkpoint.pt").is_file() and not (tmp_path / "b" / "config.json").exists()
+    # a damaged checkpoint is refused, saying which, and kept
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "checkpoint.pt").write_bytes((tmp_path / "b" / "checkpoint.pt").read_bytes()[:1000])
+    with pytest.raises(FileFormatError, match="checkpoint.pt cannot be resumed from"):
+        Trainer(ds, tmp_path / "c", opts, log=lambda m: None).run()
+    assert (tmp_path / "c" / "checkpoint.pt").stat().st_size == 1000
     resumed = Trainer(ds, tmp_path / "b", opts, log=lambda m: None).run()
     from gstalk.avatar.io import load_avatar
 

@@ -2,6 +2,8 @@
 definition (triangle binding, then the deformation), its gradients, and the fused CUDA kernel
 against the twin (skipped without a GPU)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -418,6 +420,52 @@ def test_an_avatar_with_a_broken_motion_file_is_refused_with_a_message(tmp_path)
     (folder / "motion.npz").write_bytes(b"not a zip")
     with pytest.raises(FileFormatError, match="motion.npz cannot be read"):
         load_avatar(folder)
+
+
+def test_damaged_avatar_files_and_driver_arguments_are_messages(tmp_path, capsys):
+    """A truncated networks file, a config with a field no version wrote, a track file that is
+    not one (pickled objects, another npz, a zip that is not an npz) and a frame rate no video
+    has each end 'gstalk render' with one message and exit status 2, before a frame is drawn
+    and without writing the output."""
+    from gstalk.avatar.io import load_avatar
+    from gstalk.cli import main
+    from gstalk.errors import FileFormatError, InputError
+    from gstalk.drive.render import load_driver
+
+    from tinyavatar import make_avatar, tone_speech
+
+    folder = make_avatar(tmp_path / "av", n_frames=3)
+    wav = tone_speech(tmp_path / "speech.wav")
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, meta=np.array([{"format": "x"}], dtype=object))
+    (tmp_path / "zip.npz").write_bytes(b"PK\x03\x04" + bytes(100))
+    for bad, match in [(pickled, "pickled.npz cannot be read as a numpy .npz archive"),
+                       (folder / "motion.npz", "motion.npz is not a gstalk track"),
+                       (tmp_path / "zip.npz", "zip.npz cannot be read as a numpy .npz archive")]:
+        with pytest.raises(FileFormatError, match=match):
+            load_driver(None, bad, 25.0)
+    for fps in (-1.0, 0.0, float("nan"), 1e6):
+        with pytest.raises(InputError, match="frame rate must be above 0"):
+            load_driver(wav, None, fps)
+    out = tmp_path / "talk.mp4"
+    capsys.readouterr()
+    for args in (["--fps", "-1"], ["--expressions", str(pickled)]):
+        assert main(["render", str(folder), "--audio", str(wav), "--out", str(out), "--size", "32", *args]) == 2
+        err = capsys.readouterr().err
+        assert "gstalk error" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "colour_of_the_sky": "blue"}))
+    with pytest.raises(FileFormatError, match="config.json does not match avatar format version"):
+        load_avatar(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    data = (folder / "networks.safetensors").read_bytes()
+    (folder / "networks.safetensors").write_bytes(data[:100])
+    with pytest.raises(FileFormatError, match="networks.safetensors cannot be read"):
+        load_avatar(folder)
+    (folder / "networks.safetensors").write_bytes(data)
+    load_avatar(folder)  # whole again: read
 
 
 def test_compiled_field_is_one_graph_and_matches_eager(tmp_path):

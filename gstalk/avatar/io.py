@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +75,10 @@ def head_for(ref: dict):
 
 def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Avatar, dict]:
     """(avatar, motion arrays) from an avatar folder."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from gstalk.io.dataset import load_npz
 
     root = Path(folder)
     cfg_path = root / "config.json"
@@ -100,16 +102,15 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
         raw.update(expr_prior=False)
     if raw["version"] <= 3:  # no viseme lip model before version 4
         raw.update(lip_motion="learned")
-    cfg = AvatarConfig(**raw)
+    try:
+        cfg = AvatarConfig(**raw)
+    except TypeError as e:  # fields this version does not know, or lacks
+        raise FileFormatError(f"{cfg_path} does not match avatar format version {raw['version']} ({e})") from None
     head = head_for(cfg.head_model)
     g = load_ply(root / "gaussians.ply")
     if g.binding is None or "region" not in g.extra:
         raise FileFormatError(f"{root / 'gaussians.ply'} lacks gstalk's binding/region properties")
-    try:
-        with np.load(root / "motion.npz", allow_pickle=False) as z:
-            motion = {k: z[k] for k in z.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise FileFormatError(f"{root / 'motion.npz'} cannot be read ({e})") from None
+    motion = load_npz(root / "motion.npz", "re-fit the avatar ('gstalk train')")
     missing = [k for k in MOTION_KEYS if k not in motion]
     if missing:
         raise FileFormatError(f"{root / 'motion.npz'} lacks {', '.join(missing)}; re-fit the avatar ('gstalk train')")
@@ -120,7 +121,11 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
                               "re-fit the avatar ('gstalk train')")
     av = Avatar(cfg, head, torch.from_numpy(motion.pop("shape")), g, g.extra["region"].long(),
                 torch.from_numpy(motion.pop("K")), torch.from_numpy(motion.pop("viewmat")))
-    tensors = load_file(str(root / "networks.safetensors"))
+    try:
+        tensors = load_file(str(root / "networks.safetensors"))
+    except (OSError, SafetensorError) as e:  # missing, truncated, not safetensors
+        raise FileFormatError(f"{root / 'networks.safetensors'} cannot be read ({e}); re-fit the avatar "
+                              "('gstalk train')") from None
     nets = [("field", av.field), ("audio", av.audio), ("a2m", av.a2m)]
     if raw["version"] >= 4:  # the viseme lip model came with version 4
         nets.append(("visemes", av.visemes))

@@ -26,7 +26,7 @@ from gstalk.avatar.model import Avatar, Frame, render_frames
 from gstalk.gaussians.set import GaussianTensors
 from gstalk.errors import FileFormatError, InputError
 from gstalk.head.lbs import FlameParams
-from gstalk.io.media import write_video
+from gstalk.io.media import check_fps, write_video
 from gstalk.io.video import load_audio
 from gstalk.render import Cameras, look_at
 
@@ -259,6 +259,7 @@ def frames_iter(av: Avatar, motion: dict, n: int, fps: float, cams: Cameras, aud
 def load_driver(audio_path: str | Path | None, expressions_path: str | Path | None, fps: float,
                 required: bool = True) -> tuple[np.ndarray | None, dict | None, int, float]:
     """(audio, expressions, frame count, fps) from --audio or --expressions."""
+    check_fps(fps)
     if expressions_path is not None:
         from gstalk.head.tracker import load_track
 

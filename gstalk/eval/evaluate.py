@@ -37,6 +37,7 @@ import torch
 
 from gstalk.avatar.io import load_avatar
 from gstalk.avatar.model import Frame, render_frame
+from gstalk.audio.features import check_speech
 from gstalk.drive.render import (audio_drive, audio_windows, cameras_for, frames_iter, head_expr, lip_model,
                                  plate_background, rest_expr)
 from gstalk.errors import InputError
@@ -164,6 +165,10 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     speech = av.cfg.lip_motion != "none"
     if audios and not speech:
         lip_model(av)  # refuses, saying why, before any work
+    others = []  # other speakers' audio: an unreadable or silent file stops here, before any work
+    for a in audios:
+        others.append((Path(a).name, load_audio(a)))
+        check_speech(others[-1][1], str(a))
     ds = Dataset(dataset_dir)
     track = load_track(ds.root / "track.npz")
     _check_same_clip(av, motion, track, avatar_dir, ds.root)
@@ -256,8 +261,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
                                   for k, v in pf.items()} for name, pf in per_frame.items()}
     # other speakers' audio: mouth opening on the render vs speech energy
     syncs = {}
-    for a in audios:
-        audio = load_audio(a)
+    for name_a, audio in others:
         n = max(1, int(round(len(audio) / 16000 * ds.fps)))
         cams = cameras_for(av, motion, n, "track", size)
         for name, deform in (("deformation", True), ("no_deformation", False)):
@@ -266,7 +270,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
             mlm = _landmarks(frames)
             mouth = mouth_opening(np.nan_to_num(mlm))
             mouth[~np.isfinite(mlm[:, 0, 0])] = np.nan
-            syncs.setdefault(Path(a).name, {})[name] = sync_score(mouth, audio, ds.fps)
+            syncs.setdefault(name_a, {})[name] = sync_score(mouth, audio, ds.fps)
             prog("eval sync", 1, 1)
     result["sync_other_audio"] = syncs
     # what a real face scores: the filmed person's own mouth (detector landmarks on every frame

@@ -28,7 +28,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -114,17 +114,24 @@ def save_track(track: Track, path: str | os.PathLike) -> Path:
 def load_track(path: str | os.PathLike) -> Track:
     from gstalk.errors import FileFormatError
 
+    from gstalk.io.dataset import load_npz
+
     p = Path(path)
     if not p.is_file():
         raise FileFormatError(f"no track at {p}; run 'gstalk track DATASET' first")
-    with np.load(p, allow_pickle=False) as z:
-        if "meta" not in z.files:
-            raise FileFormatError(f"{p} is not a gstalk track")
-        meta = json.loads(str(z["meta"]))
-        if meta.get("format") != TRACK_FORMAT or meta.get("version") != TRACK_VERSION:
-            raise FileFormatError(f"{p} is a track of format {meta.get('format')} v{meta.get('version')}; this gstalk "
-                                  f"reads v{TRACK_VERSION}. Re-run 'gstalk track'.")
-        arrays = {k: z[k] for k in z.files if k != "meta"}
+    arrays = load_npz(p, "give the track.npz that 'gstalk track' wrote")
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except (KeyError, json.JSONDecodeError):
+        raise FileFormatError(f"{p} is not a gstalk track (no track description)") from None
+    if not isinstance(meta, dict) or meta.get("format") != TRACK_FORMAT or meta.get("version") != TRACK_VERSION:
+        got = meta if not isinstance(meta, dict) else f"{meta.get('format')} v{meta.get('version')}"
+        raise FileFormatError(f"{p} is a track of format {got}; this gstalk reads v{TRACK_VERSION}. "
+                              "Re-run 'gstalk track'.")
+    names = {f.name for f in fields(Track)} - {"model", "embedding_source", "width", "height", "fps"}
+    if set(arrays) != names:
+        raise FileFormatError(f"{p} does not hold a gstalk track's arrays (missing "
+                              f"{sorted(names - set(arrays))[:3]}, unexpected {sorted(set(arrays) - names)[:3]})")
     return Track(**arrays, model=meta["model"], embedding_source=meta["embedding_source"], width=meta["width"],
                  height=meta["height"], fps=meta["fps"])
 

@@ -49,7 +49,10 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     target = Path(target)
     ensure_dir(target.parent if str(target.parent) else ".")
     suffix = target.suffix if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.stem}-", suffix=suffix, dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.stem}-", suffix=suffix, dir=target.parent)
+    except OSError as e:  # a folder that takes no new files (/proc, a full or read-only disk)
+        raise OutputError(f"cannot write {target}: {e.strerror or e}. Choose a folder you can write to.") from None
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode

@@ -133,11 +133,7 @@ class Dataset:
 
     # --- arrays
     def _npz(self, name: str) -> dict[str, np.ndarray]:
-        p = self.root / name
-        if not p.is_file():
-            raise FileFormatError(f"{p} is missing; re-run 'gstalk prepare' to finish the dataset")
-        with np.load(p, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        return load_npz(self.root / name, "re-run 'gstalk prepare' to finish the dataset")
 
     def landmarks(self) -> dict[str, np.ndarray]:
         return self._npz("landmarks.npz")
@@ -156,6 +152,25 @@ class Dataset:
         from gstalk.io.video import load_audio
 
         return load_audio(self.root / "audio.wav", int(self.manifest["audio"]["sample_rate"]))
+
+
+def load_npz(path: str | os.PathLike, fix: str = "") -> dict[str, np.ndarray]:
+    """The arrays of an npz archive (never unpickling), or :class:`FileFormatError` saying which
+    file could not be read and, with ``fix``, what to do about it."""
+    import zipfile
+
+    p = Path(path)
+    hint = f"; {fix}" if fix else ""
+    if not p.is_file():
+        raise FileFormatError(f"no such file: {p}{hint}")
+    try:
+        with open(p, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                raise ValueError("not a zip archive")
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # truncated, not npz, pickled objects
+        raise FileFormatError(f"{p} cannot be read as a numpy .npz archive ({e}){hint}") from None
 
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -36,6 +37,17 @@ def write_image(path: str | os.PathLike, image) -> Path:
     return Path(path)
 
 
+#: The frame rates gstalk writes (frames per second).
+MAX_FPS = 1000.0
+
+
+def check_fps(fps: float) -> float:
+    """``fps`` if it is a frame rate a video can have, else :class:`InputError`."""
+    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and 0 < fps <= MAX_FPS):
+        raise InputError(f"the frame rate must be above 0 and at most {MAX_FPS:g} frames/s, got {fps}")
+    return float(fps)
+
+
 def write_video(path: str | os.PathLike, frames: Iterable, fps: float = 25.0, audio: np.ndarray | None = None,
                 sample_rate: int = 16000, crf: int = 18, progress: Callable[[str, int, int], None] | None = None,
                 n_frames: int | None = None) -> Path:
@@ -47,6 +59,7 @@ def write_video(path: str | os.PathLike, frames: Iterable, fps: float = 25.0, au
     """
     import av
 
+    check_fps(fps)
     prog = progress or (lambda *a: None)
     n = 0
     with atomic_path(path) as tmp:

@@ -32,7 +32,7 @@ from gstalk.avatar.io import save_avatar
 from gstalk.avatar.model import (Avatar, AvatarConfig, Frame, concat_sets, init_gaussians,
                                  mouth_expressions, mouth_prior, nearest_of, render_frame, torso_gaussians)
 from gstalk.config import TrainOptions, resolve_device
-from gstalk.errors import GstalkError
+from gstalk.errors import FileFormatError, GstalkError
 from gstalk.gaussians.set import GaussianSet, GaussianTensors, rgb_to_sh
 from gstalk.head.tracker import load_track
 from gstalk.io.atomic import atomic_path
@@ -487,7 +487,15 @@ class Trainer:
             torch.save(state, tmp)
 
     def load_checkpoint(self):
-        state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        import pickle
+
+        try:
+            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not {"gaussians", "binding", "region", "stage", "it"} <= set(state):
+                raise ValueError("not a gstalk training checkpoint")
+        except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as e:
+            raise FileFormatError(f"{self.ckpt_path} cannot be resumed from ({str(e).splitlines()[0]}); delete it "
+                                  "to start the fit over") from None
         av = self.avatar
         gs = state["gaussians"]
         av.set_gaussians(GaussianSet(gs["means"], gs["quats"], gs["log_scales"], gs["opacity_logits"], gs["sh"],

@@ -52,6 +52,10 @@ class AvatarViewer:
 
         if render not in ("browser", "server"):
             raise InputError("--render must be browser or server")
+        if not 0 <= port <= 65535:  # viser would fail in its server thread and leave the command hanging
+            raise InputError(f"--port must be between 0 and 65535, got {port}")
+        if size < 16:
+            raise InputError(f"--size must be at least 16 pixels, got {size}")
         self.dev = resolve_device(device)
         self.av, self.motion = load_avatar(avatar_dir, self.dev)
         self.av.set_precision(precision)
