@@ -24,7 +24,7 @@ from gstalk.config import DemoConfig, PrepareOptions, TrackOptions, TrainOptions
 from gstalk.errors import InputError
 from gstalk.gaussians import load_ply, rgb_to_sh
 from gstalk.io.atomic import ensure_dir
-from gstalk.io.media import write_image, write_video
+from gstalk.io.media import check_size, write_image, write_video
 from gstalk.render import orbit_cameras, rasterize
 
 SR = 16000
@@ -186,8 +186,8 @@ def run_demo(cfg: DemoConfig, progress=None, log: Callable[[str], None] = print)
     from gstalk.prepare import prepare
     from gstalk.train.trainer import train
 
-    if cfg.size and cfg.size < 32:
-        raise InputError("--size must be at least 32 pixels (or 0: 512 on a GPU, 128 on a CPU)")
+    if cfg.size:
+        check_size(cfg.size, 32)
     if not cfg.effort > 0:
         raise InputError("--effort must be above 0 (1.0 is the full CPU schedule)")
     if cfg.clip is None and not cfg.seconds >= MIN_SECONDS:
@@ -286,8 +286,9 @@ def render_ply_turntable(ply: Path, out: Path, size: int = 256, frames: int = 48
     g = convert_axes(g, axes)  # the RUB<->RDF turn is its own inverse
     if len(g) == 0:
         raise InputError(f"{ply} holds no Gaussians")
-    if size < 16 or frames < 1:
-        raise InputError("--size must be at least 16 and --frames at least 1")
+    check_size(size)
+    if frames < 1:
+        raise InputError("--frames must be at least 1")
     out = ensure_dir(out)
     g = g.to(dev)
     center = g.means.median(dim=0).values

@@ -59,9 +59,13 @@ def test_video_writer_pads_odd_sizes(tmp_path):
 
 
 def test_options_no_run_can_use_are_refused_before_any_work(tmp_path, capsys):
-    """Demo sizes, efforts and lengths that cannot make an avatar, and a port no socket has,
-    end in one message and exit status 2 before anything is written."""
-    cases = [(["demo", "--size", "8"], "--size must be at least 32"),
+    """Demo sizes, efforts and lengths that cannot make an avatar, image sizes that would fill
+    the machine's memory or that no face detector reads, and a port no socket has, end in one
+    message and exit status 2 before anything is written."""
+    save_ply(GaussianSet.random(5), tmp_path / "s.ply")
+    cases = [(["render", str(tmp_path / "s.ply"), "--size", "40000"], "--size must be between 16 and 4096 pixels"),
+             (["eval", str(tmp_path / "av"), str(tmp_path / "ds"), "--size", "8"], "--size must be between 32 and"),
+             (["demo", "--size", "8"], "--size must be between 32 and 4096 pixels"),
              (["demo", "--effort", "0"], "--effort must be above 0"),
              (["demo", "--seconds", "1"], "--seconds must be at least 3"),
              (["view", str(tmp_path / "nowhere"), "--port", "70000"], "--port must be between 0 and 65535")]

@@ -468,6 +468,40 @@ def test_damaged_avatar_files_and_driver_arguments_are_messages(tmp_path, capsys
     load_avatar(folder)  # whole again: read
 
 
+def test_a_camera_path_file_gives_its_views_back_and_forth(tmp_path):
+    """--camera path.json: its view matrices, one a frame, played back and forth when there are
+    fewer than frames; its K where given, else the tracked one scaled to the output size; a
+    file that is not such a path is refused, saying what it should hold."""
+    from gstalk.avatar.io import load_avatar
+    from gstalk.drive.render import cameras_for
+    from gstalk.errors import FileFormatError, InputError
+
+    from tinyavatar import make_avatar
+
+    av, motion = load_avatar(make_avatar(tmp_path / "av", n_frames=3, resolution=64))
+    track = cameras_for(av, motion, 1, "track", 32)
+    orbit = cameras_for(av, motion, 3, "orbit", 32)
+    path = tmp_path / "path.json"
+    path.write_text(json.dumps({"viewmats": orbit.viewmats.tolist()}))
+    cams = cameras_for(av, motion, 7, str(path), 32)
+    assert len(cams.viewmats) == 7 and cams.width == cams.height == 32
+    torch.testing.assert_close(cams.viewmats, orbit.viewmats[[0, 1, 2, 1, 0, 1, 2]])
+    torch.testing.assert_close(cams.Ks, track.Ks.expand(7, 3, 3))
+    assert float(track.Ks[0, 0, 0]) == pytest.approx(float(av.K[0, 0]) / 2)  # tracked at 64 px, drawn at 32
+    K = [[40.0, 0, 16], [0, 40.0, 16], [0, 0, 1]]
+    path.write_text(json.dumps({"viewmats": orbit.viewmats[:1].tolist(), "K": K}))
+    cams = cameras_for(av, motion, 2, str(path), 32)
+    torch.testing.assert_close(cams.Ks, torch.tensor([K, K]))
+    torch.testing.assert_close(cams.viewmats, orbit.viewmats[[0, 0]])
+    for bad in ({"viewmats": [[1, 2, 3]]}, {"viewmats": []}, {"views": []},
+                {"viewmats": orbit.viewmats.tolist(), "K": [1, 2]}):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(FileFormatError, match="path.json"):
+            cameras_for(av, motion, 2, str(path), 32)
+    with pytest.raises(InputError, match="no such camera path file"):
+        cameras_for(av, motion, 2, str(tmp_path / "gone.json"), 32)
+
+
 def test_compiled_field_is_one_graph_and_matches_eager(tmp_path):
     """torch.compile captures the deformation field without graph breaks (fullgraph) and gives
     the eager field's outputs; aot_eager checks the capture without a slow C++ build."""

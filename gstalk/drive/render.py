@@ -26,7 +26,7 @@ from gstalk.avatar.model import Avatar, Frame, render_frames
 from gstalk.gaussians.set import GaussianTensors
 from gstalk.errors import FileFormatError, InputError
 from gstalk.head.lbs import FlameParams
-from gstalk.io.media import check_fps, write_video
+from gstalk.io.media import check_fps, check_size, write_video
 from gstalk.io.video import load_audio
 from gstalk.render import Cameras, look_at
 
@@ -63,7 +63,9 @@ def head_motion(motion: dict, n: int, mode: str) -> dict[str, np.ndarray]:
 
 def cameras_for(av: Avatar, motion: dict, n: int, mode: str, size: int) -> Cameras:
     """'track'/'still': the tracked camera; 'orbit': a turn around the head; or a JSON path file
-    with {"viewmats": [[4x4], ...], "K": [[3x3]] (optional, for the tracked image size)}."""
+    with {"viewmats": [[4x4], ...], "K": [[3x3]]}: world-to-camera matrices (OpenCV axes), one a
+    frame (fewer are played back and forth), and optionally the intrinsics in pixels at the
+    output ``size`` (default: the tracked camera's, scaled to it)."""
     src = float(av.cfg.resolution)
     K = av.K.clone().float()
     K[:2] *= size / src
@@ -82,16 +84,20 @@ def cameras_for(av: Avatar, motion: dict, n: int, mode: str, size: int) -> Camer
         return Cameras(torch.stack(mats), K[None].expand(n, 3, 3).clone(), size, size)
     p = Path(mode)
     if not p.is_file():
+        if p.suffix.lower() == ".json":
+            raise InputError(f"no such camera path file: {p}")
         raise InputError(f"--camera must be track, still, orbit or a JSON camera path file; {mode!r} is none")
     try:
         d = json.loads(p.read_text())
         vm = torch.tensor(d["viewmats"], dtype=torch.float32)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        if "K" in d:
+            K = torch.tensor(d["K"], dtype=torch.float32)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise FileFormatError(f"{p}: expected {{\"viewmats\": [[4x4], ...]}} ({e})") from None
-    if vm.dim() != 3 or vm.shape[1:] != (4, 4):
+    if vm.dim() != 3 or vm.shape[1:] != (4, 4) or len(vm) == 0:
         raise FileFormatError(f"{p}: viewmats must be a list of 4x4 matrices")
-    if "K" in d:
-        K = torch.tensor(d["K"], dtype=torch.float32)
+    if K.shape != (3, 3):
+        raise FileFormatError(f"{p}: K must be a 3x3 matrix (the camera intrinsics at the output size)")
     idx = torch.as_tensor(_pingpong(len(vm), n) if len(vm) < n else np.arange(n))
     return Cameras(vm[idx], K[None].expand(n, 3, 3).clone(), size, size)
 
@@ -290,8 +296,7 @@ def drive(avatar_dir: str | Path, out: str | Path, audio_path: str | Path | None
         av.compile_field(mode="reduce-overhead" if dev.type == "cuda" else None)
     fps = fps or av.cfg.fps
     size = size or av.cfg.resolution
-    if size < 16:
-        raise InputError("--size must be at least 16 pixels")
+    check_size(size)
     audio, expressions, n, fps = load_driver(audio_path, expressions_path, fps)
     if audio is not None:
         lip_model(av, lips)  # refuse an unknown or missing lip model before any work

@@ -156,9 +156,11 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     import cv2
 
     from gstalk.config import resolve_device
-    from gstalk.io.media import write_video
+    from gstalk.io.media import check_size, write_video
     from gstalk.io.video import load_audio
 
+    if size:  # the face detector finds no landmarks on smaller renders
+        check_size(size, 32)
     prog = progress or (lambda *a: None)
     dev = resolve_device(device)
     av, motion = load_avatar(avatar_dir, dev)

@@ -39,6 +39,17 @@ def write_image(path: str | os.PathLike, image) -> Path:
 
 #: The frame rates gstalk writes (frames per second).
 MAX_FPS = 1000.0
+#: The largest image side gstalk renders (pixels): a batch of 8 frames at 4096 px holds about
+#: 2.7 GB of colour, alpha and depth images; much larger sizes fill a machine's memory.
+MAX_SIZE = 4096
+
+
+def check_size(size: int, least: int = 16, option: str = "--size") -> int:
+    """``size`` if it is an image side gstalk renders (``least`` to MAX_SIZE pixels), else
+    :class:`InputError`."""
+    if not least <= size <= MAX_SIZE:
+        raise InputError(f"{option} must be between {least} and {MAX_SIZE} pixels, got {size}")
+    return int(size)
 
 
 def check_fps(fps: float) -> float:

@@ -49,13 +49,13 @@ class AvatarViewer:
         from gstalk.avatar.io import load_avatar
         from gstalk.config import resolve_device
         from gstalk.drive.render import training_expressions
+        from gstalk.io.media import check_size
 
         if render not in ("browser", "server"):
             raise InputError("--render must be browser or server")
         if not 0 <= port <= 65535:  # viser would fail in its server thread and leave the command hanging
             raise InputError(f"--port must be between 0 and 65535, got {port}")
-        if size < 16:
-            raise InputError(f"--size must be at least 16 pixels, got {size}")
+        check_size(size)
         self.dev = resolve_device(device)
         self.av, self.motion = load_avatar(avatar_dir, self.dev)
         self.av.set_precision(precision)
