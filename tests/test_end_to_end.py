@@ -393,9 +393,14 @@ def test_mouth_crops_line_up_with_the_fitted_avatar(avatar, tracked):
 def test_negative_training_options_are_refused():
     from gstalk.train.trainer import TrainingError, resolved
 
-    for name in ("field_expr", "mouth_crop", "audio_prior", "w_mouth_crop"):
+    for name in ("field_expr", "mouth_crop", "audio_prior", "w_mouth_crop", "iters_static", "checkpoint_every"):
         with pytest.raises(TrainingError, match=name.replace("_", "-")):
             resolved(replace(TINY, **{name: -1}), torch.device("cpu"))
+    for name, value in (("lr_means", math.nan), ("scale", 1.5), ("scale", -0.1), ("sh_degree", 4)):
+        with pytest.raises(TrainingError, match=name.replace("_", "-")):
+            resolved(replace(TINY, **{name: value}), torch.device("cpu"))
+    ok = resolved(replace(TINY, scale=1.0, sh_degree=0, iters_joint=0, per_triangle=0), torch.device("cpu"))
+    assert ok.per_triangle == 2  # 0 = the CPU default
 
 
 def test_head_gaussians_the_first_frame_cannot_show_take_the_nearest_shown_colour():

@@ -178,3 +178,26 @@ def test_view_command_binds_to_localhost_and_prints_the_url(avatar_dir):
         proc.wait(timeout=20)
     r = subprocess.run([sys.executable, "-m", "gstalk", "view", os.devnull], capture_output=True, text=True)
     assert r.returncode == 2 and "gstalk error" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_bad_audio_file_stops_the_viewer_before_its_server_starts(avatar_dir, tmp_path, monkeypatch):
+    """--audio that is missing or not audio ends 'gstalk view' with a message naming it, before
+    a server is started; an upload's errors name the upload, not the temporary copy decoded."""
+    import viser
+
+    from gstalk.errors import GstalkError
+    from gstalk.viewer.app import AvatarViewer, decode_audio
+
+    av_dir, wav, _ = avatar_dir
+    started = []
+    monkeypatch.setattr(viser, "ViserServer", lambda *a, **k: started.append(k))
+    (tmp_path / "bad.wav").write_text("not audio")
+    for path, match in ((tmp_path / "gone.wav", "no such file: .*gone.wav"),
+                        (tmp_path / "bad.wav", "cannot read .*bad.wav as a media file")):
+        with pytest.raises(GstalkError, match=match):
+            AvatarViewer(av_dir, port=0, device="cpu", audio=path)
+    assert not started
+    with pytest.raises(GstalkError, match="cannot read speech.mp3 as a media file") as e:
+        decode_audio(b"not audio", "speech.mp3")
+    assert "upload" not in str(e.value) and "/tmp" not in str(e.value)
+    assert decode_audio(wav.read_bytes(), "speech.wav").size == 16000  # tone_speech: 1 s at 16 kHz

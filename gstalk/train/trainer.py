@@ -52,10 +52,25 @@ class TrainingError(GstalkError):
     """The dataset cannot be trained on as asked."""
 
 
+#: Training options that are counts, rates or weights: none may be negative (nor NaN).
+NON_NEGATIVE = ("iters_static", "iters_audio", "iters_joint", "iters_a2m", "per_triangle", "torso_points",
+                "mouth_crop", "field_expr", "densify_every", "max_gaussians", "checkpoint_every", "cache_frames",
+                "lr_means", "lr_field", "w_ssim", "w_alpha", "w_mouth", "w_mouth_crop", "audio_prior", "w_offsets",
+                "densify_grad")
+
+
 def resolved(opts: TrainOptions, device: torch.device) -> TrainOptions:
-    for name in ("field_expr", "mouth_crop", "audio_prior", "w_mouth_crop"):
-        if getattr(opts, name) < 0:
-            raise TrainingError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(opts, name)}")
+    """``opts`` with the device's defaults filled in (0 = by device), or :class:`TrainingError`
+    naming the first option no fit can use."""
+    for name in NON_NEGATIVE:
+        v = getattr(opts, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise TrainingError(f"--{name.replace('_', '-')} must be 0 or more, got {v}")
+    if not (math.isfinite(opts.scale) and 0 <= opts.scale <= 1):
+        raise TrainingError(f"--scale must be between 0 and 1 (a fraction of the dataset's resolution), "
+                            f"got {opts.scale}")
+    if not 0 <= opts.sh_degree <= 3:
+        raise TrainingError(f"--sh-degree must be 0, 1, 2 or 3, got {opts.sh_degree}")
     gpu = device.type == "cuda"
     return replace(opts, per_triangle=opts.per_triangle or (8 if gpu else 2),
                    torso_points=opts.torso_points or (4000 if gpu else 800))

@@ -29,11 +29,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gstalk.errors import InputError
+from gstalk.errors import GstalkError, InputError
 
 SPEEDS = (0.25, 0.5, 1.0, 1.5, 2.0)
 N_EXPR_SLIDERS = 3
 
+
+def decode_audio(data: bytes | None, name: str) -> np.ndarray:
+    """Speech from a file's contents (any format PyAV reads; None: there is no such file), or
+    :class:`GstalkError` naming the file ``name``, not the temporary copy decoded."""
+    from gstalk.audio.features import check_speech
+    from gstalk.io.video import load_audio
+
+    if data is None:
+        raise InputError(f"no such file: {name}")
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / ("upload" + (Path(name).suffix or ".wav"))
+        p.write_bytes(data)
+        try:
+            audio = load_audio(p)
+        except GstalkError as e:
+            raise type(e)(str(e).replace(str(p), name)) from None
+    check_speech(audio, name)
+    return audio
 
 class AvatarViewer:
     """The viewer's state and its viser server. ``serve_forever`` blocks; tests use ``start``."""
@@ -79,6 +97,9 @@ class AvatarViewer:
         self._shown = -1
         self._dirty = True
         self._stop = threading.Event()
+        start_audio = None  # read before the server starts: a bad file stops here
+        if audio is not None:
+            start_audio = decode_audio(Path(audio).read_bytes() if Path(audio).is_file() else None, str(audio))
         self._rebuild(None)
         self._centre = self._head_centre()
         with contextlib.redirect_stdout(io.StringIO()):
@@ -86,8 +107,8 @@ class AvatarViewer:
         self.host, self.port = host, self.server.get_port()
         self.server.scene.set_up_direction("+y")
         self._build_gui()
-        if audio is not None:
-            self.set_audio(Path(audio).read_bytes(), Path(audio).name)
+        if start_audio is not None:
+            self._use_audio(start_audio, Path(audio).name)
         self._splats = None
         self._fill_shown = 0.0  # the view fill's weight in the browser's splats
         self.server.on_client_connect(self._on_connect)
@@ -107,15 +128,9 @@ class AvatarViewer:
 
     def set_audio(self, data: bytes, name: str) -> None:
         """Re-drive the avatar with an uploaded audio file (any format PyAV reads)."""
-        from gstalk.audio.features import check_speech
-        from gstalk.io.video import load_audio
+        self._use_audio(decode_audio(data, name), name)
 
-        suffix = Path(name).suffix or ".wav"
-        with tempfile.NamedTemporaryFile(suffix=suffix) as f:
-            f.write(data)
-            f.flush()
-            audio = load_audio(f.name)
-        check_speech(audio, name)
+    def _use_audio(self, audio: np.ndarray, name: str) -> None:
         with self.lock:
             self._rebuild(audio)
             self.audio, self.audio_name = audio, name
