@@ -137,10 +137,15 @@ def _train(cfg: TrainConfig, console) -> int:
 
 
 def _fit(cfg: FitConfig, console) -> int:
-    from gstalk.head.tracker import track_dataset
-    from gstalk.prepare import prepare
-    from gstalk.train.trainer import train
+    from gstalk.config import resolve_device
+    from gstalk.head.tracker import check_options as check_track, track_dataset
+    from gstalk.prepare import check_options as check_prepare, prepare
+    from gstalk.train.trainer import resolved, train
 
+    # every stage's options, before the first stage's work
+    check_prepare(cfg.prepare, "prepare.")
+    check_track(cfg.track, "track.")
+    resolved(cfg.train, resolve_device(cfg.train.device), "train.")
     ds_dir = cfg.dataset or Path(str(cfg.avatar).rstrip("/") + ".dataset")
     with StageProgress(console) as prog:
         prepare(cfg.clip, ds_dir, cfg.prepare, progress=prog, log=console.print)

@@ -89,7 +89,10 @@ def _read_au45(path: Path) -> np.ndarray:
 def import_nerf_dataset(src: str | Path, out: str | Path, opts: PrepareOptions | None = None,
                         progress: Progress | None = None, log=print) -> Dataset:
     """Convert a NeRF/3DGS talking-head data folder ``src`` into the gstalk dataset ``out``."""
+    from gstalk.prepare import check_options
+
     opts = opts or PrepareOptions()
+    check_options(opts)
     src, out = Path(src), Path(out)
     img_dir = src / "ori_imgs"
     if not img_dir.is_dir():

@@ -29,10 +29,11 @@ from typing import Callable
 import numpy as np
 
 from gstalk import __version__
-from gstalk.config import PrepareOptions
-from gstalk.errors import GstalkError, InputError
+from gstalk.config import ABOVE_0, AT_LEAST_0, PrepareOptions, between, check_ranges
+from gstalk.errors import GstalkError
 from gstalk.io.atomic import ensure_dir, write_json
 from gstalk.io.dataset import DATASET_FORMAT, DATASET_VERSION, Dataset, read_image_file, save_npz, write_image_file
+from gstalk.io.media import MAX_FPS, MAX_SIZE
 from gstalk.face.mediapipe_models import face_area
 from gstalk.face.regions import LABELS
 from gstalk.io.video import iter_frames, probe, read_audio, write_wav
@@ -119,13 +120,21 @@ def _interp_nan(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def check_options(opts: PrepareOptions, prefix: str = "") -> None:
+    """:class:`InputError` naming the first option no dataset can be made with (its flag with
+    ``prefix``, see :func:`gstalk.config.check_ranges`)."""
+    check_ranges(opts, {"fps": between(1, MAX_FPS), "resolution": between(32, MAX_SIZE), "crop_scale": ABOVE_0,
+                        "crop_down": between(-1, 1), "holdout": between(0, 0.5), "min_face_fraction": between(0, 1),
+                        "min_seconds": AT_LEAST_0, "smooth_seconds": AT_LEAST_0, "landmark_sigma": AT_LEAST_0,
+                        "jpeg_quality": between(1, 100), "detect_size": between(64, MAX_SIZE)}, prefix=prefix)
+
+
 def prepare(clip: str | Path, out: str | Path, opts: PrepareOptions | None = None,
             progress: Progress | None = None, log: Callable[[str], None] = print) -> Dataset:
     """Build the dataset folder ``out`` from ``clip``; resume if ``out`` holds a partial run."""
     opts = opts or PrepareOptions()
     clip, out = Path(clip), Path(out)
-    if opts.fps <= 0 or opts.resolution < 32:
-        raise InputError("--fps must be positive and --resolution at least 32")
+    check_options(opts)
     info = probe(clip)  # raises FileFormatError for missing/corrupt files
     ensure_dir(out)
     state = _State(out, _fingerprint(clip, opts))

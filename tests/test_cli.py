@@ -60,21 +60,31 @@ def test_video_writer_pads_odd_sizes(tmp_path):
 
 def test_options_no_run_can_use_are_refused_before_any_work(tmp_path, capsys):
     """Demo sizes, efforts and lengths that cannot make an avatar, image sizes that would fill
-    the machine's memory or that no face detector reads, and a port no socket has, end in one
-    message and exit status 2 before anything is written."""
+    the machine's memory or that no face detector reads, a port no socket has, and preparation,
+    tracking and training options no run can use (all three checked before 'gstalk fit'
+    prepares anything, and named as its flags) end in one message and exit status 2 before
+    anything is written."""
     save_ply(GaussianSet.random(5), tmp_path / "s.ply")
-    cases = [(["render", str(tmp_path / "s.ply"), "--size", "40000"], "--size must be between 16 and 4096 pixels"),
-             (["eval", str(tmp_path / "av"), str(tmp_path / "ds"), "--size", "8"], "--size must be between 32 and"),
-             (["demo", "--size", "8"], "--size must be between 32 and 4096 pixels"),
-             (["demo", "--effort", "0"], "--effort must be above 0"),
-             (["demo", "--seconds", "1"], "--seconds must be at least 3"),
-             (["view", str(tmp_path / "nowhere"), "--port", "70000"], "--port must be between 0 and 65535")]
+    out = tmp_path / "out"
+    clip, ds, av, to = str(tmp_path / "clip.mp4"), str(out / "ds"), str(out / "av"), ["--out", str(out)]
+    cases = [(["fit", clip, av, "--track.keyframes", "0"], "--track.keyframes must be at least 1"),
+             (["fit", clip, av, "--train.lr-means", "nan"], "--train.lr-means must be 0 or more"),
+             (["fit", clip, av, "--prepare.holdout", "0.9"], "--prepare.holdout must be between 0 and 0.5"),
+             (["prepare", clip, ds, "--jpeg-quality", "0"], "--jpeg-quality must be between 1 and 100"),
+             (["import-dataset", str(tmp_path), ds, "--fps", "0"], "--fps must be between 1 and"),
+             (["track", ds, "--n-expr", "0"], "--n-expr must be at least 1"),
+             (["track", ds, "--init-fov-deg", "80"], "--init-fov-deg must be between 10 and 60"),
+             (["render", str(tmp_path / "s.ply"), "--size", "40000", *to], "--size must be between 16 and 4096 pixels"),
+             (["eval", av, ds, "--size", "8", *to], "--size must be between 32 and"),
+             (["demo", "--size", "8", *to], "--size must be between 32 and 4096 pixels"),
+             (["demo", "--effort", "0", *to], "--effort must be above 0"),
+             (["demo", "--seconds", "1", *to], "--seconds must be at least 3"),
+             (["view", av, "--port", "70000", *to], "--port must be between 0 and 65535")]
     for args, message in cases:
-        out = ["--out", str(tmp_path / "out")]
-        assert main(args + out) == 2
+        assert main(args) == 2, args
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
-        assert not (tmp_path / "out").exists()
+        assert not out.exists()
 
 
 def test_a_folder_that_takes_no_new_files_is_an_output_error(tmp_path, monkeypatch):

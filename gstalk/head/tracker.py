@@ -433,6 +433,19 @@ def head_rotation(track: Track) -> np.ndarray:
     return (g @ n).numpy()
 
 
+def check_options(opts: TrackOptions, prefix: str = "") -> None:
+    """:class:`InputError` naming the first option no track can be fitted with (its flag with
+    ``prefix``, see :func:`gstalk.config.check_ranges`)."""
+    from gstalk.config import ABOVE_0, AT_LEAST_0, AT_LEAST_1, between, check_ranges
+
+    check_ranges(opts, {"n_shape": AT_LEAST_1, "n_expr": AT_LEAST_1, "keyframes": AT_LEAST_1,
+                        **{k: AT_LEAST_0 for k in ("iters_rigid", "iters_shape", "iters_all", "iters_silhouette",
+                                                   "w_silhouette", "w_focal_prior", "w_shape", "w_expr", "w_jaw",
+                                                   "w_neck", "w_eyes", "w_smooth")},
+                        "huber_px": ABOVE_0, "min_fov_deg": between(1, 150), "max_fov_deg": between(1, 150),
+                        "init_fov_deg": between(opts.min_fov_deg, opts.max_fov_deg)}, prefix=prefix)
+
+
 def track_dataset(dataset_dir: str | Path, opts: TrackOptions | None = None, progress: Progress | None = None,
                   log: Callable[[str], None] = print) -> Path:
     """``gstalk track``: fit the dataset's landmarks, write ``track.npz`` and ``track_preview.mp4``."""
@@ -440,6 +453,7 @@ def track_dataset(dataset_dir: str | Path, opts: TrackOptions | None = None, pro
     from gstalk.io.dataset import Dataset
 
     opts = opts or TrackOptions()
+    check_options(opts)
     ds = Dataset(dataset_dir)
     dev = resolve_device(opts.device)
     model = load_head_model(opts.flame, n_shape=opts.n_shape, n_expr=opts.n_expr)

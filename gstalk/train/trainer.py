@@ -31,7 +31,7 @@ from gstalk.audio.features import SilentAudioError, check_speech, compute_featur
 from gstalk.avatar.io import save_avatar
 from gstalk.avatar.model import (Avatar, AvatarConfig, Frame, concat_sets, init_gaussians,
                                  mouth_expressions, mouth_prior, nearest_of, render_frame, torso_gaussians)
-from gstalk.config import TrainOptions, resolve_device
+from gstalk.config import AT_LEAST_0, TrainOptions, between, check_ranges, resolve_device
 from gstalk.errors import FileFormatError, GstalkError
 from gstalk.gaussians.set import GaussianSet, GaussianTensors, rgb_to_sh
 from gstalk.head.tracker import load_track
@@ -59,18 +59,11 @@ NON_NEGATIVE = ("iters_static", "iters_audio", "iters_joint", "iters_a2m", "per_
                 "densify_grad")
 
 
-def resolved(opts: TrainOptions, device: torch.device) -> TrainOptions:
+def resolved(opts: TrainOptions, device: torch.device, prefix: str = "") -> TrainOptions:
     """``opts`` with the device's defaults filled in (0 = by device), or :class:`TrainingError`
-    naming the first option no fit can use."""
-    for name in NON_NEGATIVE:
-        v = getattr(opts, name)
-        if not (math.isfinite(v) and v >= 0):
-            raise TrainingError(f"--{name.replace('_', '-')} must be 0 or more, got {v}")
-    if not (math.isfinite(opts.scale) and 0 <= opts.scale <= 1):
-        raise TrainingError(f"--scale must be between 0 and 1 (a fraction of the dataset's resolution), "
-                            f"got {opts.scale}")
-    if not 0 <= opts.sh_degree <= 3:
-        raise TrainingError(f"--sh-degree must be 0, 1, 2 or 3, got {opts.sh_degree}")
+    naming the first option no fit can use (its flag with ``prefix``, see :func:`check_ranges`)."""
+    check_ranges(opts, {**{name: AT_LEAST_0 for name in NON_NEGATIVE}, "scale": between(0, 1),
+                        "sh_degree": between(0, 3)}, TrainingError, prefix)
     gpu = device.type == "cuda"
     return replace(opts, per_triangle=opts.per_triangle or (8 if gpu else 2),
                    torso_points=opts.torso_points or (4000 if gpu else 800))
