@@ -75,15 +75,21 @@ def _parsing_labels(path: Path, res: int) -> np.ndarray:
 
 
 def _read_au45(path: Path) -> np.ndarray:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise FileFormatError(f"{path} is not a CSV file ({e})") from None
     if not rows:
         raise FileFormatError(f"{path} is empty")
     header = [h.strip() for h in rows[0]]  # OpenFace writes ' AU45_r' with a leading space
     if "AU45_r" not in header:
         raise FileFormatError(f"{path} has no AU45_r column (columns: {', '.join(header[:8])}...)")
     j = header.index("AU45_r")
-    return np.array([float(r[j]) for r in rows[1:] if len(r) > j], np.float32)
+    try:
+        return np.array([float(r[j]) for r in rows[1:] if len(r) > j], np.float32)
+    except ValueError as e:
+        raise FileFormatError(f"{path}: the AU45_r column holds something that is not a number ({e})") from None
 
 
 def import_nerf_dataset(src: str | Path, out: str | Path, opts: PrepareOptions | None = None,
@@ -119,11 +125,18 @@ def import_nerf_dataset(src: str | Path, out: str | Path, opts: PrepareOptions |
         if p.is_file():
             try:
                 d = json.loads(p.read_text())
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise FileFormatError(f"{p} is not valid JSON ({e})") from None
-            meta.update({k: d[k] for k in ("focal_len", "cx", "cy") if k in d})
-            for fr in d.get("frames", []):
-                poses[int(fr["img_id"])] = (name, np.asarray(fr["transform_matrix"], np.float64))
+            try:
+                meta.update({k: float(d[k]) for k in ("focal_len", "cx", "cy") if k in d})
+                for fr in d.get("frames", []):
+                    m = np.asarray(fr["transform_matrix"], np.float64)
+                    if m.shape != (4, 4):
+                        raise ValueError(f"a transform_matrix of shape {m.shape}")
+                    poses[int(fr["img_id"])] = (name, m)
+            except (AttributeError, KeyError, TypeError, ValueError) as e:
+                raise FileFormatError(f"{p} is not a transforms file of NeRF talking-head data (frames with img_id "
+                                      f"and a 4x4 transform_matrix): {type(e).__name__} {e}") from None
     index_of = {i: k for k, i in enumerate(ids)}
     if poses:
         train = sorted(index_of[i] for i, (nm, _) in poses.items() if nm == "train" and i in index_of)

@@ -70,3 +70,26 @@ def test_import_errors(tmp_path):
     with pytest.raises(FileFormatError, match="ori_imgs"):
         import_nerf_dataset(tmp_path, tmp_path / "out")
     assert main(["import-dataset", str(tmp_path), str(tmp_path / "out")]) == 2
+
+
+def test_damaged_transforms_and_au_files_are_named(tmp_path):
+    """A transforms file whose frames lack img_id or a 4x4 transform_matrix, or that is not an
+    object at all, and an au.csv whose AU45_r column is not numbers: refused, naming the file."""
+    import cv2
+
+    from gstalk.importers import _read_au45
+
+    (tmp_path / "ori_imgs").mkdir()
+    for i in range(60):  # 2.4 s at 25 fps: past the shortest clip
+        cv2.imwrite(str(tmp_path / "ori_imgs" / f"{i}.jpg"), np.zeros((16, 16, 3), np.uint8))
+    for bad in ({"frames": [{"transform_matrix": np.eye(4).tolist()}]},
+                {"frames": [{"img_id": 0, "transform_matrix": [[1, 0], [0, 1]]}]},
+                [1, 2, 3], {"focal_len": "long"}):
+        (tmp_path / "transforms_train.json").write_text(json.dumps(bad))
+        with pytest.raises(FileFormatError, match="transforms_train.json is not a transforms file"):
+            import_nerf_dataset(tmp_path, tmp_path / "out", log=lambda m: None)
+    (tmp_path / "au.csv").write_text("frame, AU45_r\n1, 0.5\n2, closed\n")
+    with pytest.raises(FileFormatError, match="au.csv: the AU45_r column holds something that is not a number"):
+        _read_au45(tmp_path / "au.csv")
+    (tmp_path / "au.csv").write_text("frame, AU45_r\n1, 0.5\n2, 1.5\n")
+    np.testing.assert_allclose(_read_au45(tmp_path / "au.csv"), [0.5, 1.5])

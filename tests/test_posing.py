@@ -424,9 +424,9 @@ def test_an_avatar_with_a_broken_motion_file_is_refused_with_a_message(tmp_path)
 
 def test_damaged_avatar_files_and_driver_arguments_are_messages(tmp_path, capsys):
     """A truncated networks file, a config with a field no version wrote, a track file that is
-    not one (pickled objects, another npz, a zip that is not an npz) and a frame rate no video
-    has each end 'gstalk render' with one message and exit status 2, before a frame is drawn
-    and without writing the output."""
+    not one (pickled objects, another npz, a zip that is not an npz), --audio with --expressions
+    and a frame rate no video has each end 'gstalk render' with one message and exit status 2,
+    before a frame is drawn and without writing the output."""
     from gstalk.avatar.io import load_avatar
     from gstalk.cli import main
     from gstalk.errors import FileFormatError, InputError
@@ -444,6 +444,8 @@ def test_damaged_avatar_files_and_driver_arguments_are_messages(tmp_path, capsys
                        (tmp_path / "zip.npz", "zip.npz cannot be read as a numpy .npz archive")]:
         with pytest.raises(FileFormatError, match=match):
             load_driver(None, bad, 25.0)
+    with pytest.raises(InputError, match="not both"):
+        load_driver(wav, folder / "motion.npz", 25.0)
     for fps in (-1.0, 0.0, float("nan"), 1e6):
         with pytest.raises(InputError, match="frame rate must be above 0"):
             load_driver(wav, None, fps)

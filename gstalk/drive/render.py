@@ -266,6 +266,9 @@ def load_driver(audio_path: str | Path | None, expressions_path: str | Path | No
                 required: bool = True) -> tuple[np.ndarray | None, dict | None, int, float]:
     """(audio, expressions, frame count, fps) from --audio or --expressions."""
     check_fps(fps)
+    if expressions_path is not None and audio_path is not None:
+        raise InputError("give --audio (speech moves the lips) or --expressions (a tracked clip's motion moves "
+                         "the face), not both")
     if expressions_path is not None:
         from gstalk.head.tracker import load_track
 
