@@ -156,8 +156,23 @@ def _fit(cfg: FitConfig, console) -> int:
     return 0
 
 
+#: Options of 'gstalk render' that only a .ply turntable uses, and that only an avatar uses.
+PLY_ONLY = ("frames", "radius", "axes")
+AVATAR_ONLY = ("audio", "expressions", "camera", "head", "deform", "lips", "compile", "precision")
+
+
 def _render(cfg: RenderConfig, console) -> int:
-    if cfg.target.suffix.lower() == ".ply":
+    from gstalk.errors import InputError
+
+    default = RenderConfig(target=cfg.target)
+    ply = cfg.target.suffix.lower() == ".ply"
+    unused = [k for k in (AVATAR_ONLY if ply else PLY_ONLY) if getattr(cfg, k) != getattr(default, k)]
+    if unused:  # set, but the target takes no notice of them
+        flags = ", ".join("--" + k for k in unused)
+        raise InputError(f"{flags} {'is' if len(unused) == 1 else 'are'} for "
+                         f"{'an avatar folder' if ply else 'a .ply turntable'}; {cfg.target} is "
+                         f"{'a .ply file' if ply else 'an avatar'}")
+    if ply:
         from gstalk.demo import render_ply_turntable
 
         r = render_ply_turntable(cfg.target, cfg.out, size=cfg.size or 256, frames=cfg.frames, fps=cfg.fps or 24.0,

@@ -55,7 +55,7 @@ class RenderConfig:
     size: int = 0
     """Output size in pixels (square); 0 = the avatar's resolution (256 for a .ply)."""
     fps: float = 0.0
-    """Frame rate; 0 = the avatar's."""
+    """Frame rate; 0 = the avatar's (24 for a .ply)."""
     deform: bool = True
     """Apply the audio-conditioned deformation (off = the baseline)."""
     lips: Literal["auto", "visemes", "learned"] = "auto"
