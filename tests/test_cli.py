@@ -91,15 +91,15 @@ def test_options_no_run_can_use_are_refused_before_any_work(tmp_path, capsys):
 
 
 def test_a_folder_that_takes_no_new_files_is_an_output_error(tmp_path, monkeypatch):
-    """Where the temporary file beside the target cannot be made (a full disk, /proc), the
-    write says which file and why, and the old file stays."""
+    """Where the temporary file beside the target cannot be made (a full disk, /proc), or the
+    disk fills while it is written, the write says which file and why, and the old file stays."""
     import errno
     import tempfile
 
     import pytest
 
     from gstalk.errors import OutputError
-    from gstalk.io.atomic import write_text
+    from gstalk.io.atomic import atomic_path, write_text
 
     target = tmp_path / "kept.txt"
     write_text(target, "old")
@@ -107,7 +107,14 @@ def test_a_folder_that_takes_no_new_files_is_an_output_error(tmp_path, monkeypat
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tempfile, "mkstemp", full)
-    with pytest.raises(OutputError, match="cannot write .*kept.txt: No space left on device"):
-        write_text(target, "new")
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", full)
+        with pytest.raises(OutputError, match="cannot write .*kept.txt: No space left on device"):
+            write_text(target, "new")
     assert target.read_text() == "old"
+    # the disk fills while writing: the same, and no temporary file is left behind
+    with pytest.raises(OutputError, match="cannot write .*kept.txt: No space left on device.*kept"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            full()
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["kept.txt"]

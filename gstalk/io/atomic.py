@@ -8,6 +8,7 @@ the next write of the same target replaces.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -24,6 +25,8 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+#: Write errors that say the disk (or the quota, or the file system) takes no more.
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:
@@ -59,9 +62,12 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     try:
         yield tmp_path
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if isinstance(e, OSError) and e.errno in _FULL:  # the old file, if any, is still there
+            raise OutputError(f"cannot write {target}: {e.strerror or e}. Free some space or choose another "
+                              "folder; what was written before is kept.") from None
         raise
 
 
