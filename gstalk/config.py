@@ -344,31 +344,6 @@ class ViewConfig:
     device: Device = "auto"
 
 
-#: Rules for :func:`check_ranges`: (what the value must satisfy, how to say it).
-AT_LEAST_0 = (lambda v: v >= 0, "0 or more")
-ABOVE_0 = (lambda v: v > 0, "above 0")
-AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
-
-
-def between(low: float, high: float) -> tuple:
-    return (lambda v: low <= v <= high, f"between {low:g} and {high:g}")
-
-
-def check_ranges(opts, rules: dict[str, tuple], error: type | None = None, prefix: str = "") -> None:
-    """Raise ``error`` (default :class:`InputError`) naming the first option of ``opts`` (a
-    config dataclass) whose value is not a finite number satisfying its rule (``rules``: option
-    name to a rule such as :data:`AT_LEAST_0` or :func:`between`), as its command-line flag
-    (``prefix`` before the name: 'train.' for 'gstalk fit')."""
-    import math
-
-    from gstalk.errors import InputError
-
-    for name, (ok, words) in rules.items():
-        v = getattr(opts, name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
-            raise (error or InputError)(f"--{prefix}{name.replace('_', '-')} must be {words}, got {v}")
-
-
 def resolve_device(device: Device):
     import torch
 

@@ -29,8 +29,8 @@ from typing import Callable
 import numpy as np
 
 from gstalk import __version__
-from gstalk.config import ABOVE_0, AT_LEAST_0, PrepareOptions, between, check_ranges
-from gstalk.errors import GstalkError
+from gstalk.config import PrepareOptions
+from gstalk.errors import ABOVE_0, AT_LEAST_0, GstalkError, between, check_ranges
 from gstalk.io.atomic import ensure_dir, write_json
 from gstalk.io.dataset import DATASET_FORMAT, DATASET_VERSION, Dataset, read_image_file, save_npz, write_image_file
 from gstalk.io.media import MAX_FPS, MAX_SIZE
@@ -122,7 +122,7 @@ def _interp_nan(x: np.ndarray) -> np.ndarray:
 
 def check_options(opts: PrepareOptions, prefix: str = "") -> None:
     """:class:`InputError` naming the first option no dataset can be made with (its flag with
-    ``prefix``, see :func:`gstalk.config.check_ranges`)."""
+    ``prefix``, see :func:`gstalk.errors.check_ranges`)."""
     check_ranges(opts, {"fps": between(1, MAX_FPS), "resolution": between(32, MAX_SIZE), "crop_scale": ABOVE_0,
                         "crop_down": between(-1, 1), "holdout": between(0, 0.5), "min_face_fraction": between(0, 1),
                         "min_seconds": AT_LEAST_0, "smooth_seconds": AT_LEAST_0, "landmark_sigma": AT_LEAST_0,

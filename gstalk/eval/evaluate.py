@@ -169,8 +169,9 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
         lip_model(av)  # refuses, saying why, before any work
     others = []  # other speakers' audio: an unreadable or silent file stops here, before any work
     for a in audios:
-        others.append((Path(a).name, load_audio(a)))
-        check_speech(others[-1][1], str(a))
+        audio = load_audio(a)
+        check_speech(audio, str(a))
+        others.append((Path(a).name, audio))
     ds = Dataset(dataset_dir)
     track = load_track(ds.root / "track.npz")
     _check_same_clip(av, motion, track, avatar_dir, ds.root)

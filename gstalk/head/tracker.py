@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from gstalk.config import TrackOptions
-from gstalk.errors import GstalkError, InputError
+from gstalk.errors import ABOVE_0, AT_LEAST_0, AT_LEAST_1, GstalkError, InputError, between, check_ranges
 from gstalk.face import regions as R
 from gstalk.head.embedding import LandmarkEmbedding, load_embedding
 from gstalk.head.flame import HeadModel, load_head_model
@@ -113,7 +113,6 @@ def save_track(track: Track, path: str | os.PathLike) -> Path:
 
 def load_track(path: str | os.PathLike) -> Track:
     from gstalk.errors import FileFormatError
-
     from gstalk.io.dataset import load_npz
 
     p = Path(path)
@@ -435,9 +434,7 @@ def head_rotation(track: Track) -> np.ndarray:
 
 def check_options(opts: TrackOptions, prefix: str = "") -> None:
     """:class:`InputError` naming the first option no track can be fitted with (its flag with
-    ``prefix``, see :func:`gstalk.config.check_ranges`)."""
-    from gstalk.config import ABOVE_0, AT_LEAST_0, AT_LEAST_1, between, check_ranges
-
+    ``prefix``, see :func:`gstalk.errors.check_ranges`)."""
     check_ranges(opts, {"n_shape": AT_LEAST_1, "n_expr": AT_LEAST_1, "keyframes": AT_LEAST_1,
                         **{k: AT_LEAST_0 for k in ("iters_rigid", "iters_shape", "iters_all", "iters_silhouette",
                                                    "w_silhouette", "w_focal_prior", "w_shape", "w_expr", "w_jaw",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from gstalk.errors import InputError, OutputError
+from gstalk.errors import InputError, OutputError, between, check_value
 from gstalk.io.atomic import atomic_path
 
 
@@ -47,16 +46,13 @@ MAX_SIZE = 4096
 def check_size(size: int, least: int = 16, option: str = "--size") -> int:
     """``size`` if it is an image side gstalk renders (``least`` to MAX_SIZE pixels), else
     :class:`InputError`."""
-    if not least <= size <= MAX_SIZE:
-        raise InputError(f"{option} must be between {least} and {MAX_SIZE} pixels, got {size}")
-    return int(size)
+    return int(check_value(size, between(least, MAX_SIZE, " pixels"), option))
 
 
 def check_fps(fps: float) -> float:
     """``fps`` if it is a frame rate a video can have, else :class:`InputError`."""
-    if not (isinstance(fps, (int, float)) and math.isfinite(fps) and 0 < fps <= MAX_FPS):
-        raise InputError(f"the frame rate must be above 0 and at most {MAX_FPS:g} frames/s, got {fps}")
-    return float(fps)
+    return float(check_value(fps, (lambda v: 0 < v <= MAX_FPS, f"above 0 and at most {MAX_FPS:g} frames/s"),
+                             "the frame rate"))
 
 
 def write_video(path: str | os.PathLike, frames: Iterable, fps: float = 25.0, audio: np.ndarray | None = None,

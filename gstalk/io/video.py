@@ -42,16 +42,19 @@ class VideoInfo:
     warnings: list[str] = field(default_factory=list)
 
 
-def _open(path: str | os.PathLike):
+def _open(path: str | os.PathLike, name: str | None = None):
+    """The container at ``path``; errors name it as ``name`` (default: the path)."""
     import av
 
     p = Path(path)
+    label = name or str(p)
     if not p.is_file():
-        raise FileFormatError(f"no such file: {p}")
+        raise FileFormatError(f"no such file: {label}")
     try:
         return av.open(str(p))
     except (av.error.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
-        raise FileFormatError(f"cannot read {p} as a media file ({e}). Is it a complete video/audio file?") from None
+        raise FileFormatError(f"cannot read {label} as a media file ({str(e).replace(str(p), label)}). "
+                              "Is it a complete video/audio file?") from None
 
 
 def _stream_rotation(container, stream) -> int:
@@ -171,16 +174,17 @@ def iter_frames(path: str | os.PathLike, fps: float, info: VideoInfo | None = No
 
 
 def read_audio(path: str | os.PathLike, sample_rate: int = 16000, start: float = 0.0,
-               duration: float | None = None) -> np.ndarray | None:
+               duration: float | None = None, name: str | None = None) -> np.ndarray | None:
     """Decode the first audio stream to float32 mono at ``sample_rate``.
 
     Sample 0 is at container time ``start`` (silence is padded where the audio starts
     later); the result is trimmed or zero-padded to ``duration`` seconds when given.
-    Returns None when the file has no audio stream.
+    Returns None when the file has no audio stream. Errors name the file as ``name``
+    (default: the path; an upload's name for its temporary copy).
     """
     import av
 
-    c = _open(path)
+    c = _open(path, name)
     try:
         if not c.streams.audio:
             return None
@@ -198,7 +202,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000, start: float =
                 chunks.append(out.to_ndarray().reshape(-1))
         except av.error.FFmpegError as e:
             if not chunks:
-                raise FileFormatError(f"cannot decode the audio of {path}: {e}") from None
+                raise FileFormatError(f"cannot decode the audio of {name or path}: {e}") from None
         audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
         offset = int(round(((first_t or 0.0) - start) * sample_rate))
         if offset > 0:
@@ -213,13 +217,15 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000, start: float =
         c.close()
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
-    """Any audio (or video-with-audio) file to float32 mono at ``sample_rate``."""
-    a = read_audio(path, sample_rate)
+def load_audio(path: str | os.PathLike, sample_rate: int = 16000, name: str | None = None) -> np.ndarray:
+    """Any audio (or video-with-audio) file to float32 mono at ``sample_rate``; errors name
+    it as ``name`` (default: the path)."""
+    a = read_audio(path, sample_rate, name=name)
+    label = name or path
     if a is None:
-        raise FileFormatError(f"{path} has no audio stream")
+        raise FileFormatError(f"{label} has no audio stream")
     if a.size == 0:
-        raise FileFormatError(f"{path}: the audio stream is empty")
+        raise FileFormatError(f"{label}: the audio stream is empty")
     return a
 
 

@@ -31,8 +31,8 @@ from gstalk.audio.features import SilentAudioError, check_speech, compute_featur
 from gstalk.avatar.io import save_avatar
 from gstalk.avatar.model import (Avatar, AvatarConfig, Frame, concat_sets, init_gaussians,
                                  mouth_expressions, mouth_prior, nearest_of, render_frame, torso_gaussians)
-from gstalk.config import AT_LEAST_0, TrainOptions, between, check_ranges, resolve_device
-from gstalk.errors import FileFormatError, GstalkError
+from gstalk.config import TrainOptions, resolve_device
+from gstalk.errors import AT_LEAST_0, FileFormatError, GstalkError, between, check_ranges
 from gstalk.gaussians.set import GaussianSet, GaussianTensors, rgb_to_sh
 from gstalk.head.tracker import load_track
 from gstalk.io.atomic import atomic_path

@@ -29,29 +29,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gstalk.errors import GstalkError, InputError
+from gstalk.errors import InputError, between, check_value
 
 SPEEDS = (0.25, 0.5, 1.0, 1.5, 2.0)
 N_EXPR_SLIDERS = 3
 
 
-def decode_audio(data: bytes | None, name: str) -> np.ndarray:
-    """Speech from a file's contents (any format PyAV reads; None: there is no such file), or
-    :class:`GstalkError` naming the file ``name``, not the temporary copy decoded."""
+def decode_audio(data: bytes, name: str) -> np.ndarray:
+    """Speech from an uploaded file's contents (any format PyAV reads), or
+    :class:`GstalkError` naming the upload ``name``, not the temporary copy decoded."""
     from gstalk.audio.features import check_speech
     from gstalk.io.video import load_audio
 
-    if data is None:
-        raise InputError(f"no such file: {name}")
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / ("upload" + (Path(name).suffix or ".wav"))
         p.write_bytes(data)
-        try:
-            audio = load_audio(p)
-        except GstalkError as e:
-            raise type(e)(str(e).replace(str(p), name)) from None
+        audio = load_audio(p, name=name)
     check_speech(audio, name)
     return audio
+
 
 class AvatarViewer:
     """The viewer's state and its viser server. ``serve_forever`` blocks; tests use ``start``."""
@@ -71,8 +67,7 @@ class AvatarViewer:
 
         if render not in ("browser", "server"):
             raise InputError("--render must be browser or server")
-        if not 0 <= port <= 65535:  # viser would fail in its server thread and leave the command hanging
-            raise InputError(f"--port must be between 0 and 65535, got {port}")
+        check_value(port, between(0, 65535), "--port")  # viser would fail in its thread and leave the command hanging
         check_size(size)
         self.dev = resolve_device(device)
         self.av, self.motion = load_avatar(avatar_dir, self.dev)
@@ -99,7 +94,11 @@ class AvatarViewer:
         self._stop = threading.Event()
         start_audio = None  # read before the server starts: a bad file stops here
         if audio is not None:
-            start_audio = decode_audio(Path(audio).read_bytes() if Path(audio).is_file() else None, str(audio))
+            from gstalk.audio.features import check_speech
+            from gstalk.io.video import load_audio
+
+            start_audio = load_audio(audio)
+            check_speech(start_audio, str(audio))
         self._rebuild(None)
         self._centre = self._head_centre()
         with contextlib.redirect_stdout(io.StringIO()):
