@@ -354,6 +354,7 @@ def test_gaussians_the_camera_saw_end_on_are_shortened_from_other_views(tmp_path
             av.log_scales[idx] = torch.log(torch.tensor([2.0, 0.2, 0.05]))  # 10 times longer than wide
     av.invalidate()
     av.set_ray_cut(motion)
+    av.view_fill = None  # the view fill's size cap is tested below; here every size is the cut's
     cut = torch.zeros(av.num_gaussians, dtype=torch.bool)
     cut[av.ray_cut] = True
     assert bool(cut[along].all()) and not bool(cut[across].any())
@@ -398,6 +399,66 @@ def test_gaussians_the_camera_saw_end_on_are_shortened_from_other_views(tmp_path
         av.ray_cut = None
         streaks = render_frame(av, gp, profile, bg)[0]
     assert (shortened - streaks).abs().max() > 0.05
+
+
+def test_gaussians_the_clip_never_showed_face_on_are_no_larger_than_the_seen_ones_from_other_views(tmp_path):
+    """Nothing in training bounds the size of the Gaussians the clip never showed face-on:
+    from other viewpoints each of their axes is drawn no longer than the 0.99 quantile of the
+    seen head Gaussians' longest axes (rest pose), faded in like the view fill; the seen ones
+    and the training camera's view keep their trained sizes."""
+    from gstalk.avatar.io import load_avatar
+    from gstalk.avatar.model import FILL_SIZE_QUANTILE, Frame, fill_weight, other_view, render_frame
+    from gstalk.drive.render import cameras_for, conditions_for, training_expressions
+    from gstalk.render import Cameras, rasterize
+
+    from tinyavatar import make_avatar
+
+    av, motion = load_avatar(make_avatar(tmp_path / "av", n_frames=4), "cpu")
+    av.ray_cut = None  # the cut is tested above; here every size is as trained
+    av.set_view_fill(motion)
+    filled = torch.zeros(av.num_gaussians, dtype=torch.bool)
+    filled[av.view_fill] = True
+    seen = (av.binding >= 0) & ~filled
+    big = av.view_fill[::5][:10]  # some unseen ones, ten times as large as the largest seen one
+    _, _, s_rest = av.rest_frames()
+    tri = av.binding.clamp_min(0)
+    with torch.no_grad():
+        size = torch.exp(av.log_scales) * s_rest[0, tri][:, None]
+        av.log_scales[big] += torch.log(10 * size[seen].amax() / size[big].amin(-1, keepdim=True))
+    av.invalidate()
+    av.set_view_fill(motion)
+    assert torch.equal(av.view_fill, torch.nonzero(filled)[:, 0])  # sizes do not choose which
+    with torch.no_grad():
+        size = torch.exp(av.log_scales) * s_rest[0, tri][:, None]
+    cap = torch.quantile(size[seen].amax(-1), FILL_SIZE_QUANTILE)
+    f = av.view_fill_scale
+    assert f.shape == (int(filled.sum()), 3) and bool((f <= 1).all())
+    drawn = size[filled] * f
+    assert bool((drawn <= cap * (1 + 1e-5)).all())
+    torch.testing.assert_close(drawn[size[filled] > cap], cap.expand(int((size[filled] > cap).sum())))
+    assert torch.equal(f[size[filled] <= cap], torch.ones(int((size[filled] <= cap).sum())))  # smaller ones kept
+    assert bool((f[torch.isin(av.view_fill, big)] < 0.2).all())
+    cams = cameras_for(av, motion, 120, "orbit", 40)
+    with torch.no_grad():
+        c = conditions_for(av, motion, 1, 25.0, None, training_expressions(motion))
+        gp = av.posed(Frame(c.params, c.codes, c.blink))[0][0]
+        side = other_view(av, gp, cams.centers[30:31]).scales  # 90 degrees
+        half = other_view(av, gp, cams.centers[5:6]).scales  # 15 degrees
+    assert torch.equal(other_view(av, gp).scales, gp.scales)
+    assert torch.equal(other_view(av, gp, cams.centers[1:2]).scales, gp.scales)
+    assert torch.equal(side[~filled], gp.scales[~filled])
+    torch.testing.assert_close(side[filled], gp.scales[filled] * f)
+    torch.testing.assert_close(half[filled], gp.scales[filled] * f ** fill_weight(av, cams.centers[5:6]))
+    track = cameras_for(av, motion, 1, "track", 40)
+    profile = Cameras(cams.viewmats[30:31], cams.Ks[30:31], 40, 40)
+    bg = torch.zeros(40, 40, 3)
+    with torch.no_grad():
+        assert torch.equal(render_frame(av, gp, track, bg)[0],
+                           rasterize(gp, track, sh_degree=1, background=0.0).colors[0])
+        capped = render_frame(av, gp, profile, bg)[0]
+        av.view_fill_scale = torch.ones_like(f)
+        blobs = render_frame(av, gp, profile, bg)[0]
+    assert (capped - blobs).abs().max() > 0.05
 
 
 def test_an_avatar_with_a_broken_motion_file_is_refused_with_a_message(tmp_path):

@@ -145,6 +145,7 @@ class Avatar(nn.Module):
         self.register_buffer("region", region.detach().clone().long())
         self.register_buffer("view_fill", None, persistent=False)  # see set_view_fill()
         self.register_buffer("view_fill_rgb", None, persistent=False)
+        self.register_buffer("view_fill_scale", None, persistent=False)
         self.register_buffer("ray_cut", None, persistent=False)  # see set_ray_cut()
         self.register_buffer("ray_cut_scale", None, persistent=False)
         self.invalidate()
@@ -224,9 +225,16 @@ class Avatar(nn.Module):
         patch of its own. Free Gaussians keep their own colours. Without a seen one, nothing is
         filled.
 
-        Sets ``view_fill`` ([T] indices of the filled Gaussians, or None) and ``view_fill_rgb``
-        ([T, 3] their colours); changing the Gaussians (:meth:`set_gaussians`) drops both."""
-        self.view_fill = self.view_fill_rgb = None
+        Nothing in training bounded their size either: on hill_8s, discs up to 13 cm long on
+        the back of the neck and under the skull, seen edge-on from 135 degrees as light
+        streaks fanning over the hair. From other viewpoints each axis of a filled Gaussian is
+        drawn no longer than the ``FILL_SIZE_QUANTILE`` quantile of the seen head Gaussians'
+        longest axes (in the rest pose, after the ray cut: call :meth:`set_ray_cut` first).
+
+        Sets ``view_fill`` ([T] indices of the filled Gaussians, or None), ``view_fill_rgb``
+        ([T, 3] their colours) and ``view_fill_scale`` ([T, 3] factors, at most 1, on their
+        scales); changing the Gaussians (:meth:`set_gaussians`) drops them."""
+        self.view_fill = self.view_fill_rgb = self.view_fill_scale = None
         t = np.asarray(motion["translation"], dtype=np.float64)
         self.view_centre = torch.as_tensor(np.median(t, 0), dtype=torch.float32, device=self.means.device)
         bound = self.binding >= 0
@@ -255,6 +263,12 @@ class Avatar(nn.Module):
         rgb = sh_colors(g.colors[0], g.means[0], _training_centre(self, g.means[0]), self.cfg.sh_degree)[0]
         self.view_fill = targets
         self.view_fill_rgb = rgb[near].median(1).values
+        _, _, s_rest = self.rest_frames()
+        size = torch.exp(self.log_scales) * s_rest[0, tri][:, None]  # [N, 3] rest-pose scales of the bound ones
+        if self.ray_cut is not None:
+            size = size.index_copy(0, self.ray_cut, size[self.ray_cut] * self.ray_cut_scale)
+        cap = torch.quantile(size[seen].amax(-1), FILL_SIZE_QUANTILE)
+        self.view_fill_scale = (cap / size[targets]).clamp_max(1.0)
 
     @torch.no_grad()
     def set_ray_cut(self, motion: dict, max_frames: int = 16) -> None:
@@ -454,8 +468,8 @@ def other_view(av: Avatar, g: GaussianTensors, centres: Tensor | None = None) ->
     the training camera draws them: with plain RGB colours [..., N, 3], their SH evaluated
     from the training camera's centre, whatever camera will draw them; and, seen from the
     camera centres ``centres`` ([1, 3], or [B, 3] one per frame; world), for the Gaussians the
-    training camera never saw face-on the colour of a nearby one it did
-    (:meth:`Avatar.set_view_fill`) and the Gaussians it saw end-on shortened
+    training camera never saw face-on the colour of a nearby one it did, and no axis longer
+    than the seen ones' (:meth:`Avatar.set_view_fill`), and the Gaussians it saw end-on shortened
     (:meth:`Avatar.set_ray_cut`), both faded in over the first 25 degrees away from the
     training camera (:func:`fill_weight`). Without ``centres`` (splats that any viewpoint may
     draw) nothing is filled or cut: from the front, the fill would change the outline the
@@ -476,12 +490,14 @@ def other_view(av: Avatar, g: GaussianTensors, centres: Tensor | None = None) ->
         w = fill_weight(av, centres).to(rgb)
         if bool(w.gt(0).any()):
             w = w.reshape(-1, 1, 1) if rgb.dim() == 3 else w.reshape(())  # one weight a frame
-            if fill is not None:
-                own = rgb.index_select(-2, fill)
-                rgb = rgb.index_copy(-2, fill, own + w * (av.view_fill_rgb.to(rgb) - own))
             if cut is not None:
                 f = av.ray_cut_scale.to(scales) ** w
                 scales = scales.index_copy(-2, cut, scales.index_select(-2, cut) * f)
+            if fill is not None:
+                own = rgb.index_select(-2, fill)
+                rgb = rgb.index_copy(-2, fill, own + w * (av.view_fill_rgb.to(rgb) - own))
+                f = av.view_fill_scale.to(scales) ** w
+                scales = scales.index_copy(-2, fill, scales.index_select(-2, fill) * f)
     return GaussianTensors(g.means, g.quats, scales, g.opacities, rgb)
 
 
@@ -496,6 +512,8 @@ SOURCE_OPACITY = 0.6
 #: Each Gaussian the clip never showed face-on takes the median colour of this many seen ones
 #: (the nearest of its part of the head).
 FILL_K = 64
+#: ... and is drawn with no axis longer than this quantile of the seen ones' longest axes.
+FILL_SIZE_QUANTILE = 0.99
 
 
 #: Gaussians whose longest axis lies within this many degrees of the training camera's ray
