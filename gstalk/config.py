@@ -50,7 +50,7 @@ class RenderConfig:
     """The mp4 to write (for a .ply: a folder)."""
     camera: str = "track"
     """track (the fitted camera), still, orbit (one turn around the head), or a JSON path file."""
-    head: str = "track"
+    head: Literal["track", "still"] = "track"
     """Head motion for new audio: track (the training clip's, back and forth) or still."""
     size: int = 0
     """Output size in pixels (square); 0 = the avatar's resolution (256 for a .ply)."""
@@ -309,7 +309,7 @@ class ExportConfig:
     """Cap on the frames of animated formats (0 = all)."""
     fps: float = 0.0
     """Frame rate of animated formats for audio (0 = the avatar's)."""
-    head: str = "track"
+    head: Literal["track", "still"] = "track"
     """Head motion for audio: track or still."""
     axes: Literal["rdf", "rub"] = "rdf"
     """Axes of splat files: rdf (x right, y down, z forward, what splat viewers expect) or rub (gstalk's, y up)."""

@@ -346,6 +346,16 @@ def test_bad_export_requests_are_clear(exported, tmp_path):
         export(av_dir, tmp_path / "o", ("ply",), audio_path=wav, frame=999, device="cpu")
     with pytest.raises(GstalkError, match="unknown export format"):
         export(av_dir, tmp_path / "o", ("obj",), device="cpu")
+    # a frame before the canonical one, a negative cap, an unknown head motion: refused, not
+    # quietly read as the canonical avatar, all frames and the tracked head
+    with pytest.raises(GstalkError, match="--frame must be -1 .* got -5"):
+        export(av_dir, tmp_path / "o", ("ply",), frame=-5, device="cpu")
+    with pytest.raises(GstalkError, match="--max-frames must be 0 or more, got -3"):
+        export(av_dir, tmp_path / "o", ("ply-sequence",), max_frames=-3, device="cpu")
+    with pytest.raises(SystemExit) as e:  # the argument parser's own refusal, with the choices
+        main(["export", str(av_dir), "--head", "sideways", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2
+    assert not (tmp_path / "o").exists()
     with pytest.raises(GstalkError, match="not a gstalk avatar"):
         export(tmp_path, tmp_path / "o", ("ply",), device="cpu")
     # the CLI: a frame of the training motion as .splat, in gstalk's own axes

@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gstalk.errors import InputError
+from gstalk.errors import AT_LEAST_0, InputError, check_value
 from gstalk.gaussians.ply import save_ply
 from gstalk.gaussians.set import GaussianSet, GaussianTensors
 from gstalk.io.atomic import ensure_dir, write_json
@@ -161,6 +161,8 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
         raise InputError(f"unknown export format {', '.join(bad) or '(none)'}: choose from {', '.join(FORMATS)} or all")
     if axes not in AXES:
         raise InputError(f"--axes must be one of {', '.join(AXES)}")
+    check_value(frame, (lambda v: v >= -1, "-1 (the canonical avatar) or a frame number from 0"), "--frame")
+    check_value(max_frames, AT_LEAST_0, "--max-frames")
     t0 = time.perf_counter()
     av, motion = load_avatar(avatar_dir, resolve_device(device))
     fps = fps or av.cfg.fps
