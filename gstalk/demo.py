@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from gstalk.config import DemoConfig, PrepareOptions, TrackOptions, TrainOptions, resolve_device
-from gstalk.errors import InputError
+from gstalk.errors import AT_LEAST_0, AT_LEAST_1, InputError, check_value
 from gstalk.gaussians import load_ply, rgb_to_sh
 from gstalk.io.atomic import ensure_dir
 from gstalk.io.media import check_size, write_image, write_video
@@ -287,8 +287,8 @@ def render_ply_turntable(ply: Path, out: Path, size: int = 256, frames: int = 48
     if len(g) == 0:
         raise InputError(f"{ply} holds no Gaussians")
     check_size(size)
-    if frames < 1:
-        raise InputError("--frames must be at least 1")
+    check_value(frames, AT_LEAST_1, "--frames")
+    check_value(radius, AT_LEAST_0, "--radius")  # 0: fit the scene
     out = ensure_dir(out)
     g = g.to(dev)
     center = g.means.median(dim=0).values

@@ -19,6 +19,10 @@ def test_render_ply_turntable(tmp_path):
     assert img.shape == (32, 32, 3) and img[14:18, 14:18].mean() < img[:2, :2].mean()  # scene darker than white bg
     assert probe_video(tmp_path / "r" / "scene_turntable.mp4")["frames"] == 2
     assert (tmp_path / "r" / "scene.png").is_file()
+    # a camera distance that cannot be (0 fits the scene) is refused before anything is written
+    for radius in ("-1", "nan"):
+        assert main(["render", str(tmp_path / "scene.ply"), "--out", str(tmp_path / "bad"), "--radius", radius]) == 2
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bad_input_is_a_message_not_a_traceback(tmp_path):
