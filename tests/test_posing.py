@@ -210,13 +210,40 @@ def test_other_viewpoints_keep_the_colours_the_training_camera_saw(tmp_path):
             torch.testing.assert_close(both[k], render_frame(av, g, cam, bg)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part_it_did(tmp_path):
+def test_drawn_pixels_are_each_gaussians_share_of_the_frames():
+    """A Gaussian alone draws its opacity times its footprint's integral (2 pi sigma^2 pixels,
+    with the renderer's 0.3 px^2 low-pass), once a frame; behind an opaque one, nothing."""
+    import math
+
+    from gstalk.avatar.model import drawn_pixels
+    from gstalk.gaussians.set import GaussianTensors
+    from gstalk.render import Cameras
+
+    cams = Cameras(torch.eye(4)[None].expand(2, 4, 4), torch.tensor([[64.0, 0, 32], [0, 64.0, 32], [0, 0, 1]])
+                   [None].expand(2, 3, 3), 64, 64)
+    means = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 1.0], [0.6, 0.0, 1.0]])  # the third out of the frame
+    scales = torch.tensor([[0.094] * 3, [0.1] * 3, [0.01] * 3])  # 3 px sigma at 2 m
+    g = GaussianTensors(means[None].expand(2, -1, -1), torch.tensor([1.0, 0, 0, 0]).expand(2, 3, 4), scales[None]
+                        .expand(2, -1, -1), torch.tensor([0.5, 0.0, 1.0])[None].expand(2, -1), torch.zeros(2, 3, 3))
+    w = drawn_pixels(g, cams)
+    want = 2 * 0.5 * 2 * math.pi * (3.008 ** 2 + 0.3)  # two frames
+    assert abs(float(w[0]) - want) < 0.03 * want, (float(w[0]), want)
+    assert float(w[2]) == 0.0
+    wide = torch.tensor([[0.094] * 3, [1.0] * 3, [0.01] * 3])  # one wide and opaque in front
+    opaque = GaussianTensors(g.means, g.quats, wide[None].expand(2, -1, -1),
+                             torch.tensor([0.5, 1.0, 1.0])[None].expand(2, -1), g.colors)
+    w = drawn_pixels(opaque, cams)
+    assert float(w[0]) < 0.02 * want and float(w[1]) > 64 * 64
+
+
+def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part_it_did(tmp_path, monkeypatch):
     """From the side, the Gaussians that the tracked frames only showed edge-on (or not at
-    all) show the median colour of the nearest seen, opaque head Gaussians of the same part
-    of the head, faded in between 5 and 25 degrees away from the training camera; from the
+    all) show the median colour of the nearest seen, opaque, visible head Gaussians of the
+    same part of the head, faded in between 5 and 25 degrees away from the training camera; from the
     training camera nothing changes."""
     from gstalk.avatar.io import load_avatar
-    from gstalk.avatar.model import (FILL_K, SEEN_COS, Frame, fill_weight, render_frame, sh_colors,
+    from gstalk.avatar import model
+    from gstalk.avatar.model import (FILL_K, SEEN_COS, Frame, drawn_pixels, fill_weight, render_frame, sh_colors,
                                      other_view, _training_centre)
     from gstalk.drive.render import cameras_for, conditions_for, training_expressions
     from gstalk.head.lbs import FlameParams
@@ -244,9 +271,17 @@ def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part
     cos = ((r[:, tri, :, 2] * to_cam).sum(-1) / to_cam.norm(dim=-1)).amax(0)
     seen = bound & (cos >= SEEN_COS)
     assert torch.equal(moved, bound & ~seen)
-    # each takes the median colour of the FILL_K nearest (rest pose) seen, opaque Gaussians of
-    # its part of the head, as the training camera saw them in the first tracked frame
-    source = seen & (torch.sigmoid(av.opacity_logits.detach()) > 0.6)
+    # each takes the median colour of the FILL_K nearest (rest pose) seen, opaque, visible
+    # Gaussians of its part of the head, as the training camera saw them in the first tracked
+    # frame; visible: the training camera drew over 0.125 px of it (at 128 px, over the frames)
+    with torch.no_grad():
+        g4 = av.posed_batch(Frame(FlameParams(**params), deform=False))[0]
+    K = av.K.float().clone()
+    K[:2] *= 128 / av.cfg.resolution
+    drawn = drawn_pixels(g4, Cameras(av.viewmat.float()[None].expand(4, 4, 4), K[None].expand(4, 3, 3), 128, 128)) / 4
+    source = seen & (torch.sigmoid(av.opacity_logits.detach()) > 0.6) & (drawn >= 0.125)
+    hidden = seen & (torch.sigmoid(av.opacity_logits.detach()) > 0.6) & (drawn < 0.125)
+    assert bool(hidden.any())  # behind others: never taught a colour
     part = av.head_parts()
     assert part is not None and bool((part[bound] >= 0).all()) and bool((part[~bound] == -1).all())
     with torch.no_grad():
@@ -278,6 +313,21 @@ def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part
     assert not bool((av.view_fill_rgb - torch.tensor([0.0, 0.0, 1.0])).abs().amax(1).lt(0.05).any())
     with torch.no_grad():
         av.sh[odd, 0] = keep
+    av.set_view_fill(motion)
+    torch.testing.assert_close(av.view_fill_rgb, fill_rgb)
+    # the hidden ones lend nothing: painted blue, they change no fill colour (counted as
+    # sources, they turn some blue)
+    keep = av.sh[hidden, 0].detach().clone()
+    with torch.no_grad():
+        av.sh[hidden, 0] = (torch.tensor([0.0, 0.0, 1.0]) - 0.5) / 0.28209479177387814
+    av.set_view_fill(motion)
+    torch.testing.assert_close(av.view_fill_rgb, fill_rgb)
+    monkeypatch.setattr(model, "SOURCE_PIXELS", 0.0)
+    av.set_view_fill(motion)
+    assert bool(((av.view_fill_rgb - fill_rgb).abs().amax(1) > 0.05).any())
+    monkeypatch.undo()
+    with torch.no_grad():
+        av.sh[hidden, 0] = keep
     av.set_view_fill(motion)
     torch.testing.assert_close(av.view_fill_rgb, fill_rgb)
 

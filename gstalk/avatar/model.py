@@ -216,14 +216,18 @@ class Avatar(nn.Module):
         colours in blobs (on every fitted avatar: blue, orange and red patches from 90
         degrees, the face's colours on the back of the head). Each takes the median colour
         (channel by channel, as the training camera sees them in the first of those frames)
-        of the ``FILL_K`` nearest (in the rest pose) seen, opaque head Gaussians of the same
-        part of the head (skull, face, neck, ... where the head model names its parts, as the
+        of the ``FILL_K`` nearest (in the rest pose) seen, opaque, visible head Gaussians of
+        the same part of the head (skull, face, neck, ... where the head model names its parts, as the
         stand-in does; of any part where it does not or that part has none seen). So the back
         of the skull takes the hair (or scalp) of its top and front, not the skin of the ears,
         cheeks and neck beside it, and no single Gaussian at the edge of what the camera saw
         (a grey one that blended the hair into a light wall, a dark one in a parting) paints a
-        patch of its own. Free Gaussians keep their own colours. Without a seen one, nothing is
-        filled.
+        patch of its own. Visible: the training camera drew at least ``SOURCE_PIXELS`` of it
+        (:func:`drawn_pixels`, over ``VISIBLE_FRAMES`` of those frames at ``VISIBLE_SIZE``
+        pixels). A Gaussian facing the camera behind another (the neck behind hair falling
+        over it) was never taught a colour: on hill_8s such neck Gaussians kept her top's
+        orange, and the back of her neck took it. Free Gaussians keep their own colours.
+        Without a source, nothing is filled.
 
         Nothing in training bounded their size either: on hill_8s, discs up to 13 cm long on
         the back of the neck and under the skull, seen edge-on from 135 degrees as light
@@ -249,6 +253,14 @@ class Avatar(nn.Module):
         unseen = bound & ~seen
         source = seen & (torch.sigmoid(self.opacity_logits) > SOURCE_OPACITY)
         if not bool(unseen.any()) or not bool(source.any()):
+            return
+        few = self.posed_batch(Frame(FlameParams(**self._sampled_motion(motion, VISIBLE_FRAMES)), deform=False))[0]
+        B = few.means.shape[0]
+        K = self.K.float().clone()
+        K[:2] *= VISIBLE_SIZE / self.cfg.resolution
+        cams = Cameras(self.viewmat.float()[None].expand(B, 4, 4), K[None].expand(B, 3, 3), VISIBLE_SIZE, VISIBLE_SIZE)
+        source &= drawn_pixels(few, cams) / B >= SOURCE_PIXELS
+        if not bool(source.any()):
             return
         x = self.canonical_positions()
         part = self.head_parts()
@@ -463,6 +475,19 @@ def nearest_of(points: Tensor, sources: Tensor, targets: Tensor, k: int = 0) -> 
     return src[torch.as_tensor(j, device=src.device)]
 
 
+def drawn_pixels(g: GaussianTensors, cams: Cameras) -> Tensor:
+    """[N] how much each of the Gaussians ``g`` (frames first: means [B, N, 3], ...) shows in the
+    frames ``cams`` ([B] cameras) draw, summed over them, in pixels: the sum over the pixels of
+    its alpha times transmittance (the gradient of the images' sum with respect to a colour of
+    one for every Gaussian). A Gaussian behind others or outside the frame draws 0."""
+    # three channels of ones, as every other render (gsplat's kernels are built for those counts)
+    ones = torch.ones(*g.means.shape[:2], 3, device=g.means.device, requires_grad=True)
+    with torch.enable_grad():
+        out = rasterize_frames(GaussianTensors(g.means.detach(), g.quats.detach(), g.scales.detach(),
+                                               g.opacities.detach(), ones), cams, sh_degree=None, background=0.0)
+        return torch.autograd.grad(out.colors[..., 0].sum(), ones)[0][..., 0].sum(0)
+
+
 def other_view(av: Avatar, g: GaussianTensors, centres: Tensor | None = None) -> GaussianTensors:
     """``g`` (posed Gaussians, [N, ...] or frames first [B, N, ...]) as a viewpoint other than
     the training camera draws them: with plain RGB colours [..., N, 3], their SH evaluated
@@ -507,8 +532,13 @@ FILL_ANGLES = (5.0, 25.0)
 #: A head Gaussian counts as seen when some tracked frame showed its triangle at less than
 #: 60 degrees from face-on (the cosine between its normal and the direction to the camera).
 SEEN_COS = 0.5
-#: ... and lends its colour to unseen ones when it is also this opaque.
+#: ... and lends its colour to unseen ones when it is also this opaque
 SOURCE_OPACITY = 0.6
+#: ... and the training camera drew this much of it (pixels at VISIBLE_SIZE, about 2 at 512),
+#: on average over VISIBLE_FRAMES tracked frames spread over the clip.
+SOURCE_PIXELS = 0.125
+VISIBLE_SIZE = 128
+VISIBLE_FRAMES = 8
 #: Each Gaussian the clip never showed face-on takes the median colour of this many seen ones
 #: (the nearest of its part of the head).
 FILL_K = 64

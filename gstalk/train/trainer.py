@@ -29,16 +29,16 @@ import torch
 
 from gstalk.audio.features import SilentAudioError, check_speech, compute_features
 from gstalk.avatar.io import save_avatar
-from gstalk.avatar.model import (Avatar, AvatarConfig, Frame, concat_sets, init_gaussians,
+from gstalk.avatar.model import (Avatar, AvatarConfig, Frame, concat_sets, drawn_pixels, init_gaussians,
                                  mouth_expressions, mouth_prior, nearest_of, render_frame, torso_gaussians)
 from gstalk.config import TrainOptions, resolve_device
 from gstalk.errors import AT_LEAST_0, FileFormatError, GstalkError, between, check_ranges
-from gstalk.gaussians.set import GaussianSet, GaussianTensors, rgb_to_sh
+from gstalk.gaussians.set import GaussianSet, rgb_to_sh
 from gstalk.head.tracker import load_track
 from gstalk.io.atomic import atomic_path
 from gstalk.io.dataset import Dataset
 from gstalk.train.motion import fit_audio_to_motion, fit_visemes, motion_target
-from gstalk.render import Cameras, rasterize_frames
+from gstalk.render import Cameras
 
 Progress = Callable[[str, int, int, dict], None]
 STAGES = ("static", "audio", "joint")
@@ -615,8 +615,7 @@ class Trainer:
         """Drop the free Gaussians that no training frame shows; returns how many.
 
         A Gaussian's weight in a frame is the sum over pixels of its share of the pixel's colour
-        (alpha times transmittance: the gradient of the image's sum with respect to a colour of
-        one for every Gaussian). Free Gaussians whose weight over up to ``max_frames`` training
+        (:func:`gstalk.avatar.model.drawn_pixels`). Free Gaussians whose weight over up to ``max_frames`` training
         frames (spread over them, posed as in the last stage) is under ``min_weight`` pixels were
         hidden behind the head or the mesh's neck all along: nothing taught them, and from the
         side or back they showed as a sheet or stray dots. Head Gaussians stay: the unseen ones
@@ -631,12 +630,8 @@ class Trainer:
         with torch.no_grad():  # the frames posed in one batch, as in the last stage
             audio = self.conditions(tt, av.audio).to(self.dev) if self.use_audio else None
             g, _ = av.posed_batch(Frame(self.track.params(idx, device=self.dev), audio=audio, blink=self.blink[tt]))
-        # three channels of ones, as every other render (gsplat's kernels are built for those counts)
-        ones = torch.ones(b, av.num_gaussians, 3, device=self.dev, requires_grad=True)
         cams = Cameras(self.cam.viewmats.expand(b, 4, 4), self.cam.Ks.expand(b, 3, 3), self.cam.width, self.cam.height)
-        out = rasterize_frames(GaussianTensors(g.means, g.quats, g.scales, g.opacities, ones), cams,
-                               sh_degree=None, background=0.0)
-        weight = torch.autograd.grad(out.colors[..., 0].sum(), ones)[0][..., 0].sum(0)
+        weight = drawn_pixels(g, cams)
         keep = ~(free & (weight < min_weight))
         dropped = int((~keep).sum())
         if dropped:
