@@ -451,13 +451,15 @@ def test_gaussians_the_camera_saw_end_on_are_shortened_from_other_views(tmp_path
     assert (shortened - streaks).abs().max() > 0.05
 
 
-def test_gaussians_the_clip_never_showed_face_on_are_no_larger_than_the_seen_ones_from_other_views(tmp_path):
-    """Nothing in training bounds the size of the Gaussians the clip never showed face-on:
-    from other viewpoints each of their axes is drawn no longer than the 0.99 quantile of the
-    seen head Gaussians' longest axes (rest pose), faded in like the view fill; the seen ones
-    and the training camera's view keep their trained sizes."""
+def test_gaussians_the_clip_never_showed_face_on_are_no_larger_nor_fainter_than_the_seen_ones(tmp_path):
+    """Nothing in training bounds the size or opacity of the Gaussians the clip never showed
+    face-on: from other viewpoints each of their axes is drawn no longer than the 0.99
+    quantile of the seen head Gaussians' longest axes (rest pose), and each at least 0.6
+    opaque, faded in like the view fill; the seen ones and the training camera's view keep
+    their trained sizes and opacities."""
     from gstalk.avatar.io import load_avatar
     from gstalk.avatar.model import FILL_SIZE_QUANTILE, Frame, fill_weight, other_view, render_frame
+    from gstalk.gaussians.set import GaussianTensors
     from gstalk.drive.render import cameras_for, conditions_for, training_expressions
     from gstalk.render import Cameras, rasterize
 
@@ -475,6 +477,7 @@ def test_gaussians_the_clip_never_showed_face_on_are_no_larger_than_the_seen_one
     with torch.no_grad():
         size = torch.exp(av.log_scales) * s_rest[0, tri][:, None]
         av.log_scales[big] += torch.log(10 * size[seen].amax() / size[big].amin(-1, keepdim=True))
+        av.opacity_logits[av.view_fill[1::4]] = -3.0  # some faint ones (0.05)
     av.invalidate()
     av.set_view_fill(motion)
     assert torch.equal(av.view_fill, torch.nonzero(filled)[:, 0])  # sizes do not choose which
@@ -499,6 +502,18 @@ def test_gaussians_the_clip_never_showed_face_on_are_no_larger_than_the_seen_one
     assert torch.equal(side[~filled], gp.scales[~filled])
     torch.testing.assert_close(side[filled], gp.scales[filled] * f)
     torch.testing.assert_close(half[filled], gp.scales[filled] * f ** fill_weight(av, cams.centers[5:6]))
+    # opacities: the filled ones at least 0.6 from the side, part way at 15 degrees, as trained
+    # from the training camera; frames first, one weight a frame
+    op = gp.opacities
+    assert bool((op[filled] < 0.1).any()) and bool((op[filled] > 0.6).any())
+    with torch.no_grad():
+        both = other_view(av, GaussianTensors(*(t[None].expand(2, *t.shape) for t in gp)),
+                          cams.centers[[30, 5]]).opacities
+    w = fill_weight(av, cams.centers[5:6])
+    assert torch.equal(other_view(av, gp, cams.centers[1:2]).opacities, op)
+    assert torch.equal(both[:, ~filled], op[~filled].expand(2, -1))
+    torch.testing.assert_close(both[0, filled], op[filled].clamp_min(0.6))
+    torch.testing.assert_close(both[1, filled], op[filled] + w * (op[filled].clamp_min(0.6) - op[filled]))
     track = cameras_for(av, motion, 1, "track", 40)
     profile = Cameras(cams.viewmats[30:31], cams.Ks[30:31], 40, 40)
     bg = torch.zeros(40, 40, 3)

@@ -234,6 +234,9 @@ class Avatar(nn.Module):
         streaks fanning over the hair. From other viewpoints each axis of a filled Gaussian is
         drawn no longer than the ``FILL_SIZE_QUANTILE`` quantile of the seen head Gaussians'
         longest axes (in the rest pose, after the ray cut: call :meth:`set_ray_cut` first).
+        Nor their opacity: many learnt to be faint, blending the head's outline into the
+        background, and from the side what lay behind them showed through (on aoc_8s, dark
+        blotches on her cheek at 45 degrees); they are drawn at least ``FILL_OPACITY`` opaque.
 
         Sets ``view_fill`` ([T] indices of the filled Gaussians, or None), ``view_fill_rgb``
         ([T, 3] their colours) and ``view_fill_scale`` ([T, 3] factors, at most 1, on their
@@ -493,12 +496,12 @@ def other_view(av: Avatar, g: GaussianTensors, centres: Tensor | None = None) ->
     the training camera draws them: with plain RGB colours [..., N, 3], their SH evaluated
     from the training camera's centre, whatever camera will draw them; and, seen from the
     camera centres ``centres`` ([1, 3], or [B, 3] one per frame; world), for the Gaussians the
-    training camera never saw face-on the colour of a nearby one it did, and no axis longer
-    than the seen ones' (:meth:`Avatar.set_view_fill`), and the Gaussians it saw end-on shortened
-    (:meth:`Avatar.set_ray_cut`), both faded in over the first 25 degrees away from the
-    training camera (:func:`fill_weight`). Without ``centres`` (splats that any viewpoint may
-    draw) nothing is filled or cut: from the front, the fill would change the outline the
-    training camera saw.
+    training camera never saw face-on the colour of a nearby one it did, no axis longer than
+    the seen ones' and at least ``FILL_OPACITY`` (:meth:`Avatar.set_view_fill`), and the
+    Gaussians it saw end-on shortened (:meth:`Avatar.set_ray_cut`), both faded in over the
+    first 25 degrees away from the training camera (:func:`fill_weight`). Without
+    ``centres`` (splats that any viewpoint may draw) nothing is filled or cut: from the
+    front, the fill would change the outline the training camera saw.
 
     The clip is filmed by one still camera (the tracker moves the head, not the camera), so
     each Gaussian was seen from nearly one direction: the SH bands above 0 fitted how its
@@ -509,7 +512,7 @@ def other_view(av: Avatar, g: GaussianTensors, centres: Tensor | None = None) ->
     k = g.colors.shape[-2]
     rgb = sh_colors(g.colors.reshape(-1, k, 3), g.means.reshape(-1, 3), _training_centre(av, g.means),
                     av.cfg.sh_degree).reshape(g.means.shape)
-    scales = g.scales
+    scales, opacities = g.scales, g.opacities
     fill, cut = av.view_fill, av.ray_cut
     if av.changes_other_views and centres is not None and av.num_gaussians == rgb.shape[-2]:
         w = fill_weight(av, centres).to(rgb)
@@ -523,7 +526,10 @@ def other_view(av: Avatar, g: GaussianTensors, centres: Tensor | None = None) ->
                 rgb = rgb.index_copy(-2, fill, own + w * (av.view_fill_rgb.to(rgb) - own))
                 f = av.view_fill_scale.to(scales) ** w
                 scales = scales.index_copy(-2, fill, scales.index_select(-2, fill) * f)
-    return GaussianTensors(g.means, g.quats, scales, g.opacities, rgb)
+                op = opacities.index_select(-1, fill)
+                wo = w[..., 0] if w.dim() == 3 else w
+                opacities = opacities.index_copy(-1, fill, op + wo * (op.clamp_min(FILL_OPACITY) - op))
+    return GaussianTensors(g.means, g.quats, scales, opacities, rgb)
 
 
 #: The view fill fades in between these angles (degrees) from the training camera, as seen from
@@ -542,8 +548,10 @@ VISIBLE_FRAMES = 8
 #: Each Gaussian the clip never showed face-on takes the median colour of this many seen ones
 #: (the nearest of its part of the head).
 FILL_K = 64
-#: ... and is drawn with no axis longer than this quantile of the seen ones' longest axes.
+#: ... and is drawn with no axis longer than this quantile of the seen ones' longest axes
 FILL_SIZE_QUANTILE = 0.99
+#: ... and at least this opaque (as opaque as a source must be).
+FILL_OPACITY = SOURCE_OPACITY
 
 
 #: Gaussians whose longest axis lies within this many degrees of the training camera's ray
