@@ -214,11 +214,12 @@ class Avatar(nn.Module):
         silhouette or not at all: what they learnt is how to blend the head's outline into
         the background, and from the side they showed the background's and the shirt's
         colours in blobs (on every fitted avatar: blue, orange and red patches from 90
-        degrees, the face's colours on the back of the head). Each takes the median colour
-        (channel by channel, as the training camera sees them in the first of those frames)
-        of the ``FILL_K`` nearest (in the rest pose) seen, opaque, visible head Gaussians of
-        the same part of the head (skull, face, neck, ... where the head model names its parts, as the
-        stand-in does; of any part where it does not or that part has none seen). So the back
+        degrees, the face's colours on the back of the head). Each takes the mean of the middle
+        half, by brightness (:func:`middle_mean`), of the colours (as the training camera sees
+        them in the first of those frames) of the ``FILL_K`` nearest (in the rest pose) seen,
+        opaque, visible head Gaussians of the same part of the head (skull, face, neck, ...
+        where the head model names its parts, as the stand-in does; of any part where it does
+        not or that part has none seen). So the back
         of the skull takes the hair (or scalp) of its top and front, not the skin of the ears,
         cheeks and neck beside it, and no single Gaussian at the edge of what the camera saw
         (a grey one that blended the hair into a light wall, a dark one in a parting) paints a
@@ -277,7 +278,7 @@ class Avatar(nn.Module):
         g = self.posed_batch(Frame(FlameParams(**{k: a[:1] for k, a in arrays.items()}), deform=False))[0]
         rgb = sh_colors(g.colors[0], g.means[0], _training_centre(self, g.means[0]), self.cfg.sh_degree)[0]
         self.view_fill = targets
-        self.view_fill_rgb = rgb[near].median(1).values
+        self.view_fill_rgb = middle_mean(rgb[near])
         _, _, s_rest = self.rest_frames()
         size = torch.exp(self.log_scales) * s_rest[0, tri][:, None]  # [N, 3] rest-pose scales of the bound ones
         if self.ray_cut is not None:
@@ -478,6 +479,21 @@ def nearest_of(points: Tensor, sources: Tensor, targets: Tensor, k: int = 0) -> 
     return src[torch.as_tensor(j, device=src.device)]
 
 
+def middle_mean(colours: Tensor, trim: float = 0.25) -> Tensor:
+    """[..., 3] the mean of the middle of each set of ``colours`` [..., K, 3]: ordered by
+    brightness (the mean of the channels), the darkest and the lightest ``trim`` of them are
+    left out. One odd colour (a dark parting, a grey that blended into the wall) is left out
+    or counts for 1/(K/2); and where the set mixes two colours (brown hair with blonde
+    highlights) the result moves from one to the other as the mix does, always on the line
+    between them. A median taken channel by channel instead flips between them where their
+    counts cross, in patches, and can take red and green from one and blue from the other (on
+    a 128-px fit of hill_8s: olive blotches on brown-and-blonde hair)."""
+    k = colours.shape[-2]
+    cut = int(k * trim)
+    order = colours.mean(-1).argsort(-1)[..., cut:k - cut]
+    return colours.gather(-2, order[..., None].expand(*order.shape, colours.shape[-1])).mean(-2)
+
+
 def drawn_pixels(g: GaussianTensors, cams: Cameras) -> Tensor:
     """[N] how much each of the Gaussians ``g`` (frames first: means [B, N, 3], ...) shows in the
     frames ``cams`` ([B] cameras) draw, summed over them, in pixels: the sum over the pixels of
@@ -545,8 +561,8 @@ SOURCE_OPACITY = 0.6
 SOURCE_PIXELS = 0.125
 VISIBLE_SIZE = 128
 VISIBLE_FRAMES = 8
-#: Each Gaussian the clip never showed face-on takes the median colour of this many seen ones
-#: (the nearest of its part of the head).
+#: Each Gaussian the clip never showed face-on takes the mean of the middle half (by brightness)
+#: of the colours of this many seen ones (the nearest of its part of the head).
 FILL_K = 64
 #: ... and is drawn with no axis longer than this quantile of the seen ones' longest axes
 FILL_SIZE_QUANTILE = 0.99
