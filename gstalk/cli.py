@@ -185,7 +185,8 @@ def _render(cfg: RenderConfig, console) -> int:
     with StageProgress(console) as prog:
         r = drive(cfg.target, cfg.out, cfg.audio, cfg.expressions, cfg.camera, cfg.head, cfg.size, cfg.fps,
                   cfg.device, cfg.deform, progress=prog, compile_field=cfg.compile,
-                  lips=None if cfg.lips == "auto" else cfg.lips, precision=cfg.precision)
+                  lips=None if cfg.lips == "auto" else cfg.lips, precision=cfg.precision,
+                  log=lambda m: console.print(f"[yellow]warning:[/] {m}"))
     console.print(f"video: {r.video} ({r.frames} frames, {r.seconds:.2f} s at {r.fps:g} fps; rendered at "
                   f"{r.render_fps:.1f} frames/s)")
     return 0
@@ -200,7 +201,8 @@ def _eval(cfg: EvalConfig, console) -> int:
         res = evaluate(cfg.avatar, cfg.dataset, list(cfg.audio), cfg.size, cfg.out, cfg.device, progress=prog)
     cols = {"deformation": "with deformation", "no_deformation": "switched off", "other_audio": "other frames' audio",
             "audio_driven": f"audio alone ({res['lip_model']} lips)",
-            "audio_driven_learned": "audio alone (learned lips)", "mean_mouth": "mean mouth (control)"}
+            **{f"audio_driven_{m}": f"audio alone ({m} lips)" for m in ("visemes", "learned")},
+            "mean_mouth": "mean mouth (control)"}
     cols = {k: v for k, v in cols.items() if k in res}
     table = Table(title=f"held-out frames ({res['frames']}) at {res['size']} px")
     table.add_column("metric")
@@ -209,15 +211,31 @@ def _eval(cfg: EvalConfig, console) -> int:
     for k in res["deformation"]:
         table.add_row(k, *(f"{res[c][k]:.4g}" if k in res[c] else "-" for c in cols))
     console.print(table)
-    gains = [("gain_over_no_deformation", "deformation minus switched off"),
-             ("gain_over_other_audio", "deformation minus other frames' audio"),
-             ("lips_gain_over_learned", f"audio alone, {res['lip_model']} lips minus learned lips"),
-             ("lips_gain_over_mean_mouth", f"audio alone, {res['lip_model']} lips minus the mean mouth")]
-    for key, label in gains:
+    for key, label in (("gain_over_no_deformation", "deformation minus switched off"),
+                       ("gain_over_other_audio", "deformation minus other frames' audio")):
         if key in res:
             g = res[key]
             console.print(f"{label} (mean +- standard error over frames): "
                           + ", ".join(f"{k} {g[k]['mean']:+.3g} +- {g[k]['sem']:.2g}" for k in g))
+    if "lip_yardstick" in res:
+        y = res["lip_yardstick"]
+        lt = Table(title="lips from the clip's own held-out audio alone, against a still (mean) mouth")
+        for c in ("lips", "LMD px", "minus mean mouth", "mouth PSNR", "minus mean mouth", "opening corr.",
+                  "motion"):
+            lt.add_column(c, justify="right" if c != "lips" else "left")
+        for row, r in y["rows"].items():
+            d = r.get("minus_mean_mouth", {})
+            pair = [f"{d[k]['mean']:+.2f} +- {d[k]['sem']:.2f}" if k in d else "-" for k in ("lmd_px512", "mouth_psnr")]
+            name = {"tracked": "tracked motion", "mean_mouth": "mean mouth"}.get(row, row)
+            lt.add_row(name + (" (default)" if row == y["default"] else ""), f"{r['lmd_px512']:.2f}", pair[0],
+                       f"{r['mouth_psnr']:.2f}", pair[1], f"{r['mouth_opening_corr']:+.2f}",
+                       f"{r['mouth_motion_ratio']:.2f}")
+        console.print(lt)
+        console.print(f"the default lips ({y['default']}) "
+                      + ("beat" if y["default_beats_mean_mouth"] else "do not beat")
+                      + " the still mouth by more than a standard error")
+    for note in res.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
     if res["lip_model"] == "none":
         console.print("this avatar was fitted without audio: no audio-driven rows")
     else:

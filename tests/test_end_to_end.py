@@ -83,6 +83,17 @@ def test_held_out_quality_with_and_without_deformation(avatar, tracked):
     assert lg["mouth_psnr"]["mean"] == pytest.approx(a["mouth_psnr"] - mm["mouth_psnr"], abs=1e-9)
     for m in (d, b, a, mm):  # a correlation, or undefined where a mouth (as the detector sees it) keeps still
         assert math.isnan(m["mouth_opening_corr"]) or -1 <= m["mouth_opening_corr"] <= 1
+    # the yardstick: every lip model and the tracked motion, each paired against the mean mouth
+    y = res["lip_yardstick"]
+    assert y["default"] == res["lip_model"] == "visemes" and set(y["rows"]) == {"tracked", "visemes", "learned",
+                                                                               "mean_mouth"}
+    for row, name in (("tracked", "deformation"), ("visemes", "audio_driven"), ("learned", "audio_driven_learned")):
+        pair = y["rows"][row]["minus_mean_mouth"]["lmd_px512"]
+        assert pair["frames"] == res["frames"] and math.isfinite(pair["sem"])
+        assert pair["mean"] == pytest.approx(res[name]["lmd_px512"] - mm["lmd_px512"], abs=1e-5)
+    assert "minus_mean_mouth" not in y["rows"]["mean_mouth"]
+    g = y["rows"]["visemes"]["minus_mean_mouth"]["lmd_px512"]
+    assert y["default_beats_mean_mouth"] == (g["mean"] < -g["sem"])
     data = json.loads((avatar / "eval" / "eval.json").read_text())
     assert {"deformation", "no_deformation", "other_audio", "sync_other_audio", "frames",
             "gain_over_no_deformation", "gain_over_other_audio", "per_frame"} <= set(data)
@@ -123,7 +134,10 @@ def test_eval_refuses_a_dataset_the_avatar_was_not_fitted_to(avatar, tracked, tm
     assert not progress and not (tmp_path / "ev").exists()
 
 
-def test_render_with_new_audio_is_in_sync(avatar, tmp_path):
+def test_render_with_new_audio_has_a_frame_per_step_and_sound_as_long(avatar, tmp_path):
+    """An mp4 with one frame per 1/fps of the audio and the audio muxed in, cut to the frames'
+    length (what keeps picture and sound together; whether the lips follow the words is
+    tests/test_lips.py's and the benchmark's)."""
     import av as pyav
 
     from gstalk.demo import synth_speech
@@ -146,8 +160,8 @@ def test_render_with_new_audio_is_in_sync(avatar, tmp_path):
     r2 = drive(avatar, tmp_path / "orbit.mp4", tmp_path / "v.wav", size=48, camera="orbit", head="still",
                device="cpu")
     assert r2.frames == round(2.3 * 25)
-    with pytest.raises(GstalkError, match="no viseme lip model"):  # mel features have no phones
-        drive(avatar, tmp_path / "l.mp4", tmp_path / "v.wav", size=48, device="cpu", lips="visemes")
+    with pytest.raises(GstalkError, match="unknown lip model"):
+        drive(avatar, tmp_path / "l.mp4", tmp_path / "v.wav", size=48, device="cpu", lips="phonemes")
     assert not (tmp_path / "l.mp4").exists()
     with pytest.raises(GstalkError, match="silent"):
         write_wav(tmp_path / "quiet.wav", np.zeros(16000))
@@ -290,26 +304,30 @@ def test_old_avatar_versions_are_read_or_refused(avatar, tmp_path):
         load_avatar(tmp_path / "old")
     with pytest.raises(FileFormatError, match="not a gstalk avatar"):
         load_avatar(tmp_path)
-    # version 4 (no mouth at rest in the viseme model: pauses use the table), version 3 (no
-    # viseme lip model), version 2 (no expression prior) and version 1 (absolute field
-    # offsets, no mouth prior) are still read, as they were made
+    # versions 4 to 6 (another viseme lip model: their lips are the learned network's, and
+    # loading says so), version 3 (no viseme lip model), version 2 (no expression prior) and
+    # version 1 (absolute field offsets, no mouth prior) are still read, as they were made
     from safetensors.torch import load_file, save_file
 
     nets = tmp_path / "old" / "networks.safetensors"
-    save_file({k: v for k, v in load_file(str(nets)).items() if not k.startswith("visemes.rest_")}, str(nets))
-    cfg["version"] = 5
+    tensors = load_file(str(nets))
+    old_visemes = {"visemes.whiten": torch.zeros(2, 2), "visemes.basis": torch.zeros(2, 3)}  # format 4-6's
+    save_file({**{k: v for k, v in tensors.items() if not k.startswith("visemes.")}, **old_visemes}, str(nets))
+    cfg["version"] = 7
     (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(FileFormatError, match="visemes"):  # a version 5 folder must have them
+    with pytest.raises(FileFormatError, match="visemes"):  # a version 7 folder must have this lip model
         load_avatar(tmp_path / "old")
-    cfg["version"] = 4
-    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
-    av, _ = load_avatar(tmp_path / "old")
-    assert av.cfg.lip_motion == cfg["lip_motion"] and not av.visemes.rest_fitted
+    for version in (6, 5, 4):
+        cfg["version"] = version
+        (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+        av, _ = load_avatar(tmp_path / "old")
+        assert cfg["lip_motion"] == "visemes" and av.cfg.lip_motion == "learned" and not av.visemes.usable
+        assert any("older viseme lip model" in n for n in av.notes)
     cfg.pop("lip_motion")
     cfg["version"] = 3
     (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
     av, _ = load_avatar(tmp_path / "old")
-    assert av.cfg.lip_motion == "learned" and not av.visemes.usable and av.cfg.expr_prior is True
+    assert av.cfg.lip_motion == "learned" and not av.visemes.usable and av.cfg.expr_prior is True and not av.notes
     cfg.pop("expr_prior")
     cfg["version"] = 2
     (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))

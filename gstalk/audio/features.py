@@ -8,10 +8,10 @@ Kinds (``kind``):
 - ``mel``: 80-band log-mel (25 ms windows), RMS energy (dB), log pitch (YIN) and a
   voicing flag, from librosa: D = 83. Captures the voice itself, so it tends to fit one
   speaker.
-- ``phoneme``: speaker-independent phone evidence from pocketsphinx's offline US-English
-  phone decoder (its acoustic model and phone language model ship in the wheel): per
-  audio frame, a one-hot over 15 viseme classes (sil, PP, FF, TH, DD, kk, CH, SS, nn, RR,
-  aa, E, ih, oh, ou), D = 15.
+- ``phoneme``: speaker-independent phone evidence: the phone timeline of
+  :mod:`gstalk.audio.phones` (recognised English words force-aligned, or free phone
+  decoding; offline, pocketsphinx's shipped models) as, per audio frame, a one-hot over 15
+  viseme classes (sil, PP, FF, TH, DD, kk, CH, SS, nn, RR, aa, E, ih, oh, ou), D = 15.
 - ``mel+phoneme``: both, concatenated (D = 98).
 - external arrays from other projects (DeepSpeech ``[N,16,29]``, HuBERT ``[N,2,1024]`` or
   ``[N,1024]``, wav2vec ``[N,44]`` / ``[N,16,44]``) via :func:`load_external_features`.
@@ -26,22 +26,14 @@ from typing import Literal
 
 import numpy as np
 
+from gstalk.audio.phones import PhoneTimeline, phone_timeline
+from gstalk.audio.visemes import PHONE_TO_VISEME, VISEMES
 from gstalk.errors import FileFormatError, GstalkError, InputError
 
 SAMPLE_RATE = 16000
 HOP = 160  # 10 ms
 AUDIO_FPS = SAMPLE_RATE / HOP
 FeatureKind = Literal["mel", "phoneme", "mel+phoneme"]
-
-VISEMES = ["sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E", "ih", "oh", "ou"]
-_PHONE_TO_VISEME = {
-    "P": "PP", "B": "PP", "M": "PP", "F": "FF", "V": "FF", "TH": "TH", "DH": "TH", "T": "DD", "D": "DD",
-    "K": "kk", "G": "kk", "NG": "kk", "HH": "kk", "CH": "CH", "JH": "CH", "SH": "CH", "ZH": "CH", "S": "SS",
-    "Z": "SS", "N": "nn", "L": "nn", "R": "RR", "ER": "RR", "AA": "aa", "AH": "aa", "AE": "aa", "AW": "aa",
-    "AY": "aa", "EH": "E", "EY": "E", "IH": "ih", "IY": "ih", "Y": "ih", "AO": "oh", "OW": "oh", "OY": "oh",
-    "UH": "ou", "UW": "ou", "W": "ou",
-}
-
 
 class SilentAudioError(GstalkError):
     """The audio holds no speech."""
@@ -69,50 +61,24 @@ def mel_features(audio: np.ndarray, n_mels: int = 80) -> np.ndarray:
     return np.concatenate([logmel, energy[:, None], logf0[:, None], voiced[:, None]], 1).astype(np.float32)
 
 
-def phone_segments(audio: np.ndarray) -> list[tuple[str, float, float]]:
-    """Offline phone decoding with pocketsphinx: (phone, start s, end s)."""
-    try:
-        from pocketsphinx import Decoder, get_model_path
-    except ImportError as e:
-        raise GstalkError(f"pocketsphinx is not installed ({e}); it provides the offline phone decoder") from None
-    mp = Path(get_model_path()) / "en-us"
-    dec = Decoder(hmm=str(mp / "en-us"), allphone=str(mp / "en-us-phone.lm.bin"), lw=2.0, beam=1e-20,
-                  pbeam=1e-20, samprate=SAMPLE_RATE, loglevel="FATAL")
-    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-    dec.start_utt()
-    dec.process_raw(pcm, full_utt=True)
-    dec.end_utt()
-    fr = 100.0  # pocketsphinx frames per second
-    return [(s.word, s.start_frame / fr, (s.end_frame + 1) / fr) for s in dec.seg()]
-
-
-def viseme_features(audio: np.ndarray, n_frames: int | None = None) -> np.ndarray:
-    """[A, 15] one-hot viseme class per 10 ms audio frame."""
-    n = n_frames if n_frames is not None else int(np.ceil(len(audio) / HOP)) + 1
-    out = np.zeros((n, len(VISEMES)), np.float32)
+def viseme_features(timeline: PhoneTimeline, n_frames: int) -> np.ndarray:
+    """[A, 15] one-hot viseme class per 10 ms audio frame (audio frame i at i / 100 s) of
+    the phones of ``timeline``; silence where there are none."""
+    out = np.zeros((n_frames, len(VISEMES)), np.float32)
     out[:, 0] = 1.0
-    if float(np.sqrt(np.mean(np.asarray(audio, np.float64) ** 2))) < 1e-4:
-        return out  # digital silence: the decoder would still guess phones in it
-    for phone, a, b in phone_segments(audio):
-        v = _PHONE_TO_VISEME.get(phone.upper(), "sil")
-        i0, i1 = int(round(a * AUDIO_FPS)), int(round(b * AUDIO_FPS))
+    for phone, a, b in timeline.phones:
+        v = PHONE_TO_VISEME.get(phone, "sil")
+        i0, i1 = int(round(a * AUDIO_FPS)), min(n_frames, int(round(b * AUDIO_FPS)))
         if i1 > i0:
             out[i0:i1] = 0.0
             out[i0:i1, VISEMES.index(v)] = 1.0
-    # quiet frames (30 dB below the loudest) are silence whatever the decoder says
-    import librosa
-
-    rms = librosa.feature.rms(y=np.asarray(audio, np.float32), frame_length=400, hop_length=HOP, center=True)[0]
-    quiet = np.zeros(n, bool)
-    m = min(n, len(rms))
-    quiet[:m] = rms[:m] < rms.max() * 10 ** (-30 / 20)
-    out[quiet] = 0.0
-    out[quiet, 0] = 1.0
     return out
 
 
-def audio_frame_features(audio: np.ndarray, kind: FeatureKind = "mel+phoneme") -> np.ndarray:
-    """[A, D] features per 10 ms audio frame for ``kind``."""
+def audio_frame_features(audio: np.ndarray, kind: FeatureKind = "mel+phoneme",
+                         timeline: PhoneTimeline | None = None) -> np.ndarray:
+    """[A, D] features per 10 ms audio frame for ``kind`` (the phones from ``timeline``,
+    decoded from the audio when not given)."""
     if kind not in ("mel", "phoneme", "mel+phoneme"):
         raise InputError(f"unknown audio feature kind {kind!r}: choose mel, phoneme or mel+phoneme")
     audio = np.asarray(audio, np.float32)
@@ -125,7 +91,7 @@ def audio_frame_features(audio: np.ndarray, kind: FeatureKind = "mel+phoneme") -
         n = m.shape[0]
         parts.append(m)
     if kind in ("phoneme", "mel+phoneme"):
-        parts.append(viseme_features(audio, n))
+        parts.append(viseme_features(timeline if timeline is not None else phone_timeline(audio), n))
     return np.concatenate(parts, 1)
 
 
@@ -151,6 +117,7 @@ class AudioFeatures:
     windows: np.ndarray  # [T, W, D]
     kind: str
     fps: float
+    timeline: PhoneTimeline | None = None  # the phones, for kinds with phones (the viseme lip model's input)
 
     @property
     def dim(self) -> int:
@@ -159,10 +126,12 @@ class AudioFeatures:
 
 def compute_features(audio: np.ndarray, n_frames: int, fps: float, kind: FeatureKind = "mel+phoneme",
                      window: int = 32) -> AudioFeatures:
-    """Windows ``[n_frames, window, D]`` for 16 kHz mono ``audio`` whose sample 0 is frame 0."""
+    """Windows ``[n_frames, window, D]`` for 16 kHz mono ``audio`` whose sample 0 is frame 0,
+    and its phone timeline for kinds with phones."""
     if n_frames <= 0:
         raise InputError("n_frames must be positive")
-    return AudioFeatures(frame_windows(audio_frame_features(audio, kind), n_frames, fps, window), kind, fps)
+    tl = phone_timeline(np.asarray(audio, np.float32)) if kind in ("phoneme", "mel+phoneme") else None
+    return AudioFeatures(frame_windows(audio_frame_features(audio, kind, tl), n_frames, fps, window), kind, fps, tl)
 
 
 def load_external_features(path: str | os.PathLike, n_frames: int, fps: float = 25.0,

@@ -1,32 +1,37 @@
-"""Lip motion from the phones of any voice: a speaker-independent viseme model, calibrated to
-the filmed person's own mouth.
+"""Lip motion from the phones of any voice: each viseme class takes the filmed person's own
+mouth shape, blended across neighbouring phones (coarticulation) and timed to this clip.
 
 A few seconds of one person cannot teach a network what mouth goes with what sound
-(docs/benchmarks.md: the learned audio-to-motion model predicts unseen frames of an 8 s clip
-no better than their mean). How the lips move for each class of speech sound is known
-phonetics, though, and does not depend on the speaker: the lips close for p, b, m, the
-lower lip meets the teeth for f, v, open vowels part them widest, rounded vowels (o, u, w)
-narrow them and spread ones (ee, i) widen them, and the mouth takes each shape before the
-sound is heard (coarticulation; visible speech leads the audio by tens to hundreds of
-milliseconds). So, per video frame:
+(docs/benchmarks.md: the learned audio-to-motion network predicts unseen frames of an 8 s clip
+no better than their mean). Phone timings can be had from any voice, though
+(:mod:`gstalk.audio.phones`: recognised words, force-aligned), and how the mouth moves
+through a sequence of phones is known phonetics:
 
-1. two lip channels from the decoded phones: **opening** and **spread** (table below),
-   averaged over a Gaussian window ``BLUR_S`` wide centred ``LEAD_S`` after the frame;
-2. given the mean and covariance, over the training frames, of the mouth's measured opening
-   and width (face-mesh landmarks), so the lips move as far as the person's do (whitened
-   against the clip's own phone channels, coloured with the lips' covariance);
-3. mapped to the person's head-model jaw and expression by the way their jaw and
-   expression change with the measured opening and width over the training frames: a
-   linear regression with two inputs, which 8 s of video determine well (the visual
-   relation holds frame by frame; only the audio-to-motion relation needs more data);
-4. in the pauses between words the phones say nothing about the mouth, and people differ:
-   some close it, some leave it parted or breathe through it. Where the training frames hold
-   enough silence (``MIN_REST_FRAMES``), the mouth rests in silence where this person's
-   rested in the clip's pauses (their mean measured lips in the pauses' cores), blended in by
-   the same window's share of silence.
+1. **Classes.** Each phone belongs to one of 15 viseme classes (:data:`VISEMES`); the gaps
+   between words are the class ``sil``.
+2. **Coarticulation** (Cohen and Massaro's dominance model). Every phone segment pulls the
+   mouth towards its class's target with a *dominance* that is full inside the segment and
+   falls off exponentially outside it, ``strength * exp(-distance / falloff)``, centred
+   ``lead`` before the sound (the mouth takes a shape before it is heard). The mouth of a
+   frame is the dominance-weighted mean of the targets of the phones around it. Per class
+   (:data:`DOMINANCE`): the lips must close for p/b/m and meet the teeth for f/v (strong,
+   brief), rounding (o, u, w) is anticipated furthest, and tongue consonants (t, d, k, n, s)
+   leave the lips to their neighbours (weak).
+3. **Targets: the person's own mouth.** The targets (jaw and expression per class) are
+   fitted to the training frames' tracked jaw and expression by a ridge regression on the
+   dominance weights: a class the clip holds many frames of gets this person's mouth for it,
+   one it lacks keeps a target from the phonetic table (:data:`OPENING`, :data:`SPREAD`,
+   mapped to this person's jaw and expression through their measured lips). ``sil`` gets
+   where this person's mouth rests in pauses.
+4. **Timing.** The audio-to-mouth lag is calibrated per clip, within :data:`LAGS` (the one
+   whose targets predict held-back blocks of the training frames best).
+5. **Amplitude.** How far the mouth moves from the clip's mean is scaled by the factor (0 to 1)
+   that best fits those held-back predictions to the truth: where a clip's phones predict its
+   mouth well the lips move as far as the fitted targets say; where they predict it poorly,
+   less (wrong lips far from the mean cost more than a mouth near it).
 
-Only these calibrations come from the clip; no mapping from its audio is learned. Needs phone
-features (``phoneme`` or ``mel+phoneme``).
+Expression coefficients that do not move the lips (``driven`` False) stay at the clip's mean,
+so that a chance correlation in a short clip does not make the eyes or brows talk.
 """
 
 from __future__ import annotations
@@ -35,145 +40,187 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gstalk.audio.features import AUDIO_FPS, VISEMES
+from gstalk.audio.phones import PhoneTimeline
 from gstalk.errors import InputError
 from gstalk.face.regions import mouth_opening, mouth_width
 
-# lip opening, 0 (closed) .. 1 (widest), and spreading (+1) vs rounding (-1), per viseme class
+VISEMES = ["sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E", "ih", "oh", "ou"]
+PHONE_TO_VISEME = {
+    "P": "PP", "B": "PP", "M": "PP", "F": "FF", "V": "FF", "TH": "TH", "DH": "TH", "T": "DD", "D": "DD",
+    "K": "kk", "G": "kk", "NG": "kk", "HH": "kk", "CH": "CH", "JH": "CH", "SH": "CH", "ZH": "CH", "S": "SS",
+    "Z": "SS", "N": "nn", "L": "nn", "R": "RR", "ER": "RR", "AA": "aa", "AH": "aa", "AE": "aa", "AW": "aa",
+    "AY": "aa", "EH": "E", "EY": "E", "IH": "ih", "IY": "ih", "Y": "ih", "AO": "oh", "OW": "oh", "OY": "oh",
+    "UH": "ou", "UW": "ou", "W": "ou",
+}
+SIL = 0
+# the phonetic table, for classes the clip lacks: lip opening, 0 (closed) .. 1 (widest), and
+# spreading (+1) vs rounding (-1)
 OPENING = {"sil": 0.1, "PP": 0.0, "FF": 0.15, "TH": 0.3, "DD": 0.35, "kk": 0.45, "CH": 0.3, "SS": 0.2, "nn": 0.3,
            "RR": 0.35, "aa": 1.0, "E": 0.7, "ih": 0.45, "oh": 0.75, "ou": 0.35}
 SPREAD = {"sil": 0.0, "PP": 0.0, "FF": 0.0, "TH": 0.2, "DD": 0.2, "kk": 0.1, "CH": -0.6, "SS": 0.4, "nn": 0.2,
           "RR": -0.4, "aa": 0.2, "E": 0.6, "ih": 0.8, "oh": -0.8, "ou": -1.0}
-LEAD_S = 0.08  # the mouth shapes this long before the sound (centre of the averaging window)
-BLUR_S = 0.06  # coarticulation: standard deviation of the averaging window
-MAX_Z = 3.0  # new audio moves the lips at most this many training spreads from the mean
-MIN_REST_FRAMES = 4.0  # frames' worth of silence in the training frames that calibrate the mouth at rest
+# per class: dominance strength, fall-off outside the segment (s), lead of the mouth over the sound (s)
+DOMINANCE = {
+    "sil": (0.5, 0.048, 0.0),
+    "PP": (3.0, 0.018, 0.02), "FF": (2.0, 0.018, 0.02),
+    "TH": (0.4, 0.024, 0.02), "DD": (0.3, 0.024, 0.02), "kk": (0.3, 0.024, 0.02), "CH": (0.6, 0.03, 0.04),
+    "SS": (0.4, 0.024, 0.02), "nn": (0.3, 0.024, 0.02), "RR": (0.5, 0.03, 0.04),
+    "aa": (0.6, 0.036, 0.03), "E": (0.6, 0.036, 0.03), "ih": (0.5, 0.036, 0.03),
+    "oh": (0.7, 0.048, 0.06), "ou": (0.7, 0.048, 0.06),
+}
+LAGS = tuple(np.round(np.arange(-0.04, 0.201, 0.02), 3))  # the calibrated audio-to-mouth lag lies in these (s)
+DEFAULT_LAG = 0.08  # where the clip is too short to calibrate it
+RIDGE = 2.0  # pull of each class's target towards the table's, in frames' worth of data
+MIN_FRAMES = 8
 CHANNELS = ("opening", "spread")
-SIL = VISEMES.index("sil")
 
 
-def viseme_columns(feature_kind: str, feature_dim: int) -> slice | None:
-    """Where the viseme one-hots sit in a feature vector of ``feature_kind`` (they come last);
-    None for features without phones."""
-    if feature_kind in ("phoneme", "mel+phoneme") and feature_dim >= len(VISEMES):
-        return slice(feature_dim - len(VISEMES), feature_dim)
-    return None
+def viseme_segments(timeline: PhoneTimeline) -> list[tuple[int, float, float]]:
+    """(class index, start s, end s) covering the whole timeline; the gaps are ``sil``."""
+    out, t = [], 0.0
+    for p, s, e in timeline.phones:
+        if p == "SIL" or e <= s:
+            continue
+        if s > t + 1e-6:
+            out.append((SIL, t, s))
+        out.append((VISEMES.index(PHONE_TO_VISEME.get(p, "sil")), s, e))
+        t = max(t, e)
+    if timeline.duration > t + 1e-6:
+        out.append((SIL, t, timeline.duration))
+    return out
 
 
-def _kernel(window: int, lead: float, blur: float) -> np.ndarray:
-    """Weights over a window's audio frames (offsets -window//2 .. window//2 - 1, 10 ms apart)."""
-    t = (np.arange(window) - window // 2) / AUDIO_FPS
-    k = np.exp(-0.5 * ((t - lead) / blur) ** 2)
-    return (k / k.sum()).astype(np.float32)
+_DOM = np.array([DOMINANCE[v] for v in VISEMES], np.float64)  # [15, 3]
+
+
+def dominance(timeline: PhoneTimeline, n_frames: int, fps: float, lag: float) -> np.ndarray:
+    """[n_frames, 15]: each class's share of frame k's mouth (rows sum to 1). Frame k shows
+    the mouth of time k / fps, which is shaped by the phones around k / fps + lag (+ each
+    class's own lead)."""
+    t = np.arange(n_frames) / fps + lag
+    w = np.zeros((n_frames, len(VISEMES)))
+    for c, s, e in viseme_segments(timeline):
+        strength, falloff, lead = _DOM[c]
+        centre, half = (s + e) / 2 - lead, (e - s) / 2
+        lo, hi = np.searchsorted(t, centre - half - 8 * falloff), np.searchsorted(t, centre + half + 8 * falloff)
+        d = np.maximum(0.0, np.abs(t[lo:hi] - centre) - half)
+        w[lo:hi, c] += strength * np.exp(-d / falloff)
+    total = w.sum(1, keepdims=True)
+    w = np.divide(w, total, out=np.zeros_like(w), where=total > 1e-9)
+    w[total[:, 0] <= 1e-9, SIL] = 1.0  # beyond the audio's end: at rest
+    return w
+
+
+def _ridge(w: np.ndarray, y: np.ndarray, prior: np.ndarray, lam: float) -> np.ndarray:
+    """Targets [15, P] minimising |w T - y|^2 + lam |T - prior|^2."""
+    return np.linalg.solve(w.T @ w + lam * np.eye(w.shape[1]), w.T @ y + lam * prior)
+
+
+def _folds(frames: np.ndarray, k: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Contiguous blocks of ``frames``, each with the others as its training set."""
+    blocks = np.array_split(frames, k)
+    return [(np.concatenate([c for j, c in enumerate(blocks) if j != i]), b) for i, b in enumerate(blocks)]
 
 
 class VisemeMotion(nn.Module):
-    """Audio windows ``[T, W, D]`` -> jaw ``[T, 3]`` and expression ``[T, n_expr]`` through the
-    viseme channels; :meth:`fit` calibrates it to a tracked clip."""
+    """Phone timeline -> jaw ``[T, 3]`` and expression ``[T, n_expr]`` through the person's
+    viseme targets; :meth:`fit` calibrates it to a tracked clip."""
 
-    def __init__(self, feature_kind: str, feature_dim: int, window: int, n_expr: int):
+    def __init__(self, n_expr: int):
         super().__init__()
-        self.cols = viseme_columns(feature_kind, feature_dim)  # None: no phones, the model cannot be used
         self.n_expr = n_expr
-        table = torch.tensor([[OPENING[v], SPREAD[v]] for v in VISEMES], dtype=torch.float32)
-        self.register_buffer("table", table)  # [15, 2]
-        self.register_buffer("kernel", torch.from_numpy(_kernel(window, LEAD_S, BLUR_S)))  # [W]
-        self.register_buffer("audio_mean", torch.zeros(2))
-        self.register_buffer("whiten", torch.zeros(2, 2))  # audio channels -> uncorrelated, unit spread
-        self.register_buffer("basis", torch.zeros(2, 3 + n_expr))  # whitened channels -> jaw and expression
-        self.register_buffer("out_mean", torch.zeros(3 + n_expr))
+        self.register_buffer("targets", torch.zeros(len(VISEMES), 3 + n_expr))  # jaw and expression per class
+        self.register_buffer("lag", torch.tensor(DEFAULT_LAG))
+        self.register_buffer("gain", torch.ones(()))  # how far from the mean the mouth moves (0 .. 1)
+        self.register_buffer("mean", torch.zeros(3 + n_expr))  # the training frames' jaw and expression
         self.register_buffer("fitted", torch.zeros(()))
-        self.register_buffer("rest_out", torch.zeros(3 + n_expr))  # jaw and expression in the clip's pauses
-        self.register_buffer("rest_fitted", torch.zeros(()))  # 0: too little silence, pauses use the table
 
     @property
     def usable(self) -> bool:
-        return self.cols is not None and bool(self.fitted)
+        return bool(self.fitted)
 
-    def _visemes(self, windows: Tensor) -> Tensor:
-        """[T, W, D] -> [T, 15]: each viseme's share of the frame's lead-shifted window."""
-        if self.cols is None:
-            raise InputError("the viseme lip model needs phone features (phoneme or mel+phoneme)")
-        if windows.dim() != 3 or windows.shape[1] != self.kernel.shape[0]:
-            raise InputError(f"audio windows must be [T, {self.kernel.shape[0]}, D], got {tuple(windows.shape)}")
-        return torch.einsum("twv,w->tv", windows[..., self.cols].float(), self.kernel)
-
-    def channels(self, windows: Tensor) -> Tensor:
-        """[T, W, D] -> [T, 2] lip opening and spread expected from the phones."""
-        return self._visemes(windows) @ self.table
-
-    def silence(self, windows: Tensor) -> Tensor:
-        """[T, W, D] -> [T] the share of silence (0 .. 1) in each frame's window."""
-        return self._visemes(windows)[:, SIL]
+    def weights(self, timeline: PhoneTimeline, n_frames: int, fps: float) -> np.ndarray:
+        return dominance(timeline, n_frames, fps, float(self.lag))
 
     @torch.no_grad()
-    def fit(self, windows: Tensor, lips: np.ndarray, target: Tensor, frames: np.ndarray, ridge: float = 1e-2,
-            driven: Tensor | np.ndarray | None = None) -> dict:
-        """Calibrate on ``frames`` (training frames with landmarks): ``lips`` [T, 2] measured
-        mouth opening and width, ``target`` [T, 3 + n_expr] tracked jaw and expression;
-        ``driven`` [n_expr] bool: the expression coefficients the lips may move (the mouth's,
-        :func:`gstalk.avatar.model.mouth_expressions`); the others stay at the clip's mean, so
-        that a chance correlation in a short clip does not make the eyes or brows talk.
-
-        The phones' channels are given the mean and covariance of the measured lips (so the
-        lips move as far, and opening and width go together, as in the clip), and jaw and
-        expression follow the measured lips by a ridge regression. Returns what it measured
-        (for the log): per channel, the correlation of the phones' channel with the measured
-        one on those frames, and how much of the jaw opening's variance the lips explain."""
+    def fit(self, timeline: PhoneTimeline, fps: float, target: np.ndarray, lips: np.ndarray, frames: np.ndarray,
+            driven: np.ndarray | None = None, ridge: float = RIDGE) -> dict:
+        """Calibrate on ``frames`` (training frames with landmarks) of a clip whose audio has
+        the phones ``timeline``: ``target`` [T, 3 + n_expr] the tracked jaw and expression,
+        ``lips`` [T, 2] the measured mouth opening and width (:func:`lip_measures`; they map
+        the phonetic table to this person's jaw and expression); ``driven`` [n_expr] bool:
+        the expression coefficients the lips may move. Returns what it measured (for the log):
+        the lag and amplitude, the classes fitted from the clip, and how well the phones
+        predict the mouth's measured opening on blocks of the training frames they were not
+        fitted on."""
         frames = np.asarray(frames)
-        if len(frames) < 8:
-            raise InputError(f"the viseme lip model needs at least 8 training frames with landmarks, got {len(frames)}")
-        vis = self._visemes(windows[torch.as_tensor(frames, device=windows.device)])
-        a = (vis @ self.table).cpu().double().numpy()
-        sil = vis[:, SIL].cpu().double().numpy()
-        lips = np.asarray(lips, np.float64)[frames]
-        y = target[torch.as_tensor(frames, device=target.device)].cpu().double().numpy()
-        l_mean, y_mean = lips.mean(0), y.mean(0)
-        # jaw and expression from the measured lips (standardised, ridge), over every frame
-        l_std = np.maximum(lips.std(0), 1e-6)
-        z = (lips - l_mean) / l_std
-        coef = np.linalg.solve(z.T @ z + ridge * len(z) * np.eye(2), z.T @ (y - y_mean)) / l_std[:, None]
-        if driven is not None:
-            coef[:, 3:][:, ~np.asarray(driven, bool)] = 0.0
-        # whiten the channels the clip's speech moved, colour them with the lips' covariance
-        # (over every frame: with the pauses in, the lips move as far as the person's do)
-        a_mean = a.mean(0)
-        live = a.std(0) >= 1e-3  # a channel the speech never moved cannot be calibrated
-        whiten, colour = np.zeros((2, 2)), np.zeros((2, 2))
-        if live.any():
-            ix = np.flatnonzero(live)
-            ca = np.cov(a[:, ix].T, bias=True).reshape(len(ix), len(ix))
-            cl = np.cov(lips[:, ix].T, bias=True).reshape(len(ix), len(ix))
-            eps = 1e-9 * np.eye(len(ix))
-            whiten[np.ix_(ix, ix)] = np.linalg.inv(np.linalg.cholesky(ca + eps))  # z = W (a - mean)
-            colour[np.ix_(ix, ix)] = np.linalg.cholesky(cl + eps)  # lips - mean = C z
-        self.audio_mean.copy_(torch.from_numpy(a_mean))
-        self.whiten.copy_(torch.from_numpy(whiten.T))
-        self.basis.copy_(torch.from_numpy(colour.T @ coef))
-        self.out_mean.copy_(torch.from_numpy(y_mean))
-        # the mouth at rest: where it was in the clip's pauses, if they hold enough silence; the
-        # weights (share of silence)^4 keep the pauses' cores, not their edges, where the mouth
-        # is still moving into or out of a word
-        rest = sil.sum() >= MIN_REST_FRAMES
-        rest_lips = np.average(lips, 0, sil**4) if rest else l_mean
-        self.rest_out.copy_(torch.from_numpy(y_mean + (rest_lips - l_mean) @ coef))
-        self.rest_fitted.fill_(float(rest))
+        if len(frames) < MIN_FRAMES:
+            raise InputError(f"the viseme lip model needs at least {MIN_FRAMES} training frames with landmarks, "
+                             f"got {len(frames)}")
+        y_all = np.asarray(target, np.float64)
+        n = len(y_all)
+        y = y_all[frames]
+        y_mean = y.mean(0)
+        prior = self._table_targets(np.asarray(lips, np.float64)[frames], y)
+        y_std = np.maximum(y.std(0), 1e-9)
+        # the lag whose targets predict the jaw's opening on held-back blocks of the training
+        # frames best, and how far those predictions should move from the mean
+        folds = _folds(frames)
+        best = None
+        for lag in LAGS:
+            w = dominance(timeline, n, fps, lag)
+            pred, truth = [], []
+            for inner, held in folds:
+                t = _ridge(w[inner], y_all[inner], prior, ridge)
+                m = y_all[inner, 0].mean()
+                pred.append((w[held] @ t)[:, 0] - m)
+                truth.append(y_all[held, 0] - m)
+            p, q = np.concatenate(pred), np.concatenate(truth)
+            err = float((((p - q) / y_std[0]) ** 2).sum())
+            if best is None or err < best[0]:
+                best = (err, float(lag), p, q)
+        _, lag, p, q = best
+        gain = float(np.clip((p @ q) / max(float(p @ p), 1e-12), 0.0, 1.0))
+        w = dominance(timeline, n, fps, lag)
+        targets = _ridge(w[frames], y, prior, ridge)
+        if driven is not None:  # expression coefficients that do not move the lips stay at the mean
+            still = np.concatenate([np.zeros(3, bool), ~np.asarray(driven, bool)])
+            targets[:, still] = y_mean[still]
+        self.targets.copy_(torch.from_numpy(targets))
+        self.lag.fill_(lag)
+        self.gain.fill_(gain)
+        self.mean.copy_(torch.from_numpy(y_mean))
         self.fitted.fill_(1.0)
-        resid = (y - y_mean) - (lips - l_mean) @ coef
-        explained = 1 - resid.var(0) / np.maximum(y.var(0), 1e-12)
-        corr = [float(np.corrcoef(a[:, c], lips[:, c])[0, 1]) if live[c] and lips[:, c].std() > 0 else 0.0
-                for c in range(2)]
-        return {"phones_vs_lips": dict(zip(CHANNELS, corr)), "jaw_open_explained": float(explained[0]),
-                "silent_frames": float(sil.sum()),
-                "rest_lips_z": ((rest_lips - l_mean) / l_std).tolist() if rest else None}
+        # honesty for the log: the measured opening predicted on held-back blocks
+        o = np.asarray(lips, np.float64)[:, :1]
+        pred = np.zeros(n)
+        for inner, held in folds:
+            pred[held] = (w[held] @ _ridge(w[inner], o[inner], np.full((len(VISEMES), 1), o[inner].mean()),
+                                           ridge))[:, 0]
+        corr = [np.corrcoef(pred[held], o[held, 0])[0, 1] for _, held in folds
+                if pred[held].std() > 1e-9 and o[held, 0].std() > 1e-9]
+        mass = w[frames].sum(0)
+        return {"lag_s": lag, "gain": gain, "own_classes": [v for v, m in zip(VISEMES, mass) if m >= ridge],
+                "table_classes": [v for v, m in zip(VISEMES, mass) if m < ridge],
+                "phones_vs_opening": float(np.mean(corr)) if corr else float("nan")}
 
-    def forward(self, windows: Tensor) -> tuple[Tensor, Tensor]:
-        vis = self._visemes(windows)
-        z = ((vis @ self.table - self.audio_mean) @ self.whiten).clamp(-MAX_Z, MAX_Z)
-        y = self.out_mean + z @ self.basis
-        if bool(self.rest_fitted):
-            s = vis[:, SIL, None]
-            y = (1 - s) * y + s * self.rest_out
+    @staticmethod
+    def _table_targets(lips: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """[15, P] the phonetic table's targets for this person: the table's opening and
+        spread, one table spread per spread of the person's measured lips, mapped to jaw and
+        expression by how theirs follow their lips (a ridge regression over the frames)."""
+        l_mean, l_std = lips.mean(0), np.maximum(lips.std(0), 1e-6)
+        z = (lips - l_mean) / l_std
+        coef = np.linalg.solve(z.T @ z + 1e-2 * len(z) * np.eye(2), z.T @ (y - y.mean(0))) / l_std[:, None]
+        tab = np.array([[OPENING[v], SPREAD[v]] for v in VISEMES])
+        tz = (tab - tab.mean(0)) / tab.std(0)
+        return y.mean(0) + (tz * l_std) @ coef
+
+    def forward(self, timeline: PhoneTimeline, n_frames: int, fps: float) -> tuple[Tensor, Tensor]:
+        if not self.usable:
+            raise InputError("this avatar's viseme lip model was never calibrated; use --lips learned or re-fit it")
+        w = torch.from_numpy(self.weights(timeline, n_frames, fps)).to(self.targets)
+        y = self.mean + self.gain * (w @ self.targets - self.mean)
         return y[:, :3], y[:, 3:]
 
 

@@ -30,7 +30,7 @@ from gstalk.io.atomic import atomic_path, ensure_dir, write_json
 
 AVATAR_FORMAT = "gstalk-avatar"
 
-READABLE_VERSIONS = (1, 2, 3, 4, 5, AVATAR_VERSION)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, AVATAR_VERSION)
 # what motion.npz must hold: the identity and camera, and the training clip's motion that
 # drives new audio and chooses the view fill
 MOTION_KEYS = ("shape", "K", "viewmat", "global_rot", "neck", "translation", "eyes", "jaw", "expr")
@@ -102,6 +102,9 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
         raw.update(expr_prior=False)
     if raw["version"] <= 3:  # no viseme lip model before version 4
         raw.update(lip_motion="learned")
+    old_visemes = 4 <= raw["version"] <= 6 and raw.get("lip_motion") == "visemes"
+    if old_visemes:  # versions 4-6 calibrated another viseme model; its lips are the learned network's now
+        raw.update(lip_motion="learned")
     try:
         cfg = AvatarConfig(**raw)
     except TypeError as e:  # fields this version does not know, or lacks
@@ -127,13 +130,11 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
         raise FileFormatError(f"{root / 'networks.safetensors'} cannot be read ({e}); re-fit the avatar "
                               "('gstalk train')") from None
     nets = [("field", av.field), ("audio", av.audio), ("a2m", av.a2m)]
-    if raw["version"] >= 4:  # the viseme lip model came with version 4
+    if raw["version"] >= 7:  # this viseme lip model came with version 7
         nets.append(("visemes", av.visemes))
     for prefix, mod in nets:
         sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         missing, unexpected = mod.load_state_dict(sd, strict=False)
-        if prefix == "visemes" and raw["version"] == 4:  # no mouth at rest before version 5: pauses use the table
-            missing = [k for k in missing if k not in ("rest_out", "rest_fitted")]
         if missing or unexpected:
             raise FileFormatError(f"{root}: network '{prefix}' does not match this gstalk "
                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -142,6 +143,9 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
 
         motion["background"] = read_image_file(root / "background.png")
     av = av.to(device)
+    if old_visemes:
+        av.notes.append(f"{root} was fitted with an older viseme lip model (avatar format {raw['version']}); new audio "
+                        "moves its lips with the learned network. Re-fit it for the current lip model.")
     av.set_ray_cut(motion)
     av.set_view_fill(motion)
     return av, motion

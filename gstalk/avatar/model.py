@@ -26,8 +26,9 @@ from gstalk.render import Cameras, RenderOutput, rasterize, rasterize_frames
 from gstalk.render.project import quat_to_rotmat, sh_colors
 
 # 2: relative field + mouth prior; 3: expression prior; 4: viseme lip model; 5: its mouth at rest in pauses;
-# 6: avatars fitted without audio (lip_motion 'none') (older versions are read as made)
-AVATAR_VERSION = 6
+# 6: avatars fitted without audio (lip_motion 'none'); 7: the viseme model on aligned phones, with the person's
+# own targets per class (older versions are read as made; their viseme model is not, see load_avatar)
+AVATAR_VERSION = 7
 
 
 @dataclass
@@ -61,8 +62,8 @@ class AvatarConfig:
     """The field's blink and expression streams act only where the head model's expressions
     move the mesh (see :func:`expression_activity`): not on hair, scalp, neck or eyeballs."""
     lip_motion: str = "learned"
-    """What moves jaw and expression for new audio: 'visemes' (the speaker-independent viseme
-    model calibrated to the clip, :mod:`gstalk.audio.visemes`) or 'learned' (the
+    """What moves jaw and expression for new audio: 'visemes' (the viseme model on the audio's
+    aligned phones, with the person's own mouth per class, :mod:`gstalk.audio.visemes`) or 'learned' (the
     audio-to-motion network trained on the clip). Blink always comes from the network.
     'none': fitted without audio (its clip was silent, or ``--train.audio off``): no audio can
     drive it, only tracked expressions; its field saw zero audio codes."""
@@ -116,13 +117,14 @@ class Avatar(nn.Module):
         object.__setattr__(self, "_compiled", None)  # see compile_field(); not a submodule
         object.__setattr__(self, "_compile_opts", None)
         object.__setattr__(self, "precision", "float32")  # see set_precision()
+        self.notes: list[str] = []  # what loading it had to say to the user (an older format's limits)
         self.register_buffer("view_centre", torch.zeros(3), persistent=False)  # see set_view_fill()
         self.set_gaussians(gaussians, region)
         self.field = DeformationField(audio_dim=cfg.code_dim, expr_dim=cfg.expr_cond, encoding=cfg.encoding,
                                       colour=False)
         self.audio = AudioModel(cfg.feature_dim, cfg.window, cfg.code_dim)
         self.a2m = AudioToMotion(cfg.feature_dim, cfg.window, cfg.expr_cond, cfg.code_dim)
-        self.visemes = VisemeMotion(cfg.feature_kind, cfg.feature_dim, cfg.window, cfg.n_expr)
+        self.visemes = VisemeMotion(cfg.n_expr)
 
     def to(self, *args, **kwargs):  # the head model is plain tensors, not a module: move it too
         out = super().to(*args, **kwargs)

@@ -20,7 +20,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from gstalk.audio.features import check_speech, compute_features
+from gstalk.audio.features import AudioFeatures, check_speech, compute_features
+from gstalk.audio.phones import phone_timeline
 from gstalk.avatar.io import load_avatar
 from gstalk.avatar.model import Avatar, Frame, render_frames
 from gstalk.gaussians.set import GaussianTensors
@@ -114,40 +115,49 @@ def lip_model(av: Avatar, lips: str | None = None) -> str:
     if lips not in LIP_MODELS:
         raise InputError(f"unknown lip model {lips!r}: choose {' or '.join(LIP_MODELS)}")
     if lips == "visemes" and not av.visemes.usable:
-        raise InputError("this avatar has no viseme lip model (it was fitted before avatar format 4 or with audio "
-                         "features without phones); use --lips learned or re-fit it")
+        raise InputError("this avatar has no calibrated viseme lip model (it was fitted before avatar format 7, or "
+                         "its clip had too few frames with landmarks); use --lips learned or re-fit it")
     return lips
 
 
-def audio_drive(av: Avatar, feats: torch.Tensor, fill: np.ndarray | None = None):
-    """From audio windows: the codes for the deformation, {lip model: (jaw, expression padded
+def audio_features(av: Avatar, audio: np.ndarray, n: int, fps: float,
+                   log: Callable[[str], None] | None = None) -> AudioFeatures:
+    """The avatar's audio features for ``n`` frames of ``audio``, with its phone timeline where
+    the viseme lip model needs one; what the phone decoding had to say (no speech, not
+    English) goes to ``log``."""
+    feats = compute_features(audio, n, fps, av.cfg.feature_kind, av.cfg.window)
+    if feats.timeline is None and av.visemes.usable:
+        feats.timeline = phone_timeline(np.asarray(audio, np.float32))
+    if log is not None and feats.timeline is not None:
+        for note in feats.timeline.notes:
+            log(note)
+    return feats
+
+
+def audio_drive(av: Avatar, feats: AudioFeatures, fill: np.ndarray | None = None):
+    """From audio features: the codes for the deformation, {lip model: (jaw, expression padded
     to the head model's with ``fill``)} for every lip model the avatar has, and blink (the
     audio-to-motion network's)."""
+    windows = torch.from_numpy(feats.windows).to(av.means.device)
     with torch.no_grad():
-        codes = av.audio(feats)
-        jaw, expr, blink = av.a2m(feats)
+        codes = av.audio(windows)
+        jaw, expr, blink = av.a2m(windows)
         lips = {"learned": (jaw, head_expr(av, expr, fill))}
-        if av.visemes.usable:
-            vjaw, vexpr = av.visemes(feats)
+        if av.visemes.usable and feats.timeline is not None:
+            vjaw, vexpr = av.visemes(feats.timeline, windows.shape[0], feats.fps)
             lips["visemes"] = (vjaw, head_expr(av, vexpr, fill))
     return codes, lips, blink
 
 
 def audio_conditions(av: Avatar, audio: np.ndarray, n: int, fps: float, lips: str | None = None,
-                     fill: np.ndarray | None = None):
+                     fill: np.ndarray | None = None, log: Callable[[str], None] | None = None):
     """Audio codes for the deformation, jaw and expression from the avatar's lip model (or
     ``lips``: 'visemes' or 'learned'; expression padded with ``fill``) and blink from the
     audio-to-motion network."""
     lips = lip_model(av, lips)
-    codes, motions, blink = audio_drive(av, audio_windows(av, audio, n, fps), fill)
+    codes, motions, blink = audio_drive(av, audio_features(av, audio, n, fps, log), fill)
     jaw, expr = motions[lips]
     return codes, jaw, expr, blink
-
-
-def audio_windows(av: Avatar, audio: np.ndarray, n: int, fps: float) -> torch.Tensor:
-    """The avatar's audio features for ``n`` frames: [n, window, D] on its device."""
-    feats = torch.from_numpy(compute_features(audio, n, fps, av.cfg.feature_kind, av.cfg.window).windows)
-    return feats.to(av.means.device)
 
 
 def head_expr(av: Avatar, expr: torch.Tensor, fill: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
@@ -188,7 +198,8 @@ class Conditions:
 
 
 def conditions_for(av: Avatar, motion: dict, n: int, fps: float, audio: np.ndarray | None = None,
-                   expressions: dict | None = None, head: str = "track", lips: str | None = None) -> Conditions:
+                   expressions: dict | None = None, head: str = "track", lips: str | None = None,
+                   log: Callable[[str], None] | None = None) -> Conditions:
     """Per-frame conditions from new audio (through the lip model ``lips``, default the
     avatar's, and the audio-to-motion network's blink), or from tracked expressions
     (``expressions`` with jaw, expr, optional blink and, with ``use_pose``, the head pose)."""
@@ -203,7 +214,7 @@ def conditions_for(av: Avatar, motion: dict, n: int, fps: float, audio: np.ndarr
             hm = {k: expressions[k][:n] for k in ("global_rot", "neck", "translation", "eyes")}
         expr = head_expr(av, expr)
     elif audio is not None:
-        codes, jaw, expr, blink = audio_conditions(av, audio, n, fps, lips, rest_expr(motion))
+        codes, jaw, expr, blink = audio_conditions(av, audio, n, fps, lips, rest_expr(motion), log)
     else:
         raise InputError("no driving signal: give audio or tracked expressions")
     p = FlameParams(expr=expr, jaw=jaw, global_rot=t(hm["global_rot"]), neck=t(hm["neck"]),
@@ -246,12 +257,12 @@ def plate_background(av: Avatar, motion: dict, size: int) -> torch.Tensor | None
 
 def frames_iter(av: Avatar, motion: dict, n: int, fps: float, cams: Cameras, audio: np.ndarray | None = None,
                 expressions: dict | None = None, head: str = "track", deform: bool = True,
-                background: torch.Tensor | None = None, batch: int = 8, lips: str | None = None
-                ) -> Iterator[torch.Tensor]:
+                background: torch.Tensor | None = None, batch: int = 8, lips: str | None = None,
+                log: Callable[[str], None] | None = None) -> Iterator[torch.Tensor]:
     """Rendered RGB frames [S, S, 3] (float, on the avatar's device), one at a time; posed and
     rasterized ``batch`` frames at a time (on a GPU, one gsplat launch per batch)."""
     dev = av.means.device
-    cond = conditions_for(av, motion, n, fps, audio, expressions, head, lips)
+    cond = conditions_for(av, motion, n, fps, audio, expressions, head, lips, log)
     size = cams.width
     bg = background if background is not None else torch.ones(size, size, 3, device=dev)
     s = 0
@@ -287,13 +298,15 @@ def drive(avatar_dir: str | Path, out: str | Path, audio_path: str | Path | None
           expressions_path: str | Path | None = None, camera: str = "track", head: str = "track",
           size: int = 0, fps: float = 0.0, device: str = "auto", deform: bool = True,
           progress: Progress | None = None, compile_field: bool = False, lips: str | None = None,
-          precision: str = "float32") -> DriveResult:
+          precision: str = "float32", log: Callable[[str], None] | None = None) -> DriveResult:
     import time
 
     from gstalk.config import resolve_device
 
     dev = resolve_device(device)
     av, motion = load_avatar(avatar_dir, dev)
+    for note in av.notes if log is not None else ():
+        log(note)
     av.set_precision(precision)
     if compile_field:
         av.compile_field(mode="reduce-overhead" if dev.type == "cuda" else None)
@@ -306,7 +319,7 @@ def drive(avatar_dir: str | Path, out: str | Path, audio_path: str | Path | None
     cams = cameras_for(av, motion, n, camera, size)
     bg = plate_background(av, motion, size) if camera in ("track", "still") else None
     t0 = time.perf_counter()
-    frames = frames_iter(av, motion, n, fps, cams, audio, expressions, head, deform, bg, lips=lips)
+    frames = frames_iter(av, motion, n, fps, cams, audio, expressions, head, deform, bg, lips=lips, log=log)
     path = write_video(Path(out), frames, fps, audio, n_frames=n, progress=progress)
     dt = time.perf_counter() - t0
     return DriveResult(path, n, fps, n / fps, n / dt)

@@ -4,9 +4,11 @@ other speakers' audio, with the deformation on and (as a baseline) off.
 Held-out frames are rendered with the tracked head pose, jaw and expression and the clip's
 own audio, and once more (``audio_driven``) with jaw and expression from the avatar's lip
 model and blink from the audio-to-motion network on that audio, as new audio would drive
-them (head pose still tracked; with the viseme lip model, ``audio_driven_learned`` gives the
-learned network's lips for comparison, and ``mean_mouth`` the control: the mouth held at the
-training frames' mean jaw and expression, which ignores the audio); metrics: PSNR and SSIM
+them (head pose still tracked; the avatar's other lip model as ``audio_driven_<model>``, and
+``mean_mouth`` the control: the mouth held at the training frames' mean jaw and expression,
+which ignores the audio); ``lip_yardstick`` puts them side by side (:func:`lip_yardstick`:
+LMD and mouth PSNR, each paired against the mean mouth, the opening's correlation with the
+ground truth); metrics: PSNR and SSIM
 over the full frame and over the face box (the landmarks' bounding box, 10 % margin) and the
 mouth box (a square 1.6 times the lips' extent, where the audio acts), mouth landmark
 distance (LMD: the detector's lip landmarks on the render vs on the ground truth, pixels at
@@ -29,6 +31,7 @@ deformation (driven by the tracked expression, blink and neck) and without it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -38,8 +41,8 @@ import torch
 from gstalk.avatar.io import load_avatar
 from gstalk.avatar.model import Frame, render_frame
 from gstalk.audio.features import check_speech
-from gstalk.drive.render import (audio_drive, audio_windows, cameras_for, frames_iter, head_expr, lip_model,
-                                 plate_background, rest_expr)
+from gstalk.drive.render import (LIP_MODELS, audio_drive, audio_features, cameras_for, frames_iter, head_expr,
+                                 lip_model, plate_background, rest_expr)
 from gstalk.errors import InputError
 from gstalk.eval.sync import sync_score
 from gstalk.face.regions import LIPS, blink_signal, mouth_opening
@@ -151,6 +154,113 @@ def _render_test(av, motion, track, idx: np.ndarray, size: int, deform: bool, bg
     return out
 
 
+@dataclass
+class Variant:
+    """One way of rendering the held-out frames: with or without the deformation, the audio
+    code of other frames (``audio_from``), or jaw and expression from a lip model (``lips``:
+    'visemes', 'learned', or 'mean' for the still mouth) instead of the track."""
+
+    name: str
+    deform: bool = True
+    audio_from: np.ndarray | None = None
+    lips: str | None = None
+
+
+def variants_for(av, speech: bool, own_lips: str, train_idx: np.ndarray, n_test: int) -> list[Variant]:
+    """What eval renders: the tracked motion with and without the deformation and, for an
+    avatar with speech, the control for the audio (other frames' audio codes), every lip
+    model driven by the clip's own audio alone ('audio_driven' is the avatar's own, the
+    others 'audio_driven_<model>') and the control for the lips: the mouth held at the
+    training frames' mean jaw and expression (the best constant guess), 'mean_mouth'."""
+    out = [Variant("deformation"), Variant("no_deformation", deform=False)]
+    if not speech:
+        return out
+    shuffled = np.random.default_rng(0).choice(train_idx, n_test)
+    out += [Variant("other_audio", audio_from=shuffled), Variant("audio_driven", lips=own_lips)]
+    out += [Variant(f"audio_driven_{m}", lips=m) for m in LIP_MODELS if m != own_lips and
+            (m != "visemes" or av.visemes.usable)]
+    return out + [Variant("mean_mouth", lips="mean")]
+
+
+def frame_metrics(renders: list[torch.Tensor], gts: list[torch.Tensor], face_boxes, mouth_boxes, gt_lm: np.ndarray,
+                  gt_blink: np.ndarray, size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per-frame metrics of renders against the ground truth (PSNR and SSIM over the frame,
+    the face box and the mouth box; mouth landmark distance; blink error) and the
+    detector's landmarks on the renders."""
+    pf = {"psnr": np.array([psnr(r, g) for r, g in zip(renders, gts)]),
+          "ssim": np.array([ssim(r, g) for r, g in zip(renders, gts)])}
+    for key, boxes in (("face", face_boxes), ("mouth", mouth_boxes)):
+        bp, bs = np.full(len(gts), np.nan), np.full(len(gts), np.nan)
+        for k, ((r, g), box) in enumerate(zip(zip(renders, gts), boxes)):
+            if box is not None:
+                x0, y0, x1, y1 = box
+                bp[k] = psnr(r[y0:y1, x0:x1], g[y0:y1, x0:x1])
+                bs[k] = ssim(r[y0:y1, x0:x1], g[y0:y1, x0:x1])
+        pf[f"{key}_psnr"], pf[f"{key}_ssim"] = bp, bs
+    r_lm = _landmarks([(r.numpy() * 255).astype(np.uint8) for r in renders])
+    pf["lmd_px512"] = np.linalg.norm(r_lm[:, LIPS, :2] - gt_lm[:, LIPS, :2], axis=-1).mean(-1) * (512 / size)
+    rb, _ = blink_signal(np.nan_to_num(r_lm), np.isfinite(r_lm[:, 0, 0]))
+    pf["blink_error"] = np.abs(rb - gt_blink)
+    return pf, r_lm
+
+
+def mouth_motion(r_lm: np.ndarray, gt_lm: np.ndarray) -> dict:
+    """How far the render's lips move (the spread of the detector's mouth opening over the
+    frames, as a fraction of the ground truth's: damped lips < 1) and whether they open when
+    the real ones do (the correlation of the two openings: near 0 for lips out of time; NaN
+    for a mouth that keeps still, where it is undefined)."""
+    ok = np.isfinite(r_lm[:, 0, 0]) & np.isfinite(gt_lm[:, 0, 0])
+    ro, go = mouth_opening(r_lm[ok]), mouth_opening(gt_lm[ok])
+    enough = ok.sum() > 2 and go.std() > 0
+    return {"render_face_found": float(np.isfinite(r_lm[:, 0, 0]).mean()),
+            "mouth_motion_ratio": float(ro.std() / go.std()) if enough else float("nan"),
+            "mouth_opening_corr": float(np.corrcoef(ro, go)[0, 1]) if enough and ro.std() > 1e-6 * go.std()
+            else float("nan")}
+
+
+YARDSTICK = ("lmd_px512", "mouth_psnr")  # the lips' per-frame metrics, paired against the mean mouth
+
+
+def lip_yardstick(result: dict, per_frame: dict, own_lips: str) -> dict:
+    """The lips from audio against the still mouth: for the tracked motion and every lip
+    model (driven by the clip's own held-out audio alone), the held-out LMD and mouth PSNR,
+    the opening's correlation with the ground truth and how far the lips move, each next to
+    the mean mouth as a paired difference over the frames with its standard error.
+    ``default_beats_mean_mouth``: the avatar's own lip model's LMD is below the mean mouth's
+    by more than one standard error."""
+    rows = {"tracked": "deformation", **{m: ("audio_driven" if m == own_lips else f"audio_driven_{m}")
+                                         for m in LIP_MODELS}, "mean_mouth": "mean_mouth"}
+    rows = {k: v for k, v in rows.items() if v in per_frame}
+    out: dict = {"default": own_lips, "rows": {}}
+    for row, name in rows.items():
+        r = {k: result[name][k] for k in YARDSTICK + ("mouth_opening_corr", "mouth_motion_ratio")}
+        if row != "mean_mouth":
+            r["minus_mean_mouth"] = {k: _paired(per_frame[name][k], per_frame["mean_mouth"][k]) for k in YARDSTICK}
+        out["rows"][row] = r
+    g = out["rows"].get(own_lips, {}).get("minus_mean_mouth", {}).get("lmd_px512")
+    out["default_beats_mean_mouth"] = bool(g and np.isfinite(g["sem"]) and g["mean"] < -g["sem"])
+    return out
+
+
+def _sync_other_audio(av, motion, others, ds, size: int, bg, prog: Progress) -> dict:
+    """Other speakers' audio through the avatar's lip model: the render's mouth opening (by
+    the detector) against the audio's speech energy (:func:`sync_score`), with the
+    deformation and without it."""
+    syncs = {}
+    for name_a, audio in others:
+        n = max(1, int(round(len(audio) / 16000 * ds.fps)))
+        cams = cameras_for(av, motion, n, "track", size)
+        for name, deform in (("deformation", True), ("no_deformation", False)):
+            frames = [(f.clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
+                      for f in frames_iter(av, motion, n, ds.fps, cams, audio, None, "still", deform, bg)]
+            mlm = _landmarks(frames)
+            mouth = mouth_opening(np.nan_to_num(mlm))
+            mouth[~np.isfinite(mlm[:, 0, 0])] = np.nan
+            syncs.setdefault(name_a, {})[name] = sync_score(mouth, audio, ds.fps)
+            prog("eval sync", 1, 1)
+    return syncs
+
+
 def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str | Path] = (), size: int = 0,
              out: str | Path | None = None, device: str = "auto", progress: Progress | None = None) -> dict:
     import cv2
@@ -188,65 +298,32 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     lm = all_lm["lmk"][idx] * (size / ds.resolution)
     face_boxes = [_box(lm[k, :, :2], size, 0.1) for k in range(len(idx))]
     mouth_boxes = [_square(lm[k, LIPS, :2], size, 1.6) for k in range(len(idx))]
-    result: dict = {"avatar": str(avatar_dir), "dataset": str(dataset_dir), "size": size, "frames": int(len(idx))}
-    side = None
-    # the control for "is it the audio?": the same deformation driven by the audio of random
-    # training frames instead of each frame's own
-    shuffled = np.random.default_rng(0).choice(ds.train_indices, len(idx))
-    variants = [("deformation", True, None, None), ("no_deformation", False, None, None)]
-    if speech:
-        own_lips = lip_model(av)
-        variants += [("other_audio", True, shuffled, None), ("audio_driven", True, None, own_lips)]
-        if own_lips != "learned":  # the learned network too, for comparison
-            variants.append(("audio_driven_learned", True, None, "learned"))
-        # the control for the lips: a mouth that ignores the audio, held at the training
-        # frames' mean jaw and expression (the best constant guess)
-        variants.append(("mean_mouth", True, None, "mean"))
-        # the clip's audio, encoded once for every variant
-        codes, lips, a2m_blink = audio_drive(av, audio_windows(av, clip_audio, ds.num_frames, ds.fps),
-                                             rest_expr(motion))
+    result: dict = {"avatar": str(avatar_dir), "dataset": str(dataset_dir), "size": size, "frames": int(len(idx)),
+                    "notes": list(av.notes)}
+    own_lips = lip_model(av) if speech else "none"
+    if speech:  # the clip's audio, encoded once for every variant
+        feats = audio_features(av, clip_audio, ds.num_frames, ds.fps, log=result["notes"].append)
+        codes, lips, a2m_blink = audio_drive(av, feats, rest_expr(motion))
         mean_jaw = torch.as_tensor(np.asarray(motion["jaw"], np.float32).mean(0), device=dev)
         lips["mean"] = (mean_jaw.expand(ds.num_frames, -1),  # no coefficient predicted: all the clip's mean
                         head_expr(av, torch.zeros(ds.num_frames, 0, device=dev), rest_expr(motion)))
     else:  # fitted without audio: the field saw zero audio codes
-        own_lips, lips, a2m_blink = "none", {}, None
+        lips, a2m_blink = {}, None
         codes = torch.zeros(ds.num_frames, av.cfg.code_dim, device=dev)
     result["lip_model"] = own_lips
     g_lm = _landmarks([(g.numpy() * 255).astype(np.uint8) for g in gts])
     gt_blink = ds.signals()["blink"]
     drive = (codes, lips, a2m_blink, torch.as_tensor(np.nan_to_num(gt_blink), device=dev).float())
+    variants = variants_for(av, speech, own_lips, ds.train_indices, len(idx))
     per_frame: dict[str, dict[str, np.ndarray]] = {}
-    for vi, (name, deform, audio_from, audio_motion) in enumerate(variants):
-        renders = _render_test(av, motion, track, idx, size, deform, bg, drive, audio_from, audio_motion)
+    side = None
+    for vi, v in enumerate(variants):
+        renders = _render_test(av, motion, track, idx, size, v.deform, bg, drive, v.audio_from, v.lips)
         prog("eval held-out", vi + 1, len(variants))
-        pf = {"psnr": np.array([psnr(r, g) for r, g in zip(renders, gts)]),
-              "ssim": np.array([ssim(r, g) for r, g in zip(renders, gts)])}
-        for key, boxes in (("face", face_boxes), ("mouth", mouth_boxes)):
-            bp, bs = np.full(len(idx), np.nan), np.full(len(idx), np.nan)
-            for k, ((r, g), box) in enumerate(zip(zip(renders, gts), boxes)):
-                if box is not None:
-                    x0, y0, x1, y1 = box
-                    bp[k] = psnr(r[y0:y1, x0:x1], g[y0:y1, x0:x1])
-                    bs[k] = ssim(r[y0:y1, x0:x1], g[y0:y1, x0:x1])
-            pf[f"{key}_psnr"], pf[f"{key}_ssim"] = bp, bs
-        r_lm = _landmarks([(r.numpy() * 255).astype(np.uint8) for r in renders])
-        pf["lmd_px512"] = np.linalg.norm(r_lm[:, LIPS, :2] - g_lm[:, LIPS, :2], axis=-1).mean(-1) * (512 / size)
-        rb, _ = blink_signal(np.nan_to_num(r_lm), np.isfinite(r_lm[:, 0, 0]))
-        pf["blink_error"] = np.abs(rb - gt_blink[idx])
-        m: dict = {k: _nanmean(v) for k, v in pf.items()}
-        m["render_face_found"] = float(np.isfinite(r_lm[:, 0, 0]).mean())
-        # how far the lips move: the spread of the mouth opening over the held-out frames on
-        # the render, as a fraction of the ground truth's (1 = as lively; damped lips < 1)
-        ok = np.isfinite(r_lm[:, 0, 0]) & np.isfinite(g_lm[:, 0, 0])
-        ro, go = mouth_opening(r_lm[ok]), mouth_opening(g_lm[ok])
-        m["mouth_motion_ratio"] = float(ro.std() / go.std()) if ok.sum() > 2 and go.std() > 0 else float("nan")
-        # whether it opens when the real mouth does: correlation of the two openings over the
-        # frames (scale-free; near 0 for lips out of sync, undefined for a still mouth)
-        m["mouth_opening_corr"] = (float(np.corrcoef(ro, go)[0, 1]) if ok.sum() > 2 and go.std() > 0
-                                   and ro.std() > 1e-6 * go.std() else float("nan"))
-        per_frame[name] = pf
-        result[name] = m
-        if name == "deformation":
+        pf, r_lm = frame_metrics(renders, gts, face_boxes, mouth_boxes, g_lm, gt_blink[idx], size)
+        per_frame[v.name] = pf
+        result[v.name] = {**{k: _nanmean(x) for k, x in pf.items()}, **mouth_motion(r_lm, g_lm)}
+        if v.name == "deformation":
             side = [torch.cat([g, r, (r - g).abs().mul(3).clamp(0, 1)], 1) for r, g in zip(renders, gts)]
     # the gains as paired per-frame differences (with minus without; for LMD and blink error,
     # lower is better), with their standard error over the frames: a gain within about two
@@ -254,27 +331,17 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     for base in ("no_deformation", "other_audio") if speech else ("no_deformation",):
         result[f"gain_over_{base}"] = {k: _paired(per_frame["deformation"][k], per_frame[base][k])
                                        for k in GAIN_METRICS}
-    if "audio_driven_learned" in per_frame:  # the avatar's lip model against the learned network
-        own, net = per_frame["audio_driven"], per_frame["audio_driven_learned"]
-        result["lips_gain_over_learned"] = {k: _paired(own[k], net[k]) for k in GAIN_METRICS}
-    if "mean_mouth" in per_frame:  # do the lips from audio beat a mouth that ignores it?
+    if speech:
+        other = [n for n in per_frame if n.startswith("audio_driven_")]
+        if other:  # the avatar's lip model against the other one
+            result[f"lips_gain_over_{other[0][len('audio_driven_'):]}"] = {
+                k: _paired(per_frame["audio_driven"][k], per_frame[other[0]][k]) for k in GAIN_METRICS}
         result["lips_gain_over_mean_mouth"] = {k: _paired(per_frame["audio_driven"][k], per_frame["mean_mouth"][k])
                                                for k in GAIN_METRICS}
+        result["lip_yardstick"] = lip_yardstick(result, per_frame, own_lips)
     result["per_frame"] = {name: {k: [None if not np.isfinite(x) else round(float(x), 5) for x in v]
                                   for k, v in pf.items()} for name, pf in per_frame.items()}
-    # other speakers' audio: mouth opening on the render vs speech energy
-    syncs = {}
-    for name_a, audio in others:
-        n = max(1, int(round(len(audio) / 16000 * ds.fps)))
-        cams = cameras_for(av, motion, n, "track", size)
-        for name, deform in (("deformation", True), ("no_deformation", False)):
-            frames = [(f.clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
-                      for f in frames_iter(av, motion, n, ds.fps, cams, audio, None, "still", deform, bg)]
-            mlm = _landmarks(frames)
-            mouth = mouth_opening(np.nan_to_num(mlm))
-            mouth[~np.isfinite(mlm[:, 0, 0])] = np.nan
-            syncs.setdefault(name_a, {})[name] = sync_score(mouth, audio, ds.fps)
-            prog("eval sync", 1, 1)
+    syncs = _sync_other_audio(av, motion, others, ds, size, bg, prog)
     result["sync_other_audio"] = syncs
     # what a real face scores: the filmed person's own mouth (detector landmarks on every frame
     # of the clip) against the clip's own audio; people do not shut the mouth in every pause,
@@ -285,7 +352,7 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
         own_mouth[~np.asarray(all_lm["valid"], bool)] = np.nan
         result["sync_ground_truth"] = sync_score(own_mouth, clip_audio, ds.fps)
     for name in ("deformation", "no_deformation") if speech else ():  # no speech: nothing to sync
-        vals = [v[name] for v in syncs.values() if math.isfinite(v[name])]
+        vals = [v[name] for v in syncs.values() if math.isfinite(v[name])]  # NaN: undefined, left out
         result[name]["sync_other_audio"] = float(np.mean(vals)) if vals else float("nan")
     out_dir = Path(out) if out else Path(avatar_dir) / "eval"
     write_json(out_dir / "eval.json", result)

@@ -3,7 +3,9 @@
 ``sync_score`` is the Pearson correlation between a per-frame mouth-opening curve and the
 driving audio's speech-energy envelope (RMS over 40 ms around each frame, in dB, floored
 at -60 dB below the peak, lightly smoothed), maximised over small lags (+-2 frames; lips
-lead or trail the sound by up to ~80 ms). 1 is perfect sync; 0 is none.
+lead or trail the sound by up to ~80 ms). 1 is perfect sync; 0 is none. It is NaN where it is
+undefined (a mouth that never moves, one the detector never found, silence): such a score
+says nothing and is left out of every average.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def sync_score(mouth: np.ndarray, audio: np.ndarray, fps: float, sr: int = 16000
     mouth = np.asarray(mouth, np.float64)
     ok = np.isfinite(mouth)
     env = speech_envelope(audio, len(mouth), fps, sr)
-    best = -1.0
+    best = float("nan")
     for lag in range(-max_lag, max_lag + 1):
         m = np.roll(mouth, lag)
         sel = ok & np.roll(ok, lag)
@@ -39,5 +41,6 @@ def sync_score(mouth: np.ndarray, audio: np.ndarray, fps: float, sr: int = 16000
             sel[lag:] = False
         if sel.sum() < 3 or np.std(m[sel]) < 1e-9 or np.std(env[sel]) < 1e-9:
             continue
-        best = max(best, float(np.corrcoef(m[sel], env[sel])[0, 1]))
+        r = float(np.corrcoef(m[sel], env[sel])[0, 1])
+        best = r if not np.isfinite(best) else max(best, r)
     return best

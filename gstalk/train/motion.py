@@ -21,14 +21,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from gstalk.audio.phones import PhoneTimeline
 from gstalk.audio.visemes import VisemeMotion, lip_measures
 from gstalk.avatar.model import AudioToMotion
 
 EVAL_EVERY = 10  # validation interval (iterations)
-#: Below this correlation of the phones' opening channel with the measured mouth opening over
-#: the training frames, the fit warns that lips from new audio will be out of time (hill_8s
-#: +0.18, where they did worse than a still mouth; aoc_8s +0.43, swalwell_5s +0.37, the demo
-#: +0.53; docs/benchmarks.md).
+#: Below this correlation of the mouth's opening predicted from the phones with the measured
+#: one, on blocks of the training frames the prediction was not fitted on, the fit warns that
+#: lips from new audio will be out of time (docs/benchmarks.md).
 WEAK_PHONES = 0.3
 
 
@@ -87,16 +87,13 @@ def fit_audio_to_motion(a2m: AudioToMotion, windows: torch.Tensor, target: torch
     return iters
 
 
-def fit_visemes(vm: VisemeMotion, ds, windows: torch.Tensor, jaw: np.ndarray, expr: np.ndarray, train_idx,
+def fit_visemes(vm: VisemeMotion, ds, timeline: PhoneTimeline, jaw: np.ndarray, expr: np.ndarray, train_idx,
                 driven=None, log: Callable[[str], None] = lambda m: None) -> str:
     """Calibrate the viseme lip model ``vm`` on dataset ``ds``'s training frames that have
-    face-mesh landmarks (``jaw`` [T, 3], ``expr`` [T, >= vm.n_expr]: the track's; ``driven``:
-    the expression coefficients it may move, see :meth:`VisemeMotion.fit`).
-    Returns the lip model new audio should use: 'visemes', or 'learned' where the visemes
-    cannot be calibrated (audio features without phones, too few frames with landmarks)."""
-    if vm.cols is None:
-        log("lip motion: the audio features have no phones; new audio moves the lips with the learned network")
-        return "learned"
+    face-mesh landmarks, whose audio has the phones ``timeline`` (``jaw`` [T, 3], ``expr``
+    [T, >= vm.n_expr]: the track's; ``driven``: the expression coefficients it may move, see
+    :meth:`VisemeMotion.fit`). Returns the lip model new audio should use: 'visemes', or
+    'learned' where the visemes cannot be calibrated (too few frames with landmarks)."""
     lm = ds.landmarks()
     valid = np.asarray(lm["valid"], bool)
     tr = np.asarray(train_idx)
@@ -106,19 +103,17 @@ def fit_visemes(vm: VisemeMotion, ds, windows: torch.Tensor, jaw: np.ndarray, ex
             "learned network")
         return "learned"
     lips = lip_measures(np.nan_to_num(np.asarray(lm["lmk"], np.float64)))
-    target = torch.cat([torch.as_tensor(jaw), torch.as_tensor(expr[:, :vm.n_expr])], 1).float()
-    info = vm.fit(windows, lips, target, frames, driven=driven)
-    c = info["phones_vs_lips"]
-    rest = info["rest_lips_z"]
-    rest_msg = (f"in pauses ({info['silent_frames']:.0f} frames) the mouth rests at opening {rest[0]:+.1f}, width "
-                f"{rest[1]:+.1f} spreads from its mean" if rest is not None else
-                f"too little silence ({info['silent_frames']:.0f} frames) to learn the mouth at rest; pauses close it")
-    log(f"lip motion: visemes calibrated on {len(frames)} frames (phones vs measured lips: opening "
-        f"{c['opening']:+.2f}, spread {c['spread']:+.2f}; lip measures explain {info['jaw_open_explained']:.0%} "
-        f"of the jaw opening; {rest_msg})")
-    if c["opening"] < WEAK_PHONES:
-        log(f"lip motion: on this clip the phones follow the mouth's opening only weakly ({c['opening']:+.2f}; "
-            f"{WEAK_PHONES:.1f} or more is usual): new audio will move the lips, but not reliably in time with the "
-            "words. A longer clip of clear speech, facing the camera, helps; 'gstalk eval' measures it "
-            "(lips_gain_over_mean_mouth)")
+    target = np.concatenate([jaw, expr[:, :vm.n_expr]], 1)
+    info = vm.fit(timeline, ds.fps, target, lips, frames, driven=driven)
+    table = info["table_classes"]
+    log(f"lip motion: visemes calibrated on {len(frames)} frames ({timeline.source}: "
+        f"{len(timeline.words)} words, {len(timeline.speech())} phones); the mouth leads the sound by "
+        f"{1000 * info['lag_s']:.0f} ms; " + (f"{', '.join(table)} from the phonetic table (too few frames)"
+                                                 if table else "every class from this clip")
+        + f"; phones vs the mouth's opening on held-back frames: {info['phones_vs_opening']:+.2f}")
+    if not info["phones_vs_opening"] >= WEAK_PHONES:
+        log(f"lip motion: on this clip the phones follow the mouth's opening only weakly "
+            f"({info['phones_vs_opening']:+.2f}; {WEAK_PHONES:.1f} or more is usual): new audio will move the lips, "
+            "but not reliably in time with the words. A longer clip of clear speech, facing the camera, helps; "
+            "'gstalk eval' measures it (lips_gain_over_mean_mouth)")
     return "visemes"

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from gstalk.audio.features import SilentAudioError, check_speech, compute_features
+from gstalk.audio.phones import phone_timeline
 from gstalk.avatar.io import save_avatar
 from gstalk.avatar.model import (Avatar, AvatarConfig, Frame, concat_sets, drawn_pixels, init_gaussians,
                                  mouth_expressions, mouth_prior, nearest_of, render_frame, torso_gaussians)
@@ -263,9 +264,13 @@ class Trainer:
                                  self.track.width, self.size).to(self.dev)
         self.bg = background_image(self.ds, self.opts.background, self.size, self.dev)
         self.windows = None  # [T, W, D] audio windows of every frame; None: fitted without audio
+        self.timeline = None  # the clip's phones (the viseme lip model's calibration)
         if speech is not None:
             feats = compute_features(speech, self.ds.num_frames, self.ds.fps, self.opts.feature_kind)
             self.windows = torch.from_numpy(feats.windows).to(self.dev)
+            self.timeline = feats.timeline if feats.timeline is not None else phone_timeline(speech)
+            for note in self.timeline.notes:
+                self.log(f"the clip's audio: {note}")
         sig = self.ds.signals()
         self.blink = torch.from_numpy(np.nan_to_num(sig["blink"])).float().to(self.dev)
         self.avatar = self._build_avatar()
@@ -608,7 +613,7 @@ class Trainer:
         if self.opts.lip_motion == "visemes":
             vm = self.avatar.visemes
             driven = mouth_expressions(self.avatar.head_model, self.avatar.shape)
-            self.avatar.cfg.lip_motion = fit_visemes(vm, self.ds, self.windows, self.track.jaw, self.track.expr,
+            self.avatar.cfg.lip_motion = fit_visemes(vm, self.ds, self.timeline, self.track.jaw, self.track.expr,
                                                      self.train_idx, driven[:vm.n_expr], self.log)
 
     def prune_unseen_free(self, max_frames: int = 32, min_weight: float = UNSEEN_WEIGHT) -> int:

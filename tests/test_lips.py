@@ -1,0 +1,237 @@
+"""Lips from audio: phone timings (recognised words, force-aligned, on speech with known
+phones from espeak-ng), the coarticulated viseme model and its calibration to a clip, and
+what bad audio gives."""
+
+import numpy as np
+import pytest
+import torch
+
+import espeak
+from gstalk.audio.phones import PhoneTimeline, phone_timeline
+from gstalk.audio.visemes import (LAGS, PHONE_TO_VISEME, SIL, VISEMES, VisemeMotion, dominance,
+                                  viseme_segments)
+from gstalk.errors import InputError
+
+needs_espeak = pytest.mark.skipif(not espeak.available(), reason="needs espeak-ng (Debian package espeak-ng)")
+SR = 16000
+
+
+def _say(text: str, voice: str = "en-us+f2"):
+    import librosa
+
+    a, sr, events = espeak.speak(text, voice)
+    a = librosa.resample(a, orig_sr=sr, target_sr=SR)
+    return a, espeak.phones(events, len(a) / SR)
+
+
+def _viseme_frames(phones, duration: float) -> np.ndarray:
+    """[duration at 100 Hz] viseme class per 10 ms (0 = silence)."""
+    v = np.zeros(int(duration * 100), int)
+    for p, s, e in phones:
+        v[int(round(s * 100)):int(round(e * 100))] = VISEMES.index(PHONE_TO_VISEME.get(p, "sil"))
+    return v
+
+
+def _sequence(phones) -> list[str]:
+    s = [PHONE_TO_VISEME.get(p, "sil") for p, _, _ in phones]
+    return [x for i, x in enumerate(s) if i == 0 or x != s[i - 1]]
+
+
+def _edit_distance(a, b) -> int:
+    d = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, d[0] = d[0], i
+        for j, y in enumerate(b, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (x != y))
+    return d[-1]
+
+
+@needs_espeak
+@pytest.mark.parametrize("text", ["My mother bought a big blue bag from the market before the bus came back.",
+                                  "We will meet at the museum tomorrow morning and then visit the park."])
+def test_aligned_phones_recover_known_phones_and_their_timing(text):
+    """espeak-ng says which phones it spoke and when: the recognised words' aligned phones
+    give back the viseme sequence (edit distance under a third of its length), most speech
+    frames' viseme class, and the lips' closures (p, b, m) within 30 ms; free phone decoding,
+    the fallback, does worse on the frames."""
+    from gstalk.audio.phones import free_phones
+
+    audio, truth = _say(text)
+    dur = len(audio) / SR
+    tl = phone_timeline(audio)
+    assert tl.source == "words" and len(tl.words) >= 8 and not tl.notes
+    t_frames = _viseme_frames(truth, dur)
+    speech = t_frames > 0
+    agree = (_viseme_frames(tl.phones, dur)[speech] == t_frames[speech]).mean()
+    free = [p for p in free_phones(audio) if p[0] != "SIL"]
+    agree_free = (_viseme_frames(free, dur)[speech] == t_frames[speech]).mean()
+    assert agree > 0.5 and agree > agree_free + 0.03, (agree, agree_free)
+    seq_t, seq_a = _sequence(truth), _sequence(tl.phones)
+    assert _edit_distance(seq_t, seq_a) < len(seq_t) / 3, (seq_t, seq_a)
+    closures = [s for p, s, _ in truth if PHONE_TO_VISEME.get(p) == "PP"]
+    found = np.array([s for p, s, _ in tl.phones if PHONE_TO_VISEME.get(p) == "PP"])
+    assert len(closures) >= 5 and len(found)
+    err = np.array([np.abs(found - t).min() for t in closures])
+    assert np.median(err) < 0.03, err
+
+
+@needs_espeak
+def test_speech_not_in_english_falls_back_to_free_phones_with_a_warning():
+    audio, _ = _say("Der schnelle braune Fuchs springt über den faulen Hund und läuft zum Fluss.", "de")
+    tl = phone_timeline(audio)
+    assert tl.source == "phones" and tl.words == [] and len(tl.speech()) > 10
+    assert any("not recognised as English" in n for n in tl.notes)
+
+
+def test_audio_without_speech_rests_the_mouth():
+    """Silence, noise and music hold no speech: no phones, a note saying so (never a crash),
+    and the viseme model gives its resting mouth, the class 'sil'."""
+    rng = np.random.default_rng(0)
+    t = np.arange(5 * SR) / SR
+    f0 = np.array([440.0, 523.3, 659.3, 587.3])[(t * 2).astype(int) % 4]  # a note every 0.5 s
+    phase = 2 * np.pi * np.cumsum(f0) / SR
+    music = sum(0.2 * np.sin(h * phase) / h for h in (1, 2, 3)) * np.exp(-(t % 0.5) * 4)  # plucked
+    music = music.astype(np.float32)
+    for name, audio in (("silence", np.zeros(3 * SR, np.float32)), ("noise", rng.normal(0, 0.1, 5 * SR)),
+                        ("music", music)):
+        tl = phone_timeline(np.asarray(audio, np.float32))
+        assert tl.phones == [] and tl.notes, name
+        w = dominance(tl, 50, 25.0, 0.08)
+        assert np.allclose(w[:, SIL], 1.0), name
+
+
+def _random_timeline(seconds: float, seed: int, pause_every: float = 2.0) -> PhoneTimeline:
+    """Phones of 60-160 ms drawn from every class, with a 400 ms pause every ``pause_every`` s."""
+    rng = np.random.default_rng(seed)
+    names = [p for p in PHONE_TO_VISEME]
+    phones, t, next_pause = [], 0.2, pause_every
+    while t < seconds - 0.3:
+        if t >= next_pause:
+            t += 0.4
+            next_pause += pause_every
+            continue
+        d = rng.uniform(0.06, 0.16)
+        phones.append((str(rng.choice(names)), t, t + d))
+        t += d
+    return PhoneTimeline(phones, seconds, "words")
+
+
+def test_dominance_blends_neighbours_and_leads_the_sound():
+    tl = PhoneTimeline([("AA", 0.5, 0.7), ("P", 0.7, 0.76), ("AA", 0.76, 0.96), ("T", 0.96, 1.0),
+                        ("UW", 1.0, 1.2)], 2.0)
+    assert [c for c, _, _ in viseme_segments(tl)] == [0, VISEMES.index("aa"), VISEMES.index("PP"),
+                                                     VISEMES.index("aa"), VISEMES.index("DD"),
+                                                     VISEMES.index("ou"), 0]
+    fps = 100.0
+    w = dominance(tl, 200, fps, 0.0)
+    assert np.allclose(w.sum(1), 1.0) and (w >= 0).all()
+    pp, dd, aa = VISEMES.index("PP"), VISEMES.index("DD"), VISEMES.index("aa")
+    # the strong closure owns its segment; the weak tongue consonant leaves the lips to the vowels
+    assert w[72, pp] > 0.8 and w[98, dd] < 0.5 and w[98, aa] + w[98, VISEMES.index("ou")] > 0.5
+    # the mouth shapes before the sound: the rounded vowel (1.0 s) has a share before it starts
+    ou = VISEMES.index("ou")
+    assert w[95, ou] > 0.1 and w[40, aa] > 0.05 and w[150, SIL] > 0.9
+    # a lag moves everything earlier by itself
+    w2 = dominance(tl, 200, fps, 0.05)
+    np.testing.assert_allclose(w2[:150], w[5:155], atol=1e-9)
+    # beyond the audio's end: at rest
+    assert np.allclose(dominance(tl, 300, fps, 0.0)[250:, SIL], 1.0)
+
+
+def test_calibration_recovers_a_speakers_own_visemes_and_lag():
+    """A speaker whose jaw and expression follow the dominance-blended phones with their own
+    targets per class and a 100 ms lead: the calibrated model finds that lead and those
+    targets (the frequent classes), keeps the non-driven expression at its mean, and predicts
+    frames it was not fitted on."""
+    fps, seconds = 25.0, 30.0
+    tl = _random_timeline(seconds, 0)
+    n = int(seconds * fps)
+    rng = np.random.default_rng(1)
+    true = rng.normal(0, 1, (len(VISEMES), 5))
+    true[:, 4] = 0.0
+    y = dominance(tl, n, fps, 0.10) @ true + rng.normal(0, 0.02, (n, 5))
+    y[:, 4] = 0.3 + rng.normal(0, 0.5, n)  # an expression the lips do not drive: noise
+    lips = np.stack([y[:, 0], y[:, 1]], 1)
+    vm = VisemeMotion(2)
+    frames = np.arange(0, int(0.8 * n))
+    info = vm.fit(tl, fps, y, lips, frames, driven=np.array([True, False]), ridge=1e-3)
+    assert float(vm.lag) == pytest.approx(0.10, abs=0.011) and info["lag_s"] == pytest.approx(0.10, abs=0.011)
+    assert info["table_classes"] == [] and info["phones_vs_opening"] > 0.95
+    assert info["gain"] > 0.9 and float(vm.gain) == pytest.approx(info["gain"])  # predictable: full amplitude
+    t = vm.targets.numpy()
+    np.testing.assert_allclose(t[:, :4], true[:, :4], atol=0.15)
+    np.testing.assert_allclose(t[:, 4], y[frames, 4].mean(), atol=1e-9)  # not driven: the clip's mean
+    jaw, expr = vm(tl, n, fps)
+    held = np.arange(int(0.8 * n), n)
+    assert np.corrcoef(jaw[held, 0].numpy(), y[held, 0])[0, 1] > 0.95
+    assert expr.shape == (n, 2) and torch.allclose(expr[:, 1], expr[0, 1].expand(n))
+
+
+def test_classes_the_clip_lacks_keep_the_phonetic_table():
+    """A clip with only open vowels and closures: those classes take the clip's mouth, the
+    others the table's order (a rounded vowel opens less than an open one)."""
+    fps, seconds = 25.0, 20.0
+    rng = np.random.default_rng(2)
+    phones, t = [], 0.2
+    while t < seconds - 0.3:
+        p = "AA" if rng.random() < 0.5 else "M"
+        d = rng.uniform(0.08, 0.2)
+        phones.append((p, t, t + d))
+        t += d
+    tl = PhoneTimeline(phones, seconds, "words")
+    n = int(seconds * fps)
+    w = dominance(tl, n, fps, 0.08)
+    opening = w[:, VISEMES.index("aa")] * 0.3 + 0.05
+    lips = np.stack([opening, 0.6 - 0.2 * opening], 1)
+    y = np.concatenate([2.0 * lips[:, :1], np.zeros((n, 2)), np.zeros((n, 1))], 1)
+    vm = VisemeMotion(1)
+    info = vm.fit(tl, fps, y, lips, np.arange(n))
+    assert {"aa", "PP"} <= set(info["own_classes"]) and "ou" in info["table_classes"]
+    jaw_open = vm.targets[:, 0].numpy()
+    assert jaw_open[VISEMES.index("aa")] > jaw_open[VISEMES.index("PP")] + 0.3
+    assert jaw_open[VISEMES.index("aa")] > jaw_open[VISEMES.index("ou")] > jaw_open[VISEMES.index("PP")]
+
+
+def test_the_lag_stays_within_its_bounds_and_short_clips_are_refused():
+    fps = 25.0
+    tl = _random_timeline(12.0, 3)
+    n = int(12 * fps)
+    y = dominance(tl, n, fps, 0.6) @ np.random.default_rng(4).normal(0, 1, (len(VISEMES), 3))  # 600 ms: out of bounds
+    vm = VisemeMotion(0)
+    vm.fit(tl, fps, y, y[:, :2], np.arange(n))
+    assert min(LAGS) - 1e-6 <= float(vm.lag) <= max(LAGS) + 1e-6
+    with pytest.raises(InputError, match="at least 8"):
+        VisemeMotion(0).fit(tl, fps, y, y[:, :2], np.arange(5))
+    with pytest.raises(InputError, match="never calibrated"):
+        VisemeMotion(0)(tl, n, fps)
+
+
+def test_fit_warns_when_the_clips_phones_barely_follow_its_mouth(monkeypatch):
+    """Where the mouth's opening predicted from the phones hardly follows the measured one on
+    held-back frames, the fit says that lips from new audio will not be in time with the
+    words; where it follows it, it does not."""
+    from types import SimpleNamespace
+
+    import gstalk.train.motion as motion
+
+    fps = 25.0
+    tl = _random_timeline(16.0, 5)
+    n = int(16 * fps)
+    rng = np.random.default_rng(6)
+    follow = dominance(tl, n, fps, 0.08) @ rng.normal(0, 1, len(VISEMES))
+    for opening, warned in ((follow, False), (rng.normal(0, 1, n), True)):
+        lmk = np.zeros((n, 478, 3))
+        lips = np.stack([0.1 + 0.02 * opening, np.full(n, 0.6)], 1)
+        ds = SimpleNamespace(fps=fps, landmarks=lambda: {"valid": np.ones(n, bool), "lmk": lmk})
+        jaw = np.zeros((n, 3))
+        jaw[:, 0] = lips[:, 0]
+        logs: list[str] = []
+        monkeypatch.setattr(motion, "lip_measures", lambda _lmk, lips=lips: lips)
+        assert motion.fit_visemes(VisemeMotion(2), ds, tl, jaw, np.zeros((n, 2)), np.arange(n),
+                                  log=logs.append) == "visemes"
+        assert any("only weakly" in m for m in logs) == warned, logs
+        assert any("leads the sound by" in m for m in logs)
+        # a mouth the phones do not predict moves little from the clip's mean, one they do, fully
+        vm = VisemeMotion(2)
+        vm.fit(tl, fps, np.concatenate([jaw, np.zeros((n, 2))], 1), lips, np.arange(n))
+        assert (float(vm.gain) < 0.5) if warned else (float(vm.gain) > 0.9), float(vm.gain)
