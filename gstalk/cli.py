@@ -77,8 +77,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     console = _console()
     try:
+        threads = None
+        if argv and (argv[0] == "--threads" or argv[0].startswith("--threads=")):
+            # gstalk --threads N VERB ...: how many CPU threads every verb computes with
+            flag = argv.pop(0)
+            value = flag.split("=", 1)[1] if "=" in flag else (argv.pop(0) if argv else "")
+            try:
+                threads = int(value)
+            except ValueError:
+                raise GstalkError(f"--threads must be a whole number of threads, got {value!r}") from None
+        from gstalk.config import apply_threads, cpu_threads
+
+        apply_threads(cpu_threads(threads))
         union = typing.Union[tuple(_subcommands().values())]  # type: ignore[misc]
-        cfg = tyro.cli(union, args=argv, prog="gstalk", description="Talking-head Gaussian avatars from a phone clip.")
+        cfg = tyro.cli(union, args=argv, prog="gstalk", description="Talking-head Gaussian avatars from a phone clip. Before the verb, "
+                       "'--threads N' sets the CPU threads (default $GSTALK_THREADS, $OMP_NUM_THREADS or every "
+                       "core; give each of several gstalk processes on one machine its share).")
         handler = HANDLERS.get(type(cfg))
         if handler is None:
             raise GstalkError(f"no handler for {type(cfg).__name__}")

@@ -354,3 +354,47 @@ def resolve_device(device: Device):
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda asked for, but no CUDA GPU is available (use --device cpu)")
     return torch.device(device)
+
+
+def cpu_threads(requested: int | None = None) -> int:
+    """The CPU threads gstalk computes with: ``requested`` (``gstalk --threads N``), else
+    $GSTALK_THREADS, else $OMP_NUM_THREADS, else every core this process may run on. Two
+    processes sharing a machine should each take their share (``--threads``): both at every
+    core, their threads spin-wait on each other (docs/benchmarks.md)."""
+    import os
+
+    from gstalk.errors import InputError, check_value
+
+    if requested is None:
+        for var in ("GSTALK_THREADS", "OMP_NUM_THREADS"):
+            raw = os.environ.get(var, "").strip()
+            if raw:
+                try:
+                    requested = int(raw)
+                except ValueError:
+                    raise InputError(f"${var} must be a whole number of threads, got {raw!r}") from None
+                break
+    if requested is None:
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
+    return int(check_value(requested, (lambda v: v == int(v) and 1 <= v <= 1024, "a whole number from 1 to 1024"),
+                           "--threads"))
+
+
+def apply_threads(n: int) -> None:
+    """Use ``n`` CPU threads in torch (intra- and inter-op) and OpenCV."""
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:  # already set, or parallel work has started: intra-op is what counts
+        pass
+    try:
+        import cv2
+
+        cv2.setNumThreads(n)
+    except ImportError:
+        pass

@@ -122,3 +122,29 @@ def test_a_folder_that_takes_no_new_files_is_an_output_error(tmp_path, monkeypat
             tmp.write_text("half")
             full()
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["kept.txt"]
+
+
+def test_threads_option_and_environment(tmp_path, monkeypatch, capsys):
+    """gstalk --threads N (or $GSTALK_THREADS, or $OMP_NUM_THREADS) sets the CPU threads every
+    verb computes with; a count that is not one is refused with the flag named."""
+    import torch
+
+    from gstalk.config import cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("GSTALK_THREADS", raising=False)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert cpu_threads() == 3 and cpu_threads(2) == 2
+        monkeypatch.setenv("GSTALK_THREADS", "1")
+        assert cpu_threads() == 1  # gstalk's own variable first
+        assert main(["--threads", "2", "render", str(tmp_path / "missing.ply")]) == 2  # the verb's own error
+        assert torch.get_num_threads() == 2
+        for bad in (["--threads", "0"], ["--threads=many"], ["--threads", "2.5"]):
+            assert main(bad + ["render", str(tmp_path / "x.ply")]) == 2
+            assert "--threads" in capsys.readouterr().err
+        monkeypatch.setenv("GSTALK_THREADS", "lots")
+        assert main(["render", str(tmp_path / "x.ply")]) == 2
+        assert "GSTALK_THREADS" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

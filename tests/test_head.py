@@ -361,3 +361,26 @@ def test_silhouette_stage_pulls_the_head_inside_the_masks(model):
     assert out1 < 0.7 * out0 and iou1 > iou0 + 0.05, (iou0, out0, iou1, out1)
     assert np.isfinite(refined.residual_px).all()
     assert len(silhouette_vertices(model, emb)) > 500  # skull and face, not the neck or eyeballs
+
+
+def test_chunked_stages_give_the_full_batch_track(model, monkeypatch):
+    """The stages over every frame compute their landmark and silhouette terms a chunk of
+    frames at a time (memory that does not grow with the clip); the track is the one a single
+    batch gives, silhouette included, and the masks may come one frame at a time."""
+    import gstalk.head.tracker as tracker
+
+    T, W, focal = 24, 96, 1.8 * 96
+    lmk, _, truth, emb = synth_track(model, T=T, W=W, focal=focal, noise=0.3)
+    p_true = FlameParams(shape=truth["shape"][None].expand(T, -1), expr=truth["expr"], jaw=truth["jaw"],
+                         global_rot=truth["rot"], translation=torch.tensor([[0.0, 0, -0.6]] * T))
+    masks = _mesh_masks(model, p_true, focal, W)
+    opts = TrackOptions(iters_rigid=40, iters_shape=40, iters_all=40, focal_search=False, iters_silhouette=20)
+    valid = np.ones(T, bool)
+    whole = fit_landmarks(lmk, valid, W, W, model, emb, opts, focal=focal, person_masks=masks)
+    monkeypatch.setattr(tracker, "CHUNK", 7)  # 4 chunks, the last one short
+    reads = []
+    chunked = fit_landmarks(lmk, valid, W, W, model, emb, opts, focal=focal,
+                            person_masks=lambda t: reads.append(t) or masks[t])
+    assert sorted(reads) == list(range(T))  # each mask read once
+    for k in ("expr", "jaw", "global_rot", "translation", "shape", "residual_px"):
+        np.testing.assert_allclose(getattr(chunked, k), getattr(whole, k), atol=2e-4, err_msg=k)

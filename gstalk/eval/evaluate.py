@@ -304,9 +304,13 @@ def evaluate(avatar_dir: str | Path, dataset_dir: str | Path, audios: list[str |
     if speech:  # the clip's audio, encoded once for every variant
         feats = audio_features(av, clip_audio, ds.num_frames, ds.fps, log=result["notes"].append)
         codes, lips, a2m_blink = audio_drive(av, feats, rest_expr(motion))
-        mean_jaw = torch.as_tensor(np.asarray(motion["jaw"], np.float32).mean(0), device=dev)
-        lips["mean"] = (mean_jaw.expand(ds.num_frames, -1),  # no coefficient predicted: all the clip's mean
-                        head_expr(av, torch.zeros(ds.num_frames, 0, device=dev), rest_expr(motion)))
+        # the still mouth: the training frames' mean jaw and expression (the held-out frames' own
+        # would tell the control what the lips should do there)
+        tr = np.asarray(ds.train_indices)
+        mean_jaw = torch.as_tensor(np.asarray(motion["jaw"], np.float32)[tr].mean(0), device=dev)
+        mean_expr = np.asarray(motion["expr"], np.float32)[tr].mean(0)
+        lips["mean"] = (mean_jaw.expand(ds.num_frames, -1),
+                        head_expr(av, torch.zeros(ds.num_frames, 0, device=dev), mean_expr))
     else:  # fitted without audio: the field saw zero audio codes
         lips, a2m_blink = {}, None
         codes = torch.zeros(ds.num_frames, av.cfg.code_dim, device=dev)

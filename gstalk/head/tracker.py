@@ -45,6 +45,7 @@ from gstalk.head.lbs import FlameParams, axis_angle_to_matrix, flame_forward, ma
 TRACK_FORMAT = "gstalk-track"
 TRACK_VERSION = 1
 VIEWMAT = np.diag([1.0, -1.0, -1.0, 1.0])
+CHUNK = 256  # frames whose landmark and silhouette terms are computed at once (memory, not the result)
 Progress = Callable[[str, int, int], None]
 
 
@@ -172,13 +173,17 @@ class _Fitter:
         v = focal * (-x[..., 1]) / z + self.cy
         return torch.stack([u, v], -1)
 
-    def data_term(self, p: FlameParams, focal: torch.Tensor, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def data_term(self, p: FlameParams, focal: torch.Tensor, frames: torch.Tensor,
+                  n_valid: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The robust landmark error of ``frames``, summed and divided by ``n_valid`` (default:
+        their own count of frames with landmarks; a chunk of a clip passes the clip's, so that
+        the chunks' terms add up to the clip's), and each frame's mean distance in pixels."""
         uv = self.project(self.landmarks3d(p), focal)
         err = uv - self.target[frames]
         per = (_huber(err, self.opts.huber_px).sum(-1) * self.w).sum(-1) / self.w.sum()
         dist = err.norm(dim=-1).mean(-1)
         m = self.valid[frames].float()
-        return (per * m).sum() / m.sum().clamp_min(1), dist
+        return (per * m).sum() / (m.sum().clamp_min(1) if n_valid is None else max(n_valid, 1.0)), dist
 
 
 def _smooth(x: torch.Tensor) -> torch.Tensor:
@@ -205,26 +210,39 @@ def silhouette_vertices(model: HeadModel, emb: LandmarkEmbedding) -> torch.Tenso
     return torch.nonzero(v[:, 1] > chin_y).flatten()
 
 
-def mask_distances(person: np.ndarray, size: int = 128) -> np.ndarray:
-    """[T, H, W] bool person masks -> [T, size, size] distance from each pixel to the mask (0
-    inside), in 1/256 of the image height (so the silhouette weight does not depend on the
-    resolution)."""
+def mask_distance(person: np.ndarray, size: int = 128) -> np.ndarray:
+    """[H, W] bool person mask -> [size, size] distance from each pixel to the mask (0 inside),
+    in 1/256 of the image height (so the silhouette weight does not depend on the resolution)."""
     import cv2
 
-    T = person.shape[0]
-    out = np.zeros((T, size, size), np.float32)
-    for t in range(T):
-        m = cv2.resize(person[t].astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
-        out[t] = cv2.distanceTransform((m == 0).astype(np.uint8), cv2.DIST_L2, 3)
-    return out * (256.0 / size)
+    m = cv2.resize(person.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+    return cv2.distanceTransform((m == 0).astype(np.uint8), cv2.DIST_L2, 3) * (256.0 / size)
+
+
+def mask_distances(person, n: int, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """``person(t)`` -> [H, W] bool person mask of frame t (read one at a time, so a long
+    clip's full-size masks are never all in memory): ([n, size, size] float16 distance maps,
+    [n] bool the mask holds anyone)."""
+    out = np.zeros((n, size, size), np.float16)
+    found = np.zeros(n, bool)
+    for t in range(n):
+        m = person(t)
+        found[t] = bool(m.any())
+        out[t] = mask_distance(m, size)
+    return out, found
 
 
 def fit_landmarks(lmk2d: np.ndarray, valid: np.ndarray, width: int, height: int, model: HeadModel,
                   emb: LandmarkEmbedding, opts: TrackOptions | None = None, progress: Progress | None = None,
                   device: str | torch.device = "cpu", focal: float | None = None, fps: float = 25.0,
-                  person_masks: np.ndarray | None = None) -> Track:
+                  person_masks=None) -> Track:
     """Fit FLAME parameters to a landmark track ``lmk2d`` [T, >=478, 2] (pixels); with
-    ``person_masks`` [T, H, W] (bool, same pixels), refine against them (stage 4)."""
+    ``person_masks`` (``person_masks(t)`` -> [H, W] bool, same pixels, or a [T, H, W] array),
+    refine against them (stage 4).
+
+    The stages over every frame step on the whole clip's loss, but compute its landmark and
+    silhouette terms :data:`CHUNK` frames at a time (gradients accumulated), so that memory
+    does not grow with the clip; the result is the full-batch one."""
     opts = opts or TrackOptions()
     prog = progress or (lambda s, i, n: None)
     T = lmk2d.shape[0]
@@ -305,15 +323,20 @@ def fit_landmarks(lmk2d: np.ndarray, valid: np.ndarray, width: int, height: int,
                            eyelids=lids[frames] if (with_expr and model.eyelids is not None) else None,
                            global_rot=rot[frames], translation=translation(frames))
 
-    def run(stage: str, iters: int, groups: list[dict], loss_fn):
+    def run(stage: str, iters: int, groups: list[dict], loss_fn, chunk_fn=None):
+        """Adam on ``loss_fn()`` (the terms over all of the parameters) plus, where given, the
+        sum over chunks of frames of ``chunk_fn(frames)`` (each chunk's backward pass run
+        before the next is computed)."""
         if iters <= 0:
             return
         opt = torch.optim.Adam(groups)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters, eta_min=0.05 * groups[0]["lr"])
+        chunks = torch.split(all_frames, CHUNK) if chunk_fn is not None else ()
         for i in range(iters):
             opt.zero_grad()
-            loss = loss_fn()
-            loss.backward()
+            for frames in chunks:
+                chunk_fn(frames).backward()
+            loss_fn().backward()
             opt.step()
             sched.step()
             if i % 10 == 0 or i == iters - 1:
@@ -321,14 +344,19 @@ def fit_landmarks(lmk2d: np.ndarray, valid: np.ndarray, width: int, height: int,
 
     focal_group = [] if fixed_focal else [{"params": [log_f], "lr": 0.03}]
 
+    n_valid = float(valid.sum())
+
+    def landmarks(frames, with_expr=True):  # a chunk's share of the clip's landmark term
+        return fit.data_term(params(frames, with_expr), focal_px(), frames, n_valid)[0]
+
     # --- stage 1: rigid
     def loss_rigid():
-        d, _ = fit.data_term(params(all_frames, with_expr=False), focal_px(), all_frames)
-        return (d + opts.w_smooth * (_smooth(rot) + 1e-4 * _smooth(head_uv) + 100 * _smooth(log_s[:, None]))
+        return (opts.w_smooth * (_smooth(rot) + 1e-4 * _smooth(head_uv) + 100 * _smooth(log_s[:, None]))
                 + opts.w_focal_prior * (log_f - f_prior) ** 2)
 
     run("rigid", opts.iters_rigid, [{"params": [rot], "lr": 0.02}, {"params": [head_uv], "lr": 0.5},
-                                    {"params": [log_s], "lr": 0.005}], loss_rigid)  # focal: not on the neutral head
+                                    {"params": [log_s], "lr": 0.005}], loss_rigid,  # focal: not on the neutral head
+        lambda frames: landmarks(frames, with_expr=False))
 
     # --- stage 2: identity over keyframes
     vidx = np.flatnonzero(valid)
@@ -351,47 +379,47 @@ def fit_landmarks(lmk2d: np.ndarray, valid: np.ndarray, width: int, height: int,
 
     # --- stage 3: all frames, everything per frame, smooth in time
     def loss_all():
-        d, _ = fit.data_term(params(all_frames), focal_px(), all_frames)
         reg = (opts.w_expr * (expr**2).sum(-1).mean() + opts.w_jaw * (jaw**2).sum(-1).mean()
                + opts.w_neck * (neck**2).sum(-1).mean() + opts.w_eyes * (eyes**2).sum(-1).mean()
                + opts.w_shape * (shape**2).sum() + opts.w_expr * (lids**2).sum(-1).mean())
         sm = (0.2 * _smooth(expr) + _smooth(jaw) * 10 + _smooth(neck) * 10 + _smooth(eyes) + _smooth(lids)
               + _smooth(rot) * 10 + _smooth(head_uv) * 1e-3 + _smooth(log_s[:, None]) * 100)
-        return d + reg + opts.w_smooth * sm
+        return reg + opts.w_smooth * sm
 
     run("expression", opts.iters_all,
         [{"params": [expr, lids], "lr": 0.03}, {"params": [jaw, eyes], "lr": 0.01},
          {"params": [rot, neck], "lr": 0.003}, {"params": [head_uv], "lr": 0.1}, {"params": [log_s], "lr": 0.001},
-         {"params": [shape], "lr": 0.005}] + focal_group, loss_all)
+         {"params": [shape], "lr": 0.005}] + focal_group, loss_all, landmarks)
 
     # --- stage 4: silhouette against the person masks
     if person_masks is not None and opts.iters_silhouette > 0:
-        dist_maps = mask_distances(person_masks)
-        dmap = torch.as_tensor(dist_maps, device=dev)[:, None]  # [T, 1, s, s]
+        masks = person_masks if callable(person_masks) else (lambda t: person_masks[t])
+        dist_maps, found = mask_distances(masks, T)
+        dmap = torch.as_tensor(dist_maps, device=dev)[:, None]  # [T, 1, s, s] float16
         sil_v = silhouette_vertices(model, emb).to(dev)
         wsil = opts.w_silhouette
-        has_mask = torch.as_tensor(person_masks.reshape(T, -1).any(1) & valid, device=dev).float()
+        has_mask = torch.as_tensor(found & valid, device=dev).float()
+        n_mask = float(has_mask.sum().clamp_min(1))
 
         def outside(frames):
             v = flame_forward(model, params(frames), vertex_ids=sil_v).vertices
             uv = fit.project(v, focal_px())
             grid = torch.stack([uv[..., 0] / width * 2 - 1, uv[..., 1] / height * 2 - 1], -1)[:, None]  # [B,1,V,2]
-            d = torch.nn.functional.grid_sample(dmap[frames], grid, mode="bilinear", padding_mode="border",
+            d = torch.nn.functional.grid_sample(dmap[frames].float(), grid, mode="bilinear", padding_mode="border",
                                                 align_corners=False)[:, 0, 0]  # [B, V], 1/256 of the height
             return d
 
-        def loss_sil():  # stage 3's landmarks, priors and smoothness, plus the silhouette
-            out = outside(all_frames)
-            sil = ((out ** 2).mean(-1) * has_mask).sum() / has_mask.sum().clamp_min(1)
-            return loss_all() + wsil * sil
+        def chunk_sil(frames):  # stage 3's landmarks, plus the silhouette
+            sil = ((outside(frames) ** 2).mean(-1) * has_mask[frames]).sum() / n_mask
+            return landmarks(frames) + wsil * sil
 
         run("silhouette", opts.iters_silhouette,
             [{"params": [shape], "lr": 0.01}, {"params": [expr, jaw], "lr": 0.005},
              {"params": [rot, neck], "lr": 0.002}, {"params": [head_uv], "lr": 0.05},
-             {"params": [log_s], "lr": 0.001}], loss_sil)
+             {"params": [log_s], "lr": 0.001}], loss_all, chunk_sil)
 
     with torch.no_grad():
-        _, dist = fit.data_term(params(all_frames), focal_px(), all_frames)
+        dist = torch.cat([fit.data_term(params(f), focal_px(), f)[1] for f in torch.split(all_frames, CHUNK)])
         fval = float(focal_px())
     K = np.array([[fval, 0, fit.cx], [0, fval, fit.cy], [0, 0, 1]], np.float32)
     c = lambda t: t.detach().cpu().numpy().astype(np.float32)  # noqa: E731
@@ -462,7 +490,7 @@ def track_dataset(dataset_dir: str | Path, opts: TrackOptions | None = None, pro
         log(f"{int((~valid).sum())} frames have no landmarks: they are interpolated and flagged in the track")
     person = None
     if opts.iters_silhouette > 0 and ds.mask_path(0).is_file():
-        person = np.stack([ds.mask(i) > 0 for i in range(ds.num_frames)])  # labels: 0 = background
+        person = lambda i: ds.mask(i) > 0  # noqa: E731  (labels: 0 = background; read one at a time)
     track = fit_landmarks(lm["lmk"], valid, ds.resolution, ds.resolution, model, emb, opts, progress, dev,
                           fps=ds.fps, person_masks=person)
     secs = time.perf_counter() - t0
