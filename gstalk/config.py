@@ -358,9 +358,11 @@ def resolve_device(device: Device):
 
 def cpu_threads(requested: int | None = None) -> int:
     """The CPU threads gstalk computes with: ``requested`` (``gstalk --threads N``), else
-    $GSTALK_THREADS, else $OMP_NUM_THREADS, else every core this process may run on. Two
-    processes sharing a machine should each take their share (``--threads``): both at every
-    core, their threads spin-wait on each other (docs/benchmarks.md)."""
+    $GSTALK_THREADS, else $OMP_NUM_THREADS, else this process's share of the cores it may run
+    on: all of them, divided among the gstalk processes running (on Linux). Two processes
+    that both take every core spin-wait on each other's threads: two trackings at once took
+    6.6 times as long as one alone on a 2-core CPU, with a core each 1.5 times
+    (docs/benchmarks.md)."""
     import os
 
     from gstalk.errors import InputError, check_value
@@ -376,25 +378,52 @@ def cpu_threads(requested: int | None = None) -> int:
                 break
     if requested is None:
         try:
-            return max(1, len(os.sched_getaffinity(0)))
+            cores = len(os.sched_getaffinity(0))
         except AttributeError:  # not Linux
-            return max(1, os.cpu_count() or 1)
+            cores = os.cpu_count() or 1
+        return max(1, cores // (1 + _other_gstalk_processes()))
     return int(check_value(requested, (lambda v: v == int(v) and 1 <= v <= 1024, "a whole number from 1 to 1024"),
                            "--threads"))
 
 
 def apply_threads(n: int) -> None:
-    """Use ``n`` CPU threads in torch (intra- and inter-op) and OpenCV."""
+    """Use ``n`` CPU threads in torch (intra- and inter-op) and OpenCV (each left as it is
+    where it already uses ``n``)."""
     import torch
 
-    torch.set_num_threads(n)
-    try:
-        torch.set_num_interop_threads(n)
-    except RuntimeError:  # already set, or parallel work has started: intra-op is what counts
-        pass
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    if torch.get_num_interop_threads() != n:
+        try:
+            torch.set_num_interop_threads(n)
+        except RuntimeError:  # parallel work has started: intra-op is what counts
+            pass
     try:
         import cv2
 
-        cv2.setNumThreads(n)
+        if cv2.getNumThreads() != n:
+            cv2.setNumThreads(n)
     except ImportError:
         pass
+
+
+def _other_gstalk_processes() -> int:
+    """How many other processes are running the gstalk command (Linux's /proc; 0 elsewhere)."""
+    import os
+    from pathlib import Path
+
+    me, n = os.getpid(), 0
+    try:
+        procs = list(Path("/proc").iterdir())
+    except OSError:
+        return 0
+    for p in procs:
+        if not p.name.isdigit() or int(p.name) == me:
+            continue
+        try:
+            argv = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            continue
+        if any(a.endswith(b"/gstalk") or a == b"gstalk" or a == b"gstalk.cli" for a in argv[:3]):
+            n += 1
+    return n

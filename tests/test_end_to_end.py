@@ -37,7 +37,15 @@ def avatar(tracked):
     from gstalk.train.trainer import train
 
     root, ds = tracked
-    return train(ds, root / "avatar", TINY, log=lambda m: None)
+    # one thread: float sums in another order take this tiny fit elsewhere (seed 0: the held-out
+    # gain of the deformation +0.47 dB on one thread, -0.66 on two; seeds 1 to 3 on two threads
+    # +0.28, +0.19, -0.06), so the numbers below must not depend on the machine's core count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(ds, root / "avatar", TINY, log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_avatar_folder_is_self_contained(avatar):
@@ -211,7 +219,7 @@ def test_new_audio_moves_the_lips_through_either_lip_model(tracked, tmp_path):
     coefficients neither predicts keep the clip's mean, not the head model's neutral face."""
     from gstalk.avatar.io import load_avatar
     from gstalk.demo import synth_speech
-    from gstalk.drive.render import conditions_for, rest_expr
+    from gstalk.avatar.conditions import conditions_for, rest_expr
     from gstalk.train.trainer import Trainer
 
     _, ds = tracked
@@ -351,7 +359,7 @@ def test_mouth_crop_camera_sees_the_cut_of_the_full_frame():
     from conftest import front_camera, small_scene
 
     from gstalk.render import rasterize
-    from gstalk.train.trainer import crop_camera, cut_image
+    from gstalk.train.data import crop_camera, cut_image
 
     g = small_scene(40, seed=3)
     full_cam = front_camera(96, 96)
@@ -379,11 +387,12 @@ def test_mouth_crops_line_up_with_the_fitted_avatar(avatar, tracked):
     """The close-ups the trainer compares: the crop camera on the tracked head sees the same
     mouth as the cut of the dataset frame (a shifted cut fits worse)."""
     from gstalk.avatar.io import load_avatar
-    from gstalk.avatar.model import Frame, render_frame
+    from gstalk.avatar.model import Frame
+    from gstalk.avatar.render import render_frame
     from gstalk.face.regions import INNER_LIPS, OUTER_LIPS
     from gstalk.head.tracker import load_track
     from gstalk.io.dataset import Dataset
-    from gstalk.train.trainer import MouthCrops, crop_camera, cut_image
+    from gstalk.train.data import MouthCrops, crop_camera, cut_image
 
     _, ds_root = tracked
     ds = Dataset(ds_root)
@@ -426,7 +435,7 @@ def test_head_gaussians_the_first_frame_cannot_show_take_the_nearest_shown_colou
     face) on red: the front takes its pixels; the back, which projects onto the disc too,
     takes the colour of the nearest Gaussian the picture shows (the red rim), not the green."""
     from gstalk.render import Cameras, look_at
-    from gstalk.train.trainer import first_frame_colours
+    from gstalk.train.data import first_frame_colours
 
     g = torch.Generator().manual_seed(0)
     d = torch.nn.functional.normalize(torch.randn(4000, 3, generator=g), dim=-1)
@@ -481,7 +490,7 @@ def test_free_gaussians_step_as_far_in_metres_as_bound_ones_in_triangle_units(tr
 def test_free_gaussians_no_training_frame_shows_are_removed(tracked, tmp_path):
     """One free Gaussian inside the (opaque) head, hidden from the camera, is removed; one
     beside the head, in view, stays; head Gaussians all stay, shown or not."""
-    from gstalk.avatar.model import concat_sets, torso_gaussians
+    from gstalk.avatar.init import concat_sets, torso_gaussians
     from gstalk.train.trainer import Trainer
 
     _, ds = tracked

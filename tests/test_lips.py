@@ -85,7 +85,9 @@ def test_speech_not_in_english_falls_back_to_free_phones_with_a_warning():
 
 def test_audio_without_speech_rests_the_mouth():
     """Silence, noise and music hold no speech: no phones, a note saying so (never a crash),
-    and the viseme model gives its resting mouth, the class 'sil'."""
+    and the viseme model gives its resting mouth, the class 'sil'. (The voice-activity
+    detector leaves torch's thread count alone: silero's own package sets it to one.)"""
+    threads = torch.get_num_threads()
     rng = np.random.default_rng(0)
     t = np.arange(5 * SR) / SR
     f0 = np.array([440.0, 523.3, 659.3, 587.3])[(t * 2).astype(int) % 4]  # a note every 0.5 s
@@ -98,6 +100,7 @@ def test_audio_without_speech_rests_the_mouth():
         assert tl.phones == [] and tl.notes, name
         w = dominance(tl, 50, 25.0, 0.08)
         assert np.allclose(w[:, SIL], 1.0), name
+    assert torch.get_num_threads() == threads
 
 
 def _random_timeline(seconds: float, seed: int, pause_every: float = 2.0) -> PhoneTimeline:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import re
 import threading
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,11 +176,22 @@ def vad_speech(audio: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _silero():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from silero_vad import load_silero_vad
+    """silero's TorchScript model, loaded from the silero-vad wheel without importing its
+    package (whose import sets torch to one thread for the whole process)."""
+    import importlib.util
 
-        return load_silero_vad()
+    import torch
+
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise GstalkError("silero-vad is not installed; it provides the voice-activity detector (pip install "
+                          "silero-vad)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "silero_vad.jit"
+    if not path.is_file():
+        raise GstalkError(f"the silero-vad wheel lacks its model ({path}); reinstall silero-vad")
+    model = torch.jit.load(str(path), map_location="cpu")
+    model.eval()
+    return model
 
 
 def _close_gaps(on: np.ndarray, k: int) -> np.ndarray:
