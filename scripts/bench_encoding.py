@@ -1,6 +1,6 @@
 """Hash-encoding speed: million encodings per second (forward, and forward+backward) for 100k
 points, for each backend present (torch always; cpu = the compiled CPU kernel where it builds;
-cuda = gstalk's kernels and tcnn when a GPU and tiny-cuda-nn are there). Prints the device
+cuda = gstalk's kernels when a GPU is there). Prints the device
 name.
 
     python scripts/bench_encoding.py [--points 100000] [--levels 16] [--log2-table 19]
@@ -31,12 +31,6 @@ def main() -> None:
     runs = [("torch", torch.device("cpu"))] + ([("cpu", torch.device("cpu"))] if cpu_ext.available() else [])
     if torch.cuda.is_available():
         runs += [("torch", torch.device("cuda")), ("cuda", torch.device("cuda"))]
-        try:
-            import tinycudann  # noqa: F401
-
-            runs.append(("tcnn", torch.device("cuda")))
-        except ImportError:
-            pass
     print("| encoding | backend | device | points | fwd M/s | fwd+bwd M/s |")
     print("|---|---|---|---:|---:|---:|")
     for kind in ("hash3d", "triplane"):

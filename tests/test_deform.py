@@ -210,7 +210,7 @@ def test_compiled_cpu_hash_encoding_matches_torch(dim, dtype):
 
 @cpu_kernel
 def test_compiled_cpu_hash_encoding_is_picked_only_where_it_applies(monkeypatch):
-    from gstalk.render import cpu_ext
+    from gstalk.kernels import cpu as kcpu
 
     g = HashGrid(2, levels=4, features=2, log2_table=10)
     x = torch.rand(10, 2)
@@ -229,16 +229,16 @@ def test_compiled_cpu_hash_encoding_is_picked_only_where_it_applies(monkeypatch)
         with pytest.raises(InputError, match="NaN positions"):
             HashGrid(2, levels=4, features=2, log2_table=10, backend=backend)(nan)
     with pytest.raises(RuntimeError, match=r"must lie in \[0, 1\)"):
-        cpu_ext.load_cpu_ext().hash_encode_forward(nan, g.tables.detach(), g.resolutions)
+        kcpu.load().hash_encode_forward(nan, g.tables.detach(), g.resolutions)
     monkeypatch.setenv("GSTALK_CPU_KERNEL", "0")
-    cpu_ext.load_cpu_ext.cache_clear()
+    kcpu.load.cache_clear()
     try:
         assert HashGrid(2, levels=4, features=2, log2_table=10).which_backend(torch.rand(10, 2)) == "torch"
         with pytest.raises(InputError, match="could not be built"):
             g(torch.rand(10, 2))
     finally:
         monkeypatch.delenv("GSTALK_CPU_KERNEL")
-        cpu_ext.load_cpu_ext.cache_clear()
+        kcpu.load.cache_clear()
 
 
 def test_expression_prior_keeps_expressions_off_the_hair():
@@ -247,7 +247,9 @@ def test_expression_prior_keeps_expressions_off_the_hair():
     expressions move nothing); without it they move both."""
     import numpy as np
 
-    from gstalk.avatar.model import Frame, expression_activity
+    from gstalk.avatar.init import expression_activity
+
+    from gstalk.avatar.model import Frame
     from gstalk.avatar.synthetic import standin_avatar
     from gstalk.head.lbs import FlameParams
     from gstalk.head.standin import REGIONS
@@ -349,7 +351,8 @@ def test_half_precision_field_is_close_to_float32(dtype, tol):
 def test_avatar_precision_changes_the_frame_by_little_and_saves_nothing():
     """Avatar.set_precision('half') (bfloat16 on a CPU) renders nearly the float32 frame; the
     inference field is a cache, never in the avatar's state; unknown names are refused."""
-    from gstalk.avatar.model import Frame, render_frame
+    from gstalk.avatar.model import Frame
+    from gstalk.avatar.render import render_frame
     from gstalk.avatar.synthetic import standin_avatar
     from gstalk.errors import InputError
     from gstalk.head.lbs import FlameParams

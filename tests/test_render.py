@@ -245,7 +245,9 @@ def test_bad_inputs_give_clear_errors():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_gsplat_backend_refused_without_cuda():
-    with pytest.raises(InputError, match="needs a CUDA GPU"):
+    from gstalk.errors import GstalkError
+
+    with pytest.raises(GstalkError, match="needs a CUDA GPU"):
         rasterize(small_scene(3), front_camera(), backend="gsplat")
     from gstalk.render import cpu_ext
 
@@ -340,17 +342,17 @@ def test_cpu_backend_draws_frames_and_empty_views():
 
 def test_cpu_kernel_can_be_switched_off(monkeypatch):
     """GSTALK_CPU_KERNEL=0: 'auto' draws with the PyTorch reference, 'cpu' is refused clearly."""
-    from gstalk.render import cpu_ext
+    from gstalk.kernels import cpu as kcpu
 
     monkeypatch.setenv("GSTALK_CPU_KERNEL", "0")
-    cpu_ext.load_cpu_ext.cache_clear()
+    kcpu.load.cache_clear()
     try:
         assert rasterize(small_scene(3), front_camera()).backend == "torch"
         with pytest.raises(InputError, match="could not be built"):
             rasterize(small_scene(3), front_camera(), backend="cpu")
     finally:
         monkeypatch.delenv("GSTALK_CPU_KERNEL")
-        cpu_ext.load_cpu_ext.cache_clear()
+        kcpu.load.cache_clear()
 
 
 def test_projection_and_sh_match_gsplat_torch_reference():
@@ -456,23 +458,24 @@ def test_cpu_kernel_build_recovers_from_a_killed_build_and_falls_back_on_failure
     import time
 
     import torch.utils.cpp_extension as cpp
+    from gstalk.kernels import cpu as kcpu
     from gstalk.render import cpu_ext
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.delenv("GSTALK_CPU_KERNEL", raising=False)
-    monkeypatch.setattr(cpu_ext.shutil, "which", lambda name: "/usr/bin/c++")
+    monkeypatch.setattr(kcpu.shutil, "which", lambda name: "/usr/bin/c++")
     calls = []
     monkeypatch.setattr(cpp, "load", lambda **kw: calls.append(kw) or "module")
-    where = cpu_ext.build_directory()
+    where = kcpu.build_directory()
     assert where.parent.parent == tmp_path
     where.mkdir(parents=True)
     try:
         lock = where / "lock"
-        for age, kept in ((2 * cpu_ext.STALE_LOCK_S, False), (1.0, True)):
+        for age, kept in ((2 * kcpu.STALE_LOCK_S, False), (1.0, True)):
             lock.write_text("")
             os.utime(lock, (time.time() - age, time.time() - age))
-            cpu_ext.load_cpu_ext.cache_clear()
-            assert cpu_ext.load_cpu_ext() == "module"
+            kcpu.load.cache_clear()
+            assert kcpu.load() == "module"
             assert lock.exists() == kept
             assert calls[-1]["build_directory"] == str(where)
         assert "building the CPU kernels" in capsys.readouterr().err  # nothing built there yet: says so
@@ -480,22 +483,77 @@ def test_cpu_kernel_build_recovers_from_a_killed_build_and_falls_back_on_failure
         so = where / "gstalk_raster_cpu.so"
         so.write_text("")
         ninja = where / "build.ninja"
-        ninja.write_text(" ".join(str(cpu_ext.CSRC / f) for f in cpu_ext.SOURCES))
-        assert not cpu_ext.needs_build(where)
-        ninja.write_text(" ".join(f"/elsewhere/csrc/{f}" for f in cpu_ext.SOURCES))
-        assert cpu_ext.needs_build(where)
-        ninja.write_text(" ".join(str(cpu_ext.CSRC / f) for f in cpu_ext.SOURCES))
+        ninja.write_text(" ".join(str(kcpu.CSRC / f) for f in kcpu.SOURCES))
+        assert not kcpu.needs_build(where)
+        ninja.write_text(" ".join(f"/elsewhere/csrc/{f}" for f in kcpu.SOURCES))
+        assert kcpu.needs_build(where)
+        ninja.write_text(" ".join(str(kcpu.CSRC / f) for f in kcpu.SOURCES))
         os.utime(so, (time.time() - 1e6, time.time() - 1e6))  # sources newer than the build
-        assert cpu_ext.needs_build(where)
+        assert kcpu.needs_build(where)
 
         def broken(**kw):
             raise RuntimeError("Error building extension 'gstalk_raster_cpu'")
 
         monkeypatch.setattr(cpp, "load", broken)
-        cpu_ext.load_cpu_ext.cache_clear()
-        assert cpu_ext.load_cpu_ext() is None and not cpu_ext.available()
+        kcpu.load.cache_clear()
+        assert kcpu.load() is None and not cpu_ext.available()
         with pytest.raises(InputError, match="could not be built"):
             rasterize(small_scene(3), front_camera(), backend="cpu")
         assert rasterize(small_scene(3), front_camera()).backend == "torch"
     finally:
-        cpu_ext.load_cpu_ext.cache_clear()
+        kcpu.load.cache_clear()
+
+
+def test_a_gpu_where_gsplat_cannot_compile_gets_a_gstalk_error_or_the_twin(monkeypatch):
+    """gsplat compiles its CUDA code on its first call (nvcc needed). Where that fails, asking
+    for it by name is a GstalkError that says so, not a traceback from inside gsplat, and
+    'auto' renders with the PyTorch rasterizer instead (the rule of gstalk.kernels)."""
+    import gsplat
+
+    from gstalk.errors import GstalkError
+    from gstalk.kernels import cuda
+    from gstalk.render.rasterize import select_backend
+
+    def no_nvcc(*a, **k):
+        raise RuntimeError("Ninja is required to load C++ extensions: nvcc not found")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gsplat, "rasterization", no_nvcc)
+    cuda.gsplat_available.cache_clear()
+    try:
+        with pytest.raises(GstalkError, match="gsplat's CUDA code cannot be compiled.*nvcc"):
+            cuda.gsplat_check()
+        with pytest.raises(GstalkError, match="gsplat's CUDA code cannot be compiled"):
+            select_backend("gsplat", torch.device("cuda"))
+        assert select_backend("auto", torch.device("cuda")) == "torch"
+        assert select_backend("auto", torch.device("cpu")) in ("cpu", "torch")
+    finally:
+        cuda.gsplat_available.cache_clear()
+
+
+def test_cuda_home_is_found_behind_an_nvcc_wrapper(monkeypatch, tmp_path):
+    """CUDA_HOME unset and nvcc on the PATH a wrapper script: the toolkit is the folder that
+    holds the headers, found through the wrapper, not the wrapper's own folder."""
+    from gstalk.kernels import cuda
+
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    (toolkit / "include" / "cuda_runtime_api.h").write_text("")
+    real = toolkit / "bin" / "nvcc"
+    real.write_text("#!/bin/sh\necho '#$ _TOP_=" + str(toolkit) + "' >&2\n")
+    real.chmod(0o755)
+    wrappers = tmp_path / "wrappers"
+    wrappers.mkdir()
+    wrapper = wrappers / "nvcc"
+    wrapper.write_text(f"#!/bin/sh\nexec {real} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrappers))
+    assert cuda.cuda_home() == toolkit.resolve()
+    (wrappers / "nvcc").unlink()
+    (wrappers / "nvcc").symlink_to(real)  # a symlink is followed
+    assert cuda.cuda_home() == toolkit.resolve()
+    monkeypatch.setenv("CUDA_HOME", "/opt/cuda")
+    assert str(cuda.cuda_home()) == "/opt/cuda"

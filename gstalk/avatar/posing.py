@@ -16,12 +16,11 @@ scale = exp(local_log_scale + d_log_scale). Without deformation the d terms are 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
 from gstalk.avatar.binding import quat_multiply, rotmat_to_quat
+from gstalk.kernels import cuda
 
 
 def pose_gaussians_torch(tri_o: Tensor, tri_r: Tensor, tri_s: Tensor, rest_r: Tensor, local_means: Tensor,
@@ -49,24 +48,9 @@ def pose_gaussians_torch(tri_o: Tensor, tri_r: Tensor, tri_s: Tensor, rest_r: Te
     return means, quats, scales
 
 
-@functools.lru_cache(maxsize=None)
-def _ext():
-    from gstalk.deform.cuda_ext import _load
-
-    return _load("gstalk_pose", ["pose.cpp", "pose_kernels.cu"])
-
-
-@functools.lru_cache(maxsize=None)
 def cuda_kernel_available() -> bool:
-    """Whether the fused kernel builds and loads here (asked once: a failed build is not retried
-    on every frame)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        _ext()
-        return True
-    except Exception:
-        return False
+    """Whether the fused kernel builds and loads here (asked once, :mod:`gstalk.kernels`)."""
+    return cuda.available("pose")
 
 
 def pose_gaussians(tri_o: Tensor, tri_r: Tensor, tri_s: Tensor, rest_r: Tensor, local_means: Tensor,
@@ -86,7 +70,7 @@ def pose_gaussians(tri_o: Tensor, tri_r: Tensor, tri_s: Tensor, rest_r: Tensor, 
         return pose_gaussians_torch(*args, binding, d_means, d_quats, d_log_scales)
     f32 = [t.detach().float().contiguous() for t in args]
     d32 = [t.detach().float().contiguous() for t in deform] if deform else [None, None, None]
-    means, quats, scales = _ext().pose(*f32, binding.to(torch.int32).contiguous(), *d32)
+    means, quats, scales = cuda.load("pose").pose(*f32, binding.to(torch.int32).contiguous(), *d32)
     return means, quats, scales
 
 

@@ -8,15 +8,14 @@ up in the level's table of ``2**log2_table`` feature vectors, directly when the 
 (multi)linearly. Output: ``[N, L * F]``.
 
 Backends behind one module: ``torch`` (the reference: plain PyTorch, any device,
-differentiable), ``cuda`` (gstalk's own kernels in ``csrc/hashgrid.cu``, built on first use
-with torch's extension loader when CUDA is present), ``cpu`` (``csrc/hashgrid_cpu.cpp``, in
-the compiled CPU module of :mod:`gstalk.render.cpu_ext`: the reference's arithmetic in the
-reference's order, float32 and float64), ``tcnn`` (tiny-cuda-nn, only if importable).
-``auto`` picks cuda for CUDA tensors, and on the CPU the compiled kernel where it is built
-and the positions need no gradient, torch otherwise. The CUDA, CPU and tcnn backends give
-gradients for the tables, not for the input positions (canonical positions are constants in
-gstalk; the compiled backends refuse positions that require a gradient); the torch backend
-gives both.
+differentiable), ``cuda`` (gstalk's own kernels in ``csrc/hashgrid_kernels.cu``) and ``cpu``
+(``csrc/hashgrid_cpu.cpp``: the reference's arithmetic in the reference's order, float32 and
+float64), both built by :mod:`gstalk.kernels`. ``auto`` picks the kernel for the tensors'
+device where it builds (on the CPU, where the positions need no gradient), torch otherwise
+(the rule of :mod:`gstalk.kernels`). The compiled backends give gradients for the tables, not
+for the input positions (canonical positions are constants in gstalk; they refuse positions
+that require a gradient); the torch backend gives both. (tiny-cuda-nn's encoding hashes and
+lays out its tables otherwise, so it cannot read these tables; it is not a backend.)
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 from gstalk.errors import InputError
 
 PRIMES = (1, 2654435761, 805459861)
-Backend = Literal["auto", "torch", "cuda", "cpu", "tcnn"]
+Backend = Literal["auto", "torch", "cuda", "cpu"]
 
 
 def level_resolutions(levels: int, base: int, finest: int) -> list[int]:
@@ -126,29 +125,30 @@ class HashGrid(nn.Module):
         self.resolutions = level_resolutions(levels, base, finest)
         self.register_buffer("res_tensor", torch.tensor(self.resolutions, dtype=torch.int32), persistent=False)
         self.tables = nn.Parameter((torch.rand(levels, self.table_size, features) * 2 - 1) * init_scale)
-        self._tcnn = None
 
     @property
     def out_dim(self) -> int:
         return self.levels * self.features
 
     def which_backend(self, x: Tensor) -> str:
-        if self.backend == "auto":
+        if self.backend == "auto":  # the kernel where it builds here, else the twin (gstalk.kernels)
             if x.is_cuda:
-                return "cuda"
+                from gstalk.kernels import cuda
+
+                return "cuda" if cuda.available("hashgrid") else "torch"
             return "cpu" if self._cpu_kernel_refusal(x) is None else "torch"
         return self.backend
 
     def _cpu_kernel_refusal(self, x: Tensor) -> str | None:
         """Why the compiled CPU encoding cannot take ``x`` (None when it can): 'auto' then uses
         the PyTorch form, and ``backend="cpu"`` raises it."""
-        from gstalk.render import cpu_ext
+        from gstalk.kernels import cpu
 
-        if x.device.type != "cpu" or x.dtype not in cpu_ext.DTYPES or x.dtype != self.tables.dtype:
+        if x.device.type != "cpu" or x.dtype not in cpu.DTYPES or x.dtype != self.tables.dtype:
             return "the compiled CPU hash encoding takes float32 or float64 CPU points and tables of the same dtype"
         if x.requires_grad:
             return "the compiled CPU hash encoding gives no gradient for the positions: use 'torch'"
-        if not cpu_ext.available():
+        if not cpu.available():
             return "the compiled CPU kernels could not be built here (or GSTALK_CPU_KERNEL=0): use 'torch'"
         return None
 
@@ -164,33 +164,17 @@ class HashGrid(nn.Module):
         if b == "torch":
             return hash_encode_torch(x, self.tables, self.resolutions)
         if b == "cuda":
-            from gstalk.deform.cuda_ext import load_hashgrid_ext
+            from gstalk.kernels import cuda
 
-            return _CudaHashEncode.apply(x.float(), self.tables, self.res_tensor.to(x.device), load_hashgrid_ext())
+            return _CudaHashEncode.apply(x.float(), self.tables, self.res_tensor.to(x.device), cuda.load("hashgrid"))
         if b == "cpu":
-            from gstalk.render import cpu_ext
+            from gstalk.kernels import cpu
 
             refusal = self._cpu_kernel_refusal(x) if self.backend == "cpu" else None  # 'auto' checked it
             if refusal is not None:
                 raise InputError(refusal)
-            return _CpuHashEncode.apply(x.contiguous(), self.tables, self.resolutions, cpu_ext.load_cpu_ext())
-        if b == "tcnn":
-            return self._tcnn_forward(x)
-        raise InputError(f"unknown hash-grid backend {b!r}")
-
-    def _tcnn_forward(self, x: Tensor) -> Tensor:
-        try:
-            import tinycudann as tcnn
-        except ImportError:
-            raise InputError("backend 'tcnn' needs tiny-cuda-nn, which is not installed (use 'cuda' or 'torch')"
-                             ) from None
-        if self._tcnn is None:
-            scale = math.exp((math.log(self.resolutions[-1]) - math.log(self.resolutions[0])) / max(self.levels - 1, 1))
-            self._tcnn = tcnn.Encoding(self.dim, {
-                "otype": "HashGrid", "n_levels": self.levels, "n_features_per_level": self.features,
-                "log2_hashmap_size": int(math.log2(self.table_size)), "base_resolution": self.resolutions[0],
-                "per_level_scale": scale}).to(x.device)
-        return self._tcnn(x).float()
+            return _CpuHashEncode.apply(x.contiguous(), self.tables, self.resolutions, cpu.load())
+        raise InputError(f"unknown hash-grid backend {b!r}: auto, torch, cuda or cpu")
 
 
 class TriPlane(nn.Module):

@@ -141,3 +141,11 @@ def project(means: Tensor, covars: Tensor, viewmats: Tensor, Ks: Tensor, width: 
                   & (m2[..., 1] + radius[..., 1] > 0) & (m2[..., 1] - radius[..., 1] < height))
         radii = torch.where((valid & inside)[..., None], radius, torch.zeros_like(radius)).to(torch.int32)
     return Projected(means2d=means2d, conics=conics, depths=tz, radii=radii, covars2d=cov2d)
+
+
+def covariances(g):
+    """[N, 3, 3] float32 world covariances of activated Gaussians ``g`` (a GaussianTensors), as
+    numpy: what splat viewers (viser) take."""
+    import numpy as np
+
+    return covariance_3d(g.quats.detach(), g.scales.detach()).cpu().numpy().astype(np.float32)

@@ -47,15 +47,19 @@ class RenderOutput:
 
 
 def select_backend(backend: Backend, device: torch.device) -> str:
-    """The backend for tensors on ``device``: gsplat on CUDA; on the CPU the compiled
-    compositor where it builds (:mod:`gstalk.render.cpu_ext`), else the PyTorch reference."""
+    """The backend for tensors on ``device``: gsplat on CUDA where its CUDA code compiles; on
+    the CPU the compiled compositor where it builds (:mod:`gstalk.render.cpu_ext`); else the
+    PyTorch reference (the rule of :mod:`gstalk.kernels`: asked for by name, a backend that
+    cannot run here is a GstalkError saying why)."""
+    from gstalk.kernels import cuda
+
     if backend == "torch":
         return "torch"
     if backend == "gsplat":
-        if not torch.cuda.is_available():
-            raise InputError("the gsplat backend needs a CUDA GPU; none is available (use backend='torch')")
-        if device.type != "cuda":
+        if torch.cuda.is_available() and device.type != "cuda":
             raise InputError("the gsplat backend needs the Gaussians on a CUDA device (call .to('cuda'))")
+        if not cuda.gsplat_available():
+            cuda.gsplat_check()  # raises, saying why
         return "gsplat"
     if backend == "cpu":
         if device.type != "cpu":
@@ -67,7 +71,7 @@ def select_backend(backend: Backend, device: torch.device) -> str:
     if backend != "auto":
         raise InputError(f"unknown render backend {backend!r}: choose 'auto', 'gsplat', 'cpu' or 'torch'")
     if device.type == "cuda" and torch.cuda.is_available():
-        return "gsplat"
+        return "gsplat" if cuda.gsplat_available() else "torch"
     return "cpu" if device.type == "cpu" and cpu_ext.available() else "torch"
 
 
