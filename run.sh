@@ -45,7 +45,7 @@ install() {
       fi
     fi
   fi
-  "${pip[@]}" install -q -e ".[test]"
+  "${pip[@]}" install -q -e ".[test,reference]"
   stamp > "$VENV/.gstalk-installed"
 }
 

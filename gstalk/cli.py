@@ -90,9 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         apply_threads(cpu_threads(threads))
         union = typing.Union[tuple(_subcommands().values())]  # type: ignore[misc]
-        cfg = tyro.cli(union, args=argv, prog="gstalk", description="Talking-head Gaussian avatars from a phone clip. Before the verb, "
-                       "'--threads N' sets the CPU threads (default $GSTALK_THREADS, $OMP_NUM_THREADS or every "
-                       "core; give each of several gstalk processes on one machine its share).")
+        cfg = tyro.cli(union, args=argv, prog="gstalk",
+                       description="Talking-head Gaussian avatars from a phone clip. Before the verb, '--threads N' "
+                       "sets the CPU threads (default $GSTALK_THREADS, $OMP_NUM_THREADS or every core; give each "
+                       "of several gstalk processes on one machine its share).")
         handler = HANDLERS.get(type(cfg))
         if handler is None:
             raise GstalkError(f"no handler for {type(cfg).__name__}")
@@ -120,7 +121,7 @@ def _prepare(cfg: PrepareConfig | ImportConfig, console) -> int:
 
             ds = prepare(cfg.clip, cfg.out, cfg.opts, progress=prog, log=console.print)
         else:
-            from gstalk.importers import import_nerf_dataset
+            from gstalk.prepare import import_nerf_dataset
 
             ds = import_nerf_dataset(cfg.src, cfg.out, cfg.opts, progress=prog, log=console.print)
     m = ds.manifest

@@ -92,7 +92,7 @@ def _photo_head(per_triangle: int = 3):
     from skimage import data
 
     from gstalk.avatar.binding import bind_to_world, triangle_frames
-    from gstalk.avatar.model import init_gaussians
+    from gstalk.avatar.init import init_gaussians
     from gstalk.head.flame import STANDIN_PATH, load_head_model
     from gstalk.head.lbs import FlameParams, flame_forward
     from gstalk.head.standin import REGIONS, photo_landmarks
@@ -279,7 +279,7 @@ class TurntableResult:
 def render_ply_turntable(ply: Path, out: Path, size: int = 256, frames: int = 48, fps: float = 24.0,
                          radius: float = 0.0, axes: str = "rdf", device: str = "auto") -> TurntableResult:
     """A turntable (y up) of a 3DGS PLY whose axes are ``axes`` (see gstalk/export/axes.py)."""
-    from gstalk.export.axes import convert_axes
+    from gstalk.gaussians.axes import convert_axes
 
     dev = resolve_device(device)
     g = load_ply(ply)

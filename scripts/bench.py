@@ -1,4 +1,4 @@
-"""The whole per-frame path, stage by stage, and training iterations per second.
+"""The per-frame path, stage by stage, and training iterations per second.
 
     python scripts/bench.py                          # GPU: 50k/100k/200k Gaussians at 512 px
     python scripts/bench.py --counts 5000 --size 128 --json out.json
@@ -10,11 +10,14 @@ half precision changes in the 8-bit frame), the posing
 step (triangle binding + deformation outputs, per Gaussian) with the PyTorch reference and,
 on CUDA, the fused kernel, rasterisation (on a CPU also with the PyTorch compositor that the
 compiled one replaced), and copy-out (the image to host memory as uint8);
-then the whole path with each posing backend, timed end to end, and as offline rendering
-does it (batches of 8 frames posed together and rasterized in one call; per frame); with
+then "posed + rasterised frame": audio code, posing and rasterisation with each posing
+backend, end to end, copied out as uint8, and as offline rendering does it (batches of 8
+frames posed together and rasterized in one call; per frame). It is not all of what ``gstalk
+render`` does per frame: compositing over the background, the other-view fill and H.264
+encoding come on top (``gstalk render`` prints its own frames/s, encoding included); with
 ``--compile`` also the
-deformation field compiled by ``torch.compile`` (with CUDA graphs on a GPU) and the whole path
-with it. Training: iterations per
+deformation field compiled by ``torch.compile`` (with CUDA graphs on a GPU) and the posed +
+rasterised frame with it. Training: iterations per
 second of one synthetic training step (pose + deform + rasterize + L1 + backward + Adam; on a
 CPU also with the PyTorch compositor).
 
@@ -43,7 +46,7 @@ from gstalk.eval.bench import device_name, time_it  # noqa: E402
 from gstalk.head.lbs import FlameParams  # noqa: E402
 from gstalk.render import Cameras, rasterize, rasterize_frames, select_backend  # noqa: E402
 
-OFFLINE_BATCH = 8  # frames per call in offline rendering (gstalk.drive.render.frames_iter's default)
+OFFLINE_BATCH = 8  # frames per call in offline rendering (gstalk.avatar.conditions.frames_iter's default)
 
 
 def bench_avatar(n: int, size: int, device: torch.device, sh_degree: int = 3) -> Avatar:
@@ -114,7 +117,7 @@ def run(n: int, size: int, device: torch.device, budget: float, compile_field: b
             return (out.clamp(0, 1) * 255).to(torch.uint8).cpu()
 
         for b in backends:
-            rows[f"whole frame [{b}]"] = time_it(lambda: whole(b), device, budget_s=budget)
+            rows[f"posed + rasterised frame [{b}]"] = time_it(lambda: whole(b), device, budget_s=budget)
 
         # offline rendering (gstalk render): OFFLINE_BATCH frames posed and rasterized per call
         pb = FlameParams(**{k: None if v is None else v.expand(OFFLINE_BATCH, *v.shape[1:]).contiguous()
@@ -128,13 +131,13 @@ def run(n: int, size: int, device: torch.device, budget: float, compile_field: b
             return (out.clamp(0, 1) * 255).to(torch.uint8).cpu()
 
         b = backends[-1]
-        rows[f"whole frame, batches of {OFFLINE_BATCH} [{b}]"] = time_it(lambda: offline(b), device,
+        rows[f"posed + rasterised frame, batches of {OFFLINE_BATCH} [{b}]"] = time_it(lambda: offline(b), device,
                                                                            budget_s=budget) / OFFLINE_BATCH
         # the field in half precision (float16 on a GPU, bfloat16 on a CPU), and what it changes in the image
         full = whole(b).float()
         av.set_precision("half")
         rows["deformation field [half]"] = time_it(lambda: av.deformation(frame), device, budget_s=budget)
-        rows[f"whole frame [{b}, half field]"] = time_it(lambda: whole(b), device, budget_s=budget)
+        rows[f"posed + rasterised frame [{b}, half field]"] = time_it(lambda: whole(b), device, budget_s=budget)
         diff = whole(b).float() - full
         mse = float(diff.square().mean()) / 255 ** 2
         half_image = {"dtype": str(av.frozen_field().dtype).removeprefix("torch."),
@@ -148,7 +151,7 @@ def run(n: int, size: int, device: torch.device, budget: float, compile_field: b
             rows["(one-off field compile)"] = 1000 * (time.perf_counter() - t0)
             rows["deformation field [compiled]"] = time_it(lambda: av.deformation(frame), device, budget_s=budget)
             b = backends[-1]
-            rows[f"whole frame [{b}, compiled field]"] = time_it(lambda: whole(b), device, budget_s=budget)
+            rows[f"posed + rasterised frame [{b}, compiled field]"] = time_it(lambda: whole(b), device, budget_s=budget)
             av.compile_field(enable=False)  # training below uses the eager field
 
     # training: one synthetic step
@@ -203,20 +206,21 @@ def main() -> None:
         print(f"\n{r['gaussians']} Gaussians at {size}x{size}, rasterised by the {r['render_backend']} backend "
               f"({time.perf_counter() - t0:.0f} s)")
         for k, ms in r["ms"].items():
-            rate = f"{1000 / ms:9.1f} /s" if k.startswith(("whole", "training")) else ""
+            rate = f"{1000 / ms:9.1f} /s" if k.startswith(("posed + rasterised", "training")) else ""
             print(f"  {k:<38} {ms:10.3f} ms {rate}")
         if "posing step [cuda]" in r["ms"]:
             ratio = r["ms"]["posing step [torch]"] / r["ms"]["posing step [cuda]"]
-            whole = r["ms"]["whole frame [torch]"] / r["ms"]["whole frame [cuda]"]
-            print(f"  fused posing kernel: {ratio:.1f}x the reference step, {whole:.2f}x the whole frame")
-        single, batched = r["ms"][f"whole frame [{backends_of(r)}]"], r["ms"][
-            f"whole frame, batches of {OFFLINE_BATCH} [{backends_of(r)}]"]
+            whole = r["ms"]["posed + rasterised frame [torch]"] / r["ms"]["posed + rasterised frame [cuda]"]
+            print(f"  fused posing kernel: {ratio:.1f}x the reference step, {whole:.2f}x the posed + rasterised frame")
+        single, batched = r["ms"][f"posed + rasterised frame [{backends_of(r)}]"], r["ms"][
+            f"posed + rasterised frame, batches of {OFFLINE_BATCH} [{backends_of(r)}]"]
         print(f"  offline batches of {OFFLINE_BATCH}: {single / batched:.2f}x the single-frame rate")
         ms = r["ms"]
         print(f"  factored field: {ms['deformation field [reference]'] / ms['deformation field']:.1f}x the reference "
               f"field; in half precision {ms['deformation field [reference]'] / ms['deformation field [half]']:.1f}x")
         hi = r["half_field_image"]
-        print(f"  half-precision field ({hi['dtype']}) vs float32, whole frame as uint8: PSNR {hi['psnr_db']:.1f} dB, "
+        print(f"  half-precision field ({hi['dtype']}) vs float32, posed + rasterised frame as uint8: "
+              f"PSNR {hi['psnr_db']:.1f} dB, "
               f"max difference {hi['max_abs_255']:.0f}/255, {100 * hi['changed_values']:.2f} % of values changed")
         if "rasterisation [torch reference]" in ms:
             train_ratio = ms["training iteration [torch reference rasteriser]"] / ms["training iteration"]

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gstalk.audio.features import compute_features  # noqa: E402
 from gstalk.avatar.io import head_for  # noqa: E402
-from gstalk.avatar.model import AudioToMotion, mouth_expressions  # noqa: E402
+from gstalk.avatar.init import mouth_expressions  # noqa: E402
+from gstalk.avatar.model import AudioToMotion  # noqa: E402
 from gstalk.eval.bench import cpu_name  # noqa: E402
 from gstalk.head.tracker import load_track  # noqa: E402
 from gstalk.io.dataset import Dataset  # noqa: E402

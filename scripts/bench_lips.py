@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from gstalk.audio.phones import PhoneTimeline, free_phones, phone_timeline, speech_regions  # noqa: E402
 from gstalk.audio.visemes import VisemeMotion, lip_measures  # noqa: E402
 from gstalk.avatar.io import head_for  # noqa: E402
-from gstalk.avatar.model import mouth_expressions  # noqa: E402
+from gstalk.avatar.init import mouth_expressions  # noqa: E402
 from gstalk.eval.bench import device_name  # noqa: E402
 from gstalk.face.regions import LIPS, mouth_opening  # noqa: E402
 from gstalk.head.embedding import load_embedding  # noqa: E402

@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gstalk.avatar.io import load_avatar  # noqa: E402
 from gstalk.config import resolve_device  # noqa: E402
-from gstalk.drive.render import cameras_for, frames_iter, plate_background, training_expressions  # noqa: E402
+from gstalk.avatar.cameras import cameras_for  # noqa: E402
+from gstalk.avatar.conditions import frames_iter, plate_background, training_expressions  # noqa: E402
 from gstalk.errors import GstalkError  # noqa: E402
 from gstalk.eval.bench import device_name  # noqa: E402
 from gstalk.io.video import load_audio  # noqa: E402

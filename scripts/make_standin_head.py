@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gstalk.head.standin import build_standin  # noqa: E402
+from standin_builder import build_standin  # noqa: E402
 from gstalk.io.atomic import write_bytes  # noqa: E402
 
 

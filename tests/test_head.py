@@ -115,6 +115,10 @@ def test_rotation_conversions():
     torch.testing.assert_close(r @ r.transpose(-1, -2), torch.eye(3).expand(100, 3, 3), atol=1e-5, rtol=0)
     torch.testing.assert_close(matrix_to_axis_angle(r), aa, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(axis_angle_to_matrix(torch.zeros(1, 3))[0], torch.eye(3))
+    # a quarter turn about z takes x to y (right-handed), and about x takes y to z
+    quarter = axis_angle_to_matrix(torch.tensor([[0.0, 0.0, np.pi / 2], [np.pi / 2, 0.0, 0.0]]))
+    torch.testing.assert_close(quarter[0] @ torch.tensor([1.0, 0, 0]), torch.tensor([0.0, 1, 0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(quarter[1] @ torch.tensor([0.0, 1, 0]), torch.tensor([0.0, 0, 1]), atol=1e-6, rtol=0)
 
 
 def test_lbs_properties(model):
@@ -196,8 +200,13 @@ def test_standin_embedding_is_exact(model):
 
 
 def test_standin_generation_is_deterministic(tmp_path):
+    import sys
+    from pathlib import Path
+
     from gstalk.head.flame import STANDIN_PATH
-    from gstalk.head.standin import build_standin
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from standin_builder import build_standin  # the asset generator lives beside the script that runs it
 
     d = build_standin()
     with np.load(STANDIN_PATH) as shipped:

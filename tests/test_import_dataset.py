@@ -6,7 +6,7 @@ import pytest
 from gstalk.cli import main
 from gstalk.config import PrepareOptions
 from gstalk.errors import FileFormatError
-from gstalk.importers import import_nerf_dataset
+from gstalk.prepare import import_nerf_dataset
 from gstalk.io.video import iter_frames, write_wav
 from synthclip import make_clip
 
@@ -77,7 +77,7 @@ def test_damaged_transforms_and_au_files_are_named(tmp_path):
     object at all, and an au.csv whose AU45_r column is not numbers: refused, naming the file."""
     import cv2
 
-    from gstalk.importers import _read_au45
+    from gstalk.prepare.nerf import _read_au45
 
     (tmp_path / "ori_imgs").mkdir()
     for i in range(60):  # 2.4 s at 25 fps: past the shortest clip

@@ -79,10 +79,20 @@ def test_twin_gradients():
     assert torch.autograd.gradcheck(f, tuple(leaves[k] for k in names), eps=1e-6, atol=1e-5)
 
 
-def test_auto_backend_on_cpu_is_the_twin():
+def test_auto_backend_on_cpu_gives_the_definition_and_cuda_needs_a_gpu():
+    """'auto' on CPU tensors poses by the definition (the twin: there is no CPU kernel), with
+    gradients; asked for by name without a GPU, the CUDA kernel is a GstalkError."""
+    from gstalk.errors import GstalkError
+
     a = _inputs()
-    for x, y in zip(pose_gaussians(**a), pose_gaussians_torch(**a)):
-        assert torch.equal(x, y)
+    for x, y in zip(pose_gaussians(**a), _by_definition(a)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    lm = a["local_means"].clone().requires_grad_(True)
+    pose_gaussians(**{**a, "local_means": lm})[0].sum().backward()
+    assert lm.grad is not None and torch.isfinite(lm.grad).all() and lm.grad.abs().sum() > 0
+    if not torch.cuda.is_available():
+        with pytest.raises(GstalkError, match="CUDA GPU"):
+            pose_gaussians(**a, backend="cuda")
 
 
 @cuda
@@ -100,7 +110,7 @@ def test_cuda_kernel_matches_twin(deform):
 @cuda
 def test_avatar_posed_with_the_kernel_matches_the_twin(tmp_path):
     from gstalk.avatar.io import load_avatar
-    from gstalk.drive.render import conditions_for, training_expressions
+    from gstalk.avatar.conditions import conditions_for, training_expressions
     from gstalk.avatar.model import Frame
 
     from tinyavatar import make_avatar
@@ -133,8 +143,8 @@ def test_benchmark_script_measures_every_stage():
     stages = ["audio features (per frame)", "audio code", "skinning + triangle frames", "deformation field [reference]",
               "deformation field", "posing step [torch]", "rasterisation",
               *(["rasterisation [torch reference]"] if compiled else []), "copy-out (uint8 to host)",
-              "whole frame [torch]", f"whole frame, batches of {mod.OFFLINE_BATCH} [torch]", "deformation field [half]",
-              "whole frame [torch, half field]", "training iteration",
+              "posed + rasterised frame [torch]", f"posed + rasterised frame, batches of {mod.OFFLINE_BATCH} [torch]", "deformation field [half]",
+              "posed + rasterised frame [torch, half field]", "training iteration",
               *(["training iteration [torch reference rasteriser]"] if compiled else [])]
     assert list(r["ms"]) == stages
     assert all(0 < v < 60_000 for v in r["ms"].values())
@@ -146,8 +156,10 @@ def test_offline_frames_in_batches_match_frame_by_frame(tmp_path):
     """gstalk render's frames (posed and rasterized a batch at a time, a camera per frame) are
     the frames the avatar renders one by one."""
     from gstalk.avatar.io import load_avatar
-    from gstalk.avatar.model import Frame, render_frame
-    from gstalk.drive.render import cameras_for, conditions_for, frames_iter, training_expressions
+    from gstalk.avatar.model import Frame
+    from gstalk.avatar.render import render_frame
+    from gstalk.avatar.cameras import cameras_for
+    from gstalk.avatar.conditions import conditions_for, frames_iter, training_expressions
 
     from tinyavatar import make_avatar
 
@@ -171,8 +183,11 @@ def test_other_viewpoints_keep_the_colours_the_training_camera_saw(tmp_path):
     avatar renders its SH as they are; from anywhere else each Gaussian keeps the colour the
     training camera saw instead of extrapolating the SH."""
     from gstalk.avatar.io import load_avatar
-    from gstalk.avatar.model import Frame, render_frame, render_frames, other_view
-    from gstalk.drive.render import cameras_for, conditions_for, training_expressions
+    from gstalk.avatar.model import Frame
+    from gstalk.avatar.render import render_frame, render_frames
+    from gstalk.avatar.views import other_view
+    from gstalk.avatar.cameras import cameras_for
+    from gstalk.avatar.conditions import conditions_for, training_expressions
     from gstalk.gaussians.set import GaussianTensors
     from gstalk.render import Cameras, rasterize
     from gstalk.render.project import sh_colors
@@ -198,7 +213,7 @@ def test_other_viewpoints_keep_the_colours_the_training_camera_saw(tmp_path):
         extrapolated = rasterize(g, side, sh_degree=1, background=0.0).colors[0]
         assert (rgb - extrapolated).abs().max() > 0.1
         # the browser viewer's and the viser recording's splats carry these colours too
-        from gstalk.export.exporter import splat_colors
+        from gstalk.gaussians.set import splat_colors
 
         np.testing.assert_allclose(splat_colors(seen), seen.colors.clamp(0, 1).numpy())
         # the frames-first path does the same per frame
@@ -215,7 +230,7 @@ def test_drawn_pixels_are_each_gaussians_share_of_the_frames():
     with the renderer's 0.3 px^2 low-pass), once a frame; behind an opaque one, nothing."""
     import math
 
-    from gstalk.avatar.model import drawn_pixels
+    from gstalk.avatar.views import drawn_pixels
     from gstalk.gaussians.set import GaussianTensors
     from gstalk.render import Cameras
 
@@ -237,7 +252,7 @@ def test_drawn_pixels_are_each_gaussians_share_of_the_frames():
 
 
 def test_middle_mean_leaves_out_the_darkest_and_lightest_and_blends_two_colours_on_their_line():
-    from gstalk.avatar.model import middle_mean
+    from gstalk.avatar.views import middle_mean
 
     brown, blonde = torch.tensor([0.30, 0.20, 0.10]), torch.tensor([0.70, 0.60, 0.40])
     # one odd colour at either end of 8 is left out whole
@@ -265,10 +280,13 @@ def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part
     same part of the head, faded in between 5 and 25 degrees away from the training camera; from the
     training camera nothing changes."""
     from gstalk.avatar.io import load_avatar
-    from gstalk.avatar import model
-    from gstalk.avatar.model import (FILL_K, SEEN_COS, Frame, drawn_pixels, fill_weight, render_frame, sh_colors,
-                                     other_view, _training_centre)
-    from gstalk.drive.render import cameras_for, conditions_for, training_expressions
+    from gstalk.avatar import views
+    from gstalk.avatar.model import Frame
+    from gstalk.render.project import sh_colors
+    from gstalk.avatar.render import render_frame
+    from gstalk.avatar.views import FILL_K, SEEN_COS, _training_centre, drawn_pixels, fill_weight, other_view
+    from gstalk.avatar.cameras import cameras_for
+    from gstalk.avatar.conditions import conditions_for, training_expressions
     from gstalk.head.lbs import FlameParams
     from gstalk.render import Cameras
 
@@ -347,7 +365,7 @@ def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part
         av.sh[hidden, 0] = (torch.tensor([0.0, 0.0, 1.0]) - 0.5) / 0.28209479177387814
     av.set_view_fill(motion)
     torch.testing.assert_close(av.view_fill_rgb, fill_rgb)
-    monkeypatch.setattr(model, "SOURCE_PIXELS", 0.0)
+    monkeypatch.setattr(views, "SOURCE_PIXELS", 0.0)
     av.set_view_fill(motion)
     assert bool(((av.view_fill_rgb - fill_rgb).abs().amax(1) > 0.05).any())
     monkeypatch.undo()
@@ -396,8 +414,11 @@ def test_gaussians_the_camera_saw_end_on_are_shortened_from_other_views(tmp_path
 
     from gstalk.avatar.binding import rotmat_to_quat
     from gstalk.avatar.io import load_avatar
-    from gstalk.avatar.model import RAY_RATIO, Frame, _training_centre, fill_weight, other_view, render_frame
-    from gstalk.drive.render import cameras_for, conditions_for, training_expressions
+    from gstalk.avatar.model import Frame
+    from gstalk.avatar.render import render_frame
+    from gstalk.avatar.views import RAY_RATIO, _training_centre, fill_weight, other_view
+    from gstalk.avatar.cameras import cameras_for
+    from gstalk.avatar.conditions import conditions_for, training_expressions
     from gstalk.head.lbs import FlameParams
     from gstalk.render import Cameras, rasterize
     from gstalk.render.project import quat_to_rotmat
@@ -483,9 +504,12 @@ def test_gaussians_the_clip_never_showed_face_on_are_no_larger_nor_fainter_than_
     opaque, faded in like the view fill; the seen ones and the training camera's view keep
     their trained sizes and opacities."""
     from gstalk.avatar.io import load_avatar
-    from gstalk.avatar.model import FILL_SIZE_QUANTILE, Frame, fill_weight, other_view, render_frame
+    from gstalk.avatar.model import Frame
+    from gstalk.avatar.render import render_frame
+    from gstalk.avatar.views import FILL_SIZE_QUANTILE, fill_weight, other_view
     from gstalk.gaussians.set import GaussianTensors
-    from gstalk.drive.render import cameras_for, conditions_for, training_expressions
+    from gstalk.avatar.cameras import cameras_for
+    from gstalk.avatar.conditions import conditions_for, training_expressions
     from gstalk.render import Cameras, rasterize
 
     from tinyavatar import make_avatar
@@ -581,7 +605,7 @@ def test_damaged_avatar_files_and_driver_arguments_are_messages(tmp_path, capsys
     from gstalk.avatar.io import load_avatar
     from gstalk.cli import main
     from gstalk.errors import FileFormatError, InputError
-    from gstalk.drive.render import load_driver
+    from gstalk.avatar.conditions import load_driver
 
     from tinyavatar import make_avatar, tone_speech
 
@@ -626,7 +650,7 @@ def test_a_camera_path_file_gives_its_views_back_and_forth(tmp_path):
     fewer than frames; its K where given, else the tracked one scaled to the output size; a
     file that is not such a path is refused, saying what it should hold."""
     from gstalk.avatar.io import load_avatar
-    from gstalk.drive.render import cameras_for
+    from gstalk.avatar.cameras import cameras_for
     from gstalk.errors import FileFormatError, InputError
 
     from tinyavatar import make_avatar
@@ -660,7 +684,7 @@ def test_compiled_field_is_one_graph_and_matches_eager(tmp_path):
     the eager field's outputs; aot_eager checks the capture without a slow C++ build."""
     from gstalk.avatar.io import load_avatar
     from gstalk.avatar.model import Frame
-    from gstalk.drive.render import conditions_for, training_expressions
+    from gstalk.avatar.conditions import conditions_for, training_expressions
 
     from tinyavatar import make_avatar
 
@@ -685,7 +709,7 @@ def test_head_expression_padding_keeps_the_clips_mean_face(tmp_path):
     """A lip model predicts the first few expression coefficients: the rest take the training
     clip's mean (its usual face), or zeros when no fill is given; longer inputs are cut."""
     from gstalk.avatar.io import load_avatar
-    from gstalk.drive.render import head_expr, rest_expr
+    from gstalk.avatar.conditions import head_expr, rest_expr
 
     from tinyavatar import make_avatar
 

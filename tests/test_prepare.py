@@ -8,7 +8,8 @@ from gstalk.errors import FileFormatError, GstalkError, OutputError
 from gstalk.face.regions import FACE_OVAL
 from gstalk.head.standin import photo_landmarks
 from gstalk.io.dataset import Dataset
-from gstalk.prepare import ClipTooShortError, NoFaceError, _follow_subject, _subject_boxes, prepare
+from gstalk.prepare import ClipTooShortError, NoFaceError, prepare
+from gstalk.prepare.common import _follow_subject, _subject_boxes
 from synthclip import make_clip
 
 RES = 128

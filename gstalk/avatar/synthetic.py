@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from gstalk.audio.features import feature_dim
-from gstalk.avatar.model import Avatar, AvatarConfig, concat_sets, init_gaussians, torso_gaussians
+from gstalk.avatar.init import concat_sets, init_gaussians, torso_gaussians
+from gstalk.avatar.model import Avatar, AvatarConfig
 from gstalk.head.flame import STANDIN_PATH, load_head_model
 from gstalk.head.tracker import VIEWMAT
 

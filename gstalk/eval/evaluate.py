@@ -39,12 +39,15 @@ import numpy as np
 import torch
 
 from gstalk.avatar.io import load_avatar
-from gstalk.avatar.model import Frame, render_frame
+from gstalk.avatar.model import Frame
+from gstalk.avatar.render import render_frame
 from gstalk.audio.features import check_speech
-from gstalk.drive.render import (LIP_MODELS, audio_drive, audio_features, cameras_for, frames_iter, head_expr,
-                                 lip_model, plate_background, rest_expr)
+from gstalk.avatar.cameras import cameras_for
+from gstalk.avatar.conditions import (LIP_MODELS, audio_drive, audio_features, frames_iter, head_expr, lip_model,
+                                      plate_background, rest_expr)
 from gstalk.errors import InputError
 from gstalk.eval.sync import sync_score
+from gstalk.render.metrics import psnr, ssim
 from gstalk.face.regions import LIPS, blink_signal, mouth_opening
 from gstalk.head.tracker import load_track
 from gstalk.io.atomic import write_json
@@ -52,16 +55,6 @@ from gstalk.io.dataset import Dataset
 
 Progress = Callable[[str, int, int], None]
 GAIN_METRICS = ("psnr", "face_psnr", "mouth_psnr", "mouth_ssim", "lmd_px512", "blink_error")
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
-    import kornia
-
-    return float(kornia.metrics.ssim(a.permute(2, 0, 1)[None], b.permute(2, 0, 1)[None], 7).mean())
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(-10 * torch.log10(((a - b) ** 2).mean().clamp_min(1e-10)))
 
 
 def _nanmean(v: np.ndarray) -> float:

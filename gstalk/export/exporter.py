@@ -15,7 +15,7 @@ Geometry (the tracked head mesh)
 
 Splat formats are written in ``--axes`` (default ``rdf``, the axes splat viewers expect;
 ``rub`` keeps gstalk's), meshes always in gstalk's axes, which are glTF's. See
-``gstalk/export/axes.py`` and docs/export.md.
+``gstalk/gaussians/axes.py`` and docs/export.md.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import torch
 
 from gstalk.errors import AT_LEAST_0, InputError, check_value
 from gstalk.gaussians.ply import save_ply
-from gstalk.gaussians.set import GaussianSet, GaussianTensors
+from gstalk.gaussians.set import GaussianTensors, splat_colors, to_gaussian_set
+from gstalk.render.project import covariances
 from gstalk.io.atomic import ensure_dir, write_json
 
 STATIC = ("ply", "splat", "compressed-ply")
@@ -42,14 +43,6 @@ SEQUENCE_FORMAT = "gstalk-splat-sequence"
 Progress = Callable[[str, int, int], None]
 
 
-def to_gaussian_set(g: GaussianTensors) -> GaussianSet:
-    """Activated Gaussians (a posed frame) back to raw PLY parameters."""
-    op = g.opacities.detach().double().clamp(1e-7, 1 - 1e-7)
-    return GaussianSet(g.means.detach().cpu().float(), g.quats.detach().cpu().float(),
-                       torch.log(g.scales.detach().clamp_min(1e-12)).cpu().float(),
-                       torch.log(op / (1 - op)).float().cpu(), g.colors.detach().cpu().float())
-
-
 def canonical_gaussians(av) -> GaussianTensors:
     """The avatar at its identity, rest pose, neutral expression, at the origin, undeformed."""
     from gstalk.avatar.model import Frame
@@ -57,21 +50,6 @@ def canonical_gaussians(av) -> GaussianTensors:
 
     with torch.no_grad():
         return av.gaussians_at(Frame(FlameParams(shape=av.shape[None]), deform=False))[0]
-
-
-def covariances(g: GaussianTensors) -> np.ndarray:
-    from gstalk.render.project import covariance_3d
-
-    return covariance_3d(g.quats.detach(), g.scales.detach()).cpu().numpy().astype(np.float32)
-
-
-def splat_colors(g: GaussianTensors) -> np.ndarray:
-    """[N, 3] RGB in [0, 1] for splat viewers that take one colour a Gaussian: plain colours
-    [N, 3] as they are (:func:`gstalk.avatar.model.other_view`), else the SH's DC."""
-    from gstalk.gaussians.set import SH_C0
-
-    rgb = g.colors if g.colors.dim() == 2 else g.colors[:, 0] * SH_C0 + 0.5
-    return rgb.detach().clamp(0, 1).cpu().numpy()
 
 
 @dataclass
@@ -149,8 +127,8 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
            deform: bool = True, device: str = "auto", progress: Progress | None = None) -> ExportResult:
     from gstalk.avatar.io import load_avatar
     from gstalk.config import resolve_device
-    from gstalk.drive.render import conditions_for, load_driver, posed_iter, training_expressions
-    from gstalk.export.axes import AXES, convert_axes
+    from gstalk.avatar.conditions import conditions_for, load_driver, posed_iter, training_expressions
+    from gstalk.gaussians.axes import AXES, convert_axes
     from gstalk.export.mesh import mesh_vertices, write_glb, write_mesh_sequence
     from gstalk.export.splats import write_compressed_ply, write_splat
     from gstalk.io.video import write_wav
@@ -216,7 +194,7 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
 
     if "viser" in formats:
         def viser_frames():
-            from gstalk.avatar.model import other_view
+            from gstalk.avatar.views import other_view
 
             for g in posed_iter(av, cond, deform):
                 rgb = other_view(av, g).colors  # the colours the training camera saw
@@ -244,4 +222,4 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
 
 
 __all__ = ["ANIMATED", "FORMATS", "GEOMETRY", "STATIC", "ExportResult", "canonical_gaussians", "export",
-           "to_gaussian_set", "write_viser_recording"]
+           "write_viser_recording"]

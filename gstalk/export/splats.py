@@ -45,9 +45,10 @@ CHUNK_PROPS = ["min_x", "min_y", "min_z", "max_x", "max_y", "max_z",
 VERTEX_PROPS = ["packed_position", "packed_rotation", "packed_scale", "packed_color"]
 
 
-def _arrays(g: GaussianSet) -> dict[str, np.ndarray]:
+def _arrays(g: GaussianSet, what: str) -> dict[str, np.ndarray]:
     if len(g) == 0:
         raise InputError("there are no Gaussians to export")
+    g.check_finite(what)
     q = g.quats.detach().cpu().double()
     q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return {
@@ -66,7 +67,7 @@ def _u8(x: np.ndarray) -> np.ndarray:
 
 def write_splat(g: GaussianSet, path: str | os.PathLike) -> Path:
     """Write ``g`` as a ``.splat`` file (32 bytes a splat), atomically."""
-    a = _arrays(g)
+    a = _arrays(g, str(path))
     n = a["means"].shape[0]
     rec = np.zeros(n, SPLAT_DTYPE)
     rec["position"] = a["means"]
@@ -124,7 +125,7 @@ def _pack_rotation(q: np.ndarray) -> np.ndarray:
 
 def write_compressed_ply(g: GaussianSet, path: str | os.PathLike) -> Path:
     """Write ``g`` as a PlayCanvas compressed PLY (16 bytes a splat + SH bytes), atomically."""
-    a = _arrays(g)
+    a = _arrays(g, str(path))
     order = _morton_order(a["means"])
     a = {k: v[order] for k, v in a.items()}
     n = a["means"].shape[0]

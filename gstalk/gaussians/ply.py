@@ -47,6 +47,7 @@ def _np(t: torch.Tensor, dtype) -> np.ndarray:
 def save_ply(gaussians: GaussianSet, path: str | os.PathLike) -> Path:
     """Write ``gaussians`` to ``path`` atomically (float values stored as float32)."""
     g = gaussians
+    g.check_finite(str(path))
     n = len(g)
     k = g.sh.shape[1]
     cols: list[tuple[str, np.ndarray]] = []

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Iterator, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -144,6 +145,16 @@ class GaussianSet:
             extra={k: conv(v) for k, v in self.extra.items()},
         )
 
+    def check_finite(self, what: str) -> None:
+        """Refuse Gaussians with NaN or infinite parameters (a diverged fit, a damaged file),
+        saying how many, for ``what`` (the file being written)."""
+        bad = torch.zeros(len(self), dtype=torch.bool, device=self.means.device)
+        for t in (self.means, self.quats, self.log_scales, self.opacity_logits[:, None], self.sh.flatten(1)):
+            bad |= ~torch.isfinite(t.detach()).all(-1)
+        if bool(bad.any()):
+            raise InputError(f"{int(bad.sum())} of the {len(self)} Gaussians for {what} hold NaN or infinite values "
+                             "(a diverged fit or a damaged file); nothing was written")
+
     def subset(self, index: Tensor) -> "GaussianSet":
         """The Gaussians picked by a boolean mask or an index tensor (bindings kept)."""
         return GaussianSet(
@@ -192,7 +203,8 @@ class GaussianSet:
         sh = torch.zeros(n, num_sh_bases(sh_degree), 3, dtype=dtype, device=points.device)
         sh[:, 0] = rgb_to_sh(colors.to(dtype))
         scale_t = torch.as_tensor(scale, dtype=dtype, device=points.device)
-        log_scales = torch.log(scale_t).expand(n, 3).clone() if scale_t.dim() == 0 else torch.log(scale_t).reshape(n, -1).expand(n, 3).clone()
+        log_s = torch.log(scale_t)
+        log_scales = (log_s.expand(n, 3) if scale_t.dim() == 0 else log_s.reshape(n, -1).expand(n, 3)).clone()
         quats = torch.zeros(n, 4, dtype=dtype, device=points.device)
         quats[:, 0] = 1.0
         p = min(max(opacity, 1e-6), 1 - 1e-6)
@@ -214,3 +226,18 @@ class GaussianSet:
         sh = torch.randn(n, num_sh_bases(sh_degree), 3, generator=g, dtype=dtype) * 0.3
         sh[:, 0] = torch.randn(n, 3, generator=g, dtype=dtype)
         return cls(means=means, quats=quats, log_scales=log_scales, opacity_logits=opacity_logits, sh=sh)
+
+
+def to_gaussian_set(g: GaussianTensors) -> GaussianSet:
+    """Activated Gaussians (a posed frame) back to raw PLY parameters."""
+    op = g.opacities.detach().double().clamp(1e-7, 1 - 1e-7)
+    return GaussianSet(g.means.detach().cpu().float(), g.quats.detach().cpu().float(),
+                       torch.log(g.scales.detach().clamp_min(1e-12)).cpu().float(),
+                       torch.log(op / (1 - op)).float().cpu(), g.colors.detach().cpu().float())
+
+
+def splat_colors(g: GaussianTensors) -> np.ndarray:
+    """[N, 3] RGB in [0, 1] for splat viewers that take one colour a Gaussian: plain colours
+    [N, 3] as they are (:func:`gstalk.avatar.views.other_view`), else the SH's DC."""
+    rgb = g.colors if g.colors.dim() == 2 else g.colors[:, 0] * SH_C0 + 0.5
+    return rgb.detach().clamp(0, 1).cpu().numpy()

@@ -14,34 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from kornia.geometry.conversions import axis_angle_to_rotation_matrix, rotation_matrix_to_axis_angle
 from torch import Tensor
 
 from gstalk.head.flame import HeadModel
 
 
-def axis_angle_to_matrix(aa: Tensor) -> Tensor:
-    """[..., 3] axis-angle to [..., 3, 3] rotation (Rodrigues), smooth at zero."""
-    theta2 = (aa * aa).sum(-1, keepdim=True)
-    theta = torch.sqrt(theta2 + 1e-16)
-    small = theta2 < 1e-8
-    # sin(t)/t and (1-cos(t))/t^2 with Taylor series near zero
-    a = torch.where(small, 1 - theta2 / 6, torch.sin(theta) / theta)
-    b = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / (theta2 + 1e-16))
-    x, y, z = aa.unbind(-1)
-    zero = torch.zeros_like(x)
-    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(aa.shape[:-1] + (3, 3))
-    eye = torch.eye(3, dtype=aa.dtype, device=aa.device).expand_as(k)
-    return eye + a[..., None] * k + b[..., None] * (k @ k)
-
-
-def matrix_to_axis_angle(r: Tensor) -> Tensor:
-    """[..., 3, 3] rotation to [..., 3] axis-angle (angles below pi)."""
-    cos = ((r[..., 0, 0] + r[..., 1, 1] + r[..., 2, 2]) - 1) / 2
-    angle = torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
-    v = torch.stack([r[..., 2, 1] - r[..., 1, 2], r[..., 0, 2] - r[..., 2, 0], r[..., 1, 0] - r[..., 0, 1]], -1)
-    s = torch.sin(angle)
-    scale = torch.where(s.abs() < 1e-6, 0.5 + angle**2 / 12, angle / (2 * s))
-    return v * scale[..., None]
+# Rodrigues' formula and its inverse, smooth at zero: kornia's (tests/test_head.py checks them)
+axis_angle_to_matrix = axis_angle_to_rotation_matrix  # [..., 3] -> [..., 3, 3]
+matrix_to_axis_angle = rotation_matrix_to_axis_angle  # [..., 3, 3] -> [..., 3], angles below pi
 
 
 @dataclass

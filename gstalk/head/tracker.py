@@ -232,47 +232,16 @@ def mask_distances(person, n: int, size: int = 128) -> tuple[np.ndarray, np.ndar
     return out, found
 
 
-def fit_landmarks(lmk2d: np.ndarray, valid: np.ndarray, width: int, height: int, model: HeadModel,
-                  emb: LandmarkEmbedding, opts: TrackOptions | None = None, progress: Progress | None = None,
-                  device: str | torch.device = "cpu", focal: float | None = None, fps: float = 25.0,
-                  person_masks=None) -> Track:
-    """Fit FLAME parameters to a landmark track ``lmk2d`` [T, >=478, 2] (pixels); with
-    ``person_masks`` (``person_masks(t)`` -> [H, W] bool, same pixels, or a [T, H, W] array),
-    refine against them (stage 4).
-
-    The stages over every frame step on the whole clip's loss, but compute its landmark and
-    silhouette terms :data:`CHUNK` frames at a time (gradients accumulated), so that memory
-    does not grow with the clip; the result is the full-batch one."""
-    opts = opts or TrackOptions()
-    prog = progress or (lambda s, i, n: None)
-    T = lmk2d.shape[0]
-    valid = np.asarray(valid, bool) & np.isfinite(lmk2d[..., :2]).all(axis=(1, 2))
-    if T == 0:
-        raise TrackingError("no frames to track")
-    if valid.mean() < 0.5:
-        raise TrackingError(f"landmarks are missing in {100 * (1 - valid.mean()):.0f}% of frames; tracking needs a "
-                            "face in most frames (re-run prepare on a clip where the face stays in view)")
-    dev = torch.device(device)
-    model = model.to(dev)
-    fit = _Fitter(model, emb, lmk2d, valid, width, height, opts, dev)
-    ns, ne = model.n_shape, model.n_expr
-    all_frames = torch.arange(T, device=dev)
-    z = lambda *s: torch.zeros(*s, device=dev)  # noqa: E731
-
-    # --- focal length: the landmark error after a rigid + identity fit on a few frames is
-    # lowest near the true focal (perspective shows as the head turns); search it on a grid
-    fixed_focal = focal is not None
-    if focal is None and opts.focal_search:
-        focal = _search_focal(lmk2d, valid, width, height, model, emb, opts, prog)  # a start, refined below
-
-    # --- initial rigid guess from landmark scale and centre
-    f0 = focal if focal is not None else height / (2 * math.tan(math.radians(opts.init_fov_deg) / 2))
+def _initial_head(fit: "_Fitter", emb: LandmarkEmbedding, valid: np.ndarray, f0: float,
+                  n_shape: int) -> tuple[np.ndarray, np.ndarray]:
+    """A first guess of where the head is in each frame, from the landmarks' scale (the eye
+    corners' distance) and centre: (uv [T, 2], the pixel the head origin projects to; depth [T])."""
     with torch.no_grad():
-        neutral = fit.landmarks3d(FlameParams(shape=z(1, ns)))[0]  # [L, 3]
+        neutral = fit.landmarks3d(FlameParams(shape=torch.zeros(1, n_shape, device=fit.dev)))[0]  # [L, 3]
     tgt = fit.target.cpu().numpy()
-    idx = emb.landmark_indices.numpy()
+    idx = list(emb.landmark_indices.numpy())
     try:
-        a, b = list(idx).index(33), list(idx).index(263)
+        a, b = idx.index(33), idx.index(263)
         span_model = float((neutral[a] - neutral[b]).norm())
         span_img = np.linalg.norm(tgt[:, a] - tgt[:, b], axis=-1)
     except ValueError:  # embedding without eye corners: use the landmark spread
@@ -285,148 +254,208 @@ def fit_landmarks(lmk2d: np.ndarray, valid: np.ndarray, width: int, height: int,
     ty = -(centre[:, 1] - fit.cy) * depth / f0
     nc = neutral.mean(0).cpu().numpy()
     trans0 = np.stack([tx - nc[0], ty - nc[1], -depth - nc[2]], 1)
-    # translation in image terms: where the head origin projects (pixels) and depth/focal.
-    # Changing the focal length then changes only the perspective, not the image position
-    # or size, which decouples the weakly observed focal from the rest.
     d0 = -trans0[:, 2]
-    uv0 = np.stack([fit.cx + f0 * trans0[:, 0] / d0, fit.cy - f0 * trans0[:, 1] / d0], 1)
+    return np.stack([fit.cx + f0 * trans0[:, 0] / d0, fit.cy - f0 * trans0[:, 1] / d0], 1), d0
 
-    log_f = torch.tensor(math.log(f0), device=dev, requires_grad=not fixed_focal)
-    rot = z(T, 3).requires_grad_(True)
-    head_uv = torch.as_tensor(uv0, dtype=torch.float32, device=dev).clone().requires_grad_(True)
-    log_s = torch.as_tensor(np.log(d0 / f0), dtype=torch.float32, device=dev).clone().requires_grad_(True)
 
-    f_lo = math.log(height / (2 * math.tan(math.radians(opts.max_fov_deg) / 2)))
-    f_hi = math.log(height / (2 * math.tan(math.radians(opts.min_fov_deg) / 2)))
+class _Unknowns:
+    """What tracking solves for: one identity and focal length, and per frame the head's pose,
+    expression, jaw, neck, eyes and eyelids. The translation is kept in image terms (where the
+    head origin projects, in pixels, and depth over focal), so that changing the weakly
+    observed focal length changes only the perspective, not the head's place or size."""
 
-    def focal_px():
-        return log_f.clamp(f_lo, f_hi).exp()
+    def __init__(self, fit: "_Fitter", model: HeadModel, T: int, uv0: np.ndarray, d0: np.ndarray, f0: float,
+                 fixed_focal: bool, opts: TrackOptions, height: int):
+        dev = fit.dev
+        z = lambda *s: torch.zeros(*s, device=dev).requires_grad_(True)  # noqa: E731
+        self.fit, self.model = fit, model
+        self.log_f = torch.tensor(math.log(f0), device=dev, requires_grad=not fixed_focal)
+        self.f_prior = math.log(f0)
+        self.fixed_focal = fixed_focal
+        self.f_lo = math.log(height / (2 * math.tan(math.radians(opts.max_fov_deg) / 2)))
+        self.f_hi = math.log(height / (2 * math.tan(math.radians(opts.min_fov_deg) / 2)))
+        self.rot = z(T, 3)
+        self.head_uv = torch.as_tensor(uv0, dtype=torch.float32, device=dev).clone().requires_grad_(True)
+        self.log_s = torch.as_tensor(np.log(d0 / f0), dtype=torch.float32, device=dev).clone().requires_grad_(True)
+        self.shape, self.expr, self.jaw = z(1, model.n_shape), z(T, model.n_expr), z(T, 3)
+        self.neck, self.eyes, self.lids = z(T, 3), z(T, 6), z(T, 2)
 
-    def translation(frames):
-        s_ = log_s[frames].exp()
-        f_ = focal_px()
-        uv = head_uv[frames]
-        return torch.stack([(uv[:, 0] - fit.cx) * s_, -(uv[:, 1] - fit.cy) * s_, -f_ * s_], -1)
-    shape = z(1, ns).requires_grad_(True)
-    expr = z(T, ne).requires_grad_(True)
-    jaw = z(T, 3).requires_grad_(True)
-    neck = z(T, 3).requires_grad_(True)
-    eyes = z(T, 6).requires_grad_(True)
-    lids = z(T, 2).requires_grad_(True)
-    f_prior = math.log(f0)
+    def focal_px(self) -> torch.Tensor:
+        return self.log_f.clamp(self.f_lo, self.f_hi).exp()
 
-    def params(frames, with_expr=True):
+    def focal_group(self) -> list[dict]:
+        return [] if self.fixed_focal else [{"params": [self.log_f], "lr": 0.03}]
+
+    def focal_prior(self, opts: TrackOptions) -> torch.Tensor:
+        return opts.w_focal_prior * (self.log_f - self.f_prior) ** 2
+
+    def translation(self, frames) -> torch.Tensor:
+        s_, f_, uv = self.log_s[frames].exp(), self.focal_px(), self.head_uv[frames]
+        return torch.stack([(uv[:, 0] - self.fit.cx) * s_, -(uv[:, 1] - self.fit.cy) * s_, -f_ * s_], -1)
+
+    def params(self, frames, with_expr: bool = True) -> FlameParams:
         n = len(frames)
-        return FlameParams(shape=shape.expand(n, -1), expr=expr[frames] if with_expr else None,
-                           jaw=jaw[frames] if with_expr else None, neck=neck[frames] if with_expr else None,
-                           eyes=eyes[frames] if with_expr else None,
-                           eyelids=lids[frames] if (with_expr and model.eyelids is not None) else None,
-                           global_rot=rot[frames], translation=translation(frames))
+        e = lambda t: t[frames] if with_expr else None  # noqa: E731
+        return FlameParams(shape=self.shape.expand(n, -1), expr=e(self.expr), jaw=e(self.jaw), neck=e(self.neck),
+                           eyes=e(self.eyes), eyelids=e(self.lids) if self.model.eyelids is not None else None,
+                           global_rot=self.rot[frames], translation=self.translation(frames))
 
-    def run(stage: str, iters: int, groups: list[dict], loss_fn, chunk_fn=None):
-        """Adam on ``loss_fn()`` (the terms over all of the parameters) plus, where given, the
-        sum over chunks of frames of ``chunk_fn(frames)`` (each chunk's backward pass run
-        before the next is computed)."""
-        if iters <= 0:
-            return
-        opt = torch.optim.Adam(groups)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters, eta_min=0.05 * groups[0]["lr"])
-        chunks = torch.split(all_frames, CHUNK) if chunk_fn is not None else ()
-        for i in range(iters):
-            opt.zero_grad()
-            for frames in chunks:
-                chunk_fn(frames).backward()
-            loss_fn().backward()
-            opt.step()
-            sched.step()
-            if i % 10 == 0 or i == iters - 1:
-                prog(stage, i + 1, iters)
+    def smoothness(self) -> torch.Tensor:
+        """Temporal smoothness of everything per frame (stage 3 on)."""
+        return (0.2 * _smooth(self.expr) + _smooth(self.jaw) * 10 + _smooth(self.neck) * 10 + _smooth(self.eyes)
+                + _smooth(self.lids) + _smooth(self.rot) * 10 + _smooth(self.head_uv) * 1e-3
+                + _smooth(self.log_s[:, None]) * 100)
 
-    focal_group = [] if fixed_focal else [{"params": [log_f], "lr": 0.03}]
+    def priors(self, opts: TrackOptions) -> torch.Tensor:
+        """The pull of every per-frame parameter towards neutral (stage 3 on)."""
+        sq = lambda t: (t**2).sum(-1).mean()  # noqa: E731
+        return (opts.w_expr * sq(self.expr) + opts.w_jaw * sq(self.jaw) + opts.w_neck * sq(self.neck)
+                + opts.w_eyes * sq(self.eyes) + opts.w_shape * (self.shape**2).sum() + opts.w_expr * sq(self.lids))
 
+
+def _run(stage: str, iters: int, groups: list[dict], loss_fn, chunk_fn, frames: torch.Tensor, prog) -> None:
+    """Adam on ``loss_fn()`` (the terms over all of the parameters) plus, where given, the sum
+    over chunks of ``frames`` of ``chunk_fn(chunk)`` (each chunk's backward pass run before
+    the next is computed: memory of :data:`CHUNK` frames)."""
+    if iters <= 0:
+        return
+    opt = torch.optim.Adam(groups)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters, eta_min=0.05 * groups[0]["lr"])
+    chunks = torch.split(frames, CHUNK) if chunk_fn is not None else ()
+    for i in range(iters):
+        opt.zero_grad()
+        for f in chunks:
+            chunk_fn(f).backward()
+        loss_fn().backward()
+        opt.step()
+        sched.step()
+        if i % 10 == 0 or i == iters - 1:
+            prog(stage, i + 1, iters)
+
+
+def _keyframes(u: _Unknowns, valid: np.ndarray, k: int, dev) -> torch.Tensor:
+    """Frames that fix the identity: spread evenly over the clip, and the most turned quarter."""
+    vidx = np.flatnonzero(valid)
+    k = min(k, len(vidx))
+    pose_mag = u.rot.detach().norm(dim=-1).cpu().numpy()[vidx]
+    even = vidx[np.linspace(0, len(vidx) - 1, max(k - k // 4, 1)).round().astype(int)]
+    extreme = vidx[np.argsort(-pose_mag)[: k // 4]]
+    return torch.as_tensor(np.unique(np.concatenate([even, extreme])), device=dev)
+
+
+def _silhouette_term(u: _Unknowns, model: HeadModel, emb: LandmarkEmbedding, person_masks, valid: np.ndarray,
+                     width: int, height: int, dev):
+    """chunk -> the squared distance outside the person masks of the head's silhouette
+    vertices, the chunk's share of the clip's term (masks read one frame at a time)."""
+    T = len(valid)
+    masks = person_masks if callable(person_masks) else (lambda t: person_masks[t])
+    dist_maps, found = mask_distances(masks, T)
+    dmap = torch.as_tensor(dist_maps, device=dev)[:, None]  # [T, 1, s, s] float16
+    sil_v = silhouette_vertices(model, emb).to(dev)
+    has_mask = torch.as_tensor(found & valid, device=dev).float()
+    n_mask = float(has_mask.sum().clamp_min(1))
+
+    def term(frames):
+        v = flame_forward(model, u.params(frames), vertex_ids=sil_v).vertices
+        uv = u.fit.project(v, u.focal_px())
+        grid = torch.stack([uv[..., 0] / width * 2 - 1, uv[..., 1] / height * 2 - 1], -1)[:, None]  # [B,1,V,2]
+        d = torch.nn.functional.grid_sample(dmap[frames].float(), grid, mode="bilinear", padding_mode="border",
+                                            align_corners=False)[:, 0, 0]  # [B, V], 1/256 of the height
+        return ((d ** 2).mean(-1) * has_mask[frames]).sum() / n_mask
+
+    return term
+
+
+def fit_landmarks(lmk2d: np.ndarray, valid: np.ndarray, width: int, height: int, model: HeadModel,
+                  emb: LandmarkEmbedding, opts: TrackOptions | None = None, progress: Progress | None = None,
+                  device: str | torch.device = "cpu", focal: float | None = None, fps: float = 25.0,
+                  person_masks=None) -> Track:
+    """Fit FLAME parameters to a landmark track ``lmk2d`` [T, >=478, 2] (pixels); with
+    ``person_masks`` (``person_masks(t)`` -> [H, W] bool, same pixels, or a [T, H, W] array),
+    refine against them (stage 4).
+
+    Stages: the focal length's search (:func:`_search_focal`), then 1 rigid (every frame's
+    pose on the neutral head), 2 identity (on keyframes), 3 every frame's pose, expression,
+    jaw, neck, eyes and eyelids, smooth in time, 4 the silhouette. The stages over every frame
+    step on the whole clip's loss, but compute its landmark and silhouette terms
+    :data:`CHUNK` frames at a time (gradients accumulated), so that memory does not grow
+    with the clip; the result is the full-batch one."""
+    opts = opts or TrackOptions()
+    prog = progress or (lambda s, i, n: None)
+    T = lmk2d.shape[0]
+    valid = np.asarray(valid, bool) & np.isfinite(lmk2d[..., :2]).all(axis=(1, 2))
+    if T == 0:
+        raise TrackingError("no frames to track")
+    if valid.mean() < 0.5:
+        raise TrackingError(f"landmarks are missing in {100 * (1 - valid.mean()):.0f}% of frames; tracking needs a "
+                            "face in most frames (re-run prepare on a clip where the face stays in view)")
+    dev = torch.device(device)
+    model = model.to(dev)
+    fit = _Fitter(model, emb, lmk2d, valid, width, height, opts, dev)
+    all_frames = torch.arange(T, device=dev)
+    # the landmark error after a rigid + identity fit on a few frames is lowest near the true
+    # focal (perspective shows as the head turns): search it on a grid, refine it below
+    fixed_focal = focal is not None
+    if focal is None and opts.focal_search:
+        focal = _search_focal(lmk2d, valid, width, height, model, emb, opts, prog)
+    f0 = focal if focal is not None else height / (2 * math.tan(math.radians(opts.init_fov_deg) / 2))
+    uv0, d0 = _initial_head(fit, emb, valid, f0, model.n_shape)
+    u = _Unknowns(fit, model, T, uv0, d0, f0, fixed_focal, opts, height)
     n_valid = float(valid.sum())
 
     def landmarks(frames, with_expr=True):  # a chunk's share of the clip's landmark term
-        return fit.data_term(params(frames, with_expr), focal_px(), frames, n_valid)[0]
+        return fit.data_term(u.params(frames, with_expr), u.focal_px(), frames, n_valid)[0]
 
-    # --- stage 1: rigid
-    def loss_rigid():
-        return (opts.w_smooth * (_smooth(rot) + 1e-4 * _smooth(head_uv) + 100 * _smooth(log_s[:, None]))
-                + opts.w_focal_prior * (log_f - f_prior) ** 2)
+    # 1: rigid (the focal is not fitted on the neutral head)
+    _run("rigid", opts.iters_rigid, [{"params": [u.rot], "lr": 0.02}, {"params": [u.head_uv], "lr": 0.5},
+                                     {"params": [u.log_s], "lr": 0.005}],
+         lambda: opts.w_smooth * (_smooth(u.rot) + 1e-4 * _smooth(u.head_uv) + 100 * _smooth(u.log_s[:, None]))
+         + u.focal_prior(opts), lambda f: landmarks(f, with_expr=False), all_frames, prog)
 
-    run("rigid", opts.iters_rigid, [{"params": [rot], "lr": 0.02}, {"params": [head_uv], "lr": 0.5},
-                                    {"params": [log_s], "lr": 0.005}], loss_rigid,  # focal: not on the neutral head
-        lambda frames: landmarks(frames, with_expr=False))
-
-    # --- stage 2: identity over keyframes
-    vidx = np.flatnonzero(valid)
-    k = min(opts.keyframes, len(vidx))
-    pose_mag = rot.detach().norm(dim=-1).cpu().numpy()[vidx]
-    even = vidx[np.linspace(0, len(vidx) - 1, max(k - k // 4, 1)).round().astype(int)]
-    extreme = vidx[np.argsort(-pose_mag)[: k // 4]]
-    keys = torch.as_tensor(np.unique(np.concatenate([even, extreme])), device=dev)
+    # 2: identity over keyframes
+    keys = _keyframes(u, valid, opts.keyframes, dev)
 
     def loss_shape():
-        d, _ = fit.data_term(params(keys), focal_px(), keys)
-        reg = (opts.w_shape * (shape**2).sum() + opts.w_expr * (expr[keys] ** 2).sum(-1).mean()
-               + opts.w_jaw * (jaw[keys] ** 2).sum(-1).mean() + opts.w_neck * (neck[keys] ** 2).sum(-1).mean())
-        return d + reg + opts.w_focal_prior * (log_f - f_prior) ** 2
+        d, _ = fit.data_term(u.params(keys), u.focal_px(), keys)
+        sq = lambda t: (t[keys] ** 2).sum(-1).mean()  # noqa: E731
+        reg = (opts.w_shape * (u.shape**2).sum() + opts.w_expr * sq(u.expr) + opts.w_jaw * sq(u.jaw)
+               + opts.w_neck * sq(u.neck))
+        return d + reg + u.focal_prior(opts)
 
-    run("identity", opts.iters_shape,
-        [{"params": [shape], "lr": 0.05}, {"params": [expr, jaw], "lr": 0.02},
-         {"params": [rot, neck], "lr": 0.005}, {"params": [head_uv], "lr": 0.2}, {"params": [log_s], "lr": 0.002}]
-        + focal_group, loss_shape)
+    _run("identity", opts.iters_shape,
+         [{"params": [u.shape], "lr": 0.05}, {"params": [u.expr, u.jaw], "lr": 0.02},
+          {"params": [u.rot, u.neck], "lr": 0.005}, {"params": [u.head_uv], "lr": 0.2},
+          {"params": [u.log_s], "lr": 0.002}] + u.focal_group(), loss_shape, None, all_frames, prog)
 
-    # --- stage 3: all frames, everything per frame, smooth in time
+    # 3: all frames, everything per frame, smooth in time
     def loss_all():
-        reg = (opts.w_expr * (expr**2).sum(-1).mean() + opts.w_jaw * (jaw**2).sum(-1).mean()
-               + opts.w_neck * (neck**2).sum(-1).mean() + opts.w_eyes * (eyes**2).sum(-1).mean()
-               + opts.w_shape * (shape**2).sum() + opts.w_expr * (lids**2).sum(-1).mean())
-        sm = (0.2 * _smooth(expr) + _smooth(jaw) * 10 + _smooth(neck) * 10 + _smooth(eyes) + _smooth(lids)
-              + _smooth(rot) * 10 + _smooth(head_uv) * 1e-3 + _smooth(log_s[:, None]) * 100)
-        return reg + opts.w_smooth * sm
+        return u.priors(opts) + opts.w_smooth * u.smoothness()
 
-    run("expression", opts.iters_all,
-        [{"params": [expr, lids], "lr": 0.03}, {"params": [jaw, eyes], "lr": 0.01},
-         {"params": [rot, neck], "lr": 0.003}, {"params": [head_uv], "lr": 0.1}, {"params": [log_s], "lr": 0.001},
-         {"params": [shape], "lr": 0.005}] + focal_group, loss_all, landmarks)
+    _run("expression", opts.iters_all,
+         [{"params": [u.expr, u.lids], "lr": 0.03}, {"params": [u.jaw, u.eyes], "lr": 0.01},
+          {"params": [u.rot, u.neck], "lr": 0.003}, {"params": [u.head_uv], "lr": 0.1},
+          {"params": [u.log_s], "lr": 0.001}, {"params": [u.shape], "lr": 0.005}] + u.focal_group(),
+         loss_all, landmarks, all_frames, prog)
 
-    # --- stage 4: silhouette against the person masks
+    # 4: stage 3's terms plus the silhouette against the person masks
     if person_masks is not None and opts.iters_silhouette > 0:
-        masks = person_masks if callable(person_masks) else (lambda t: person_masks[t])
-        dist_maps, found = mask_distances(masks, T)
-        dmap = torch.as_tensor(dist_maps, device=dev)[:, None]  # [T, 1, s, s] float16
-        sil_v = silhouette_vertices(model, emb).to(dev)
-        wsil = opts.w_silhouette
-        has_mask = torch.as_tensor(found & valid, device=dev).float()
-        n_mask = float(has_mask.sum().clamp_min(1))
-
-        def outside(frames):
-            v = flame_forward(model, params(frames), vertex_ids=sil_v).vertices
-            uv = fit.project(v, focal_px())
-            grid = torch.stack([uv[..., 0] / width * 2 - 1, uv[..., 1] / height * 2 - 1], -1)[:, None]  # [B,1,V,2]
-            d = torch.nn.functional.grid_sample(dmap[frames].float(), grid, mode="bilinear", padding_mode="border",
-                                                align_corners=False)[:, 0, 0]  # [B, V], 1/256 of the height
-            return d
-
-        def chunk_sil(frames):  # stage 3's landmarks, plus the silhouette
-            sil = ((outside(frames) ** 2).mean(-1) * has_mask[frames]).sum() / n_mask
-            return landmarks(frames) + wsil * sil
-
-        run("silhouette", opts.iters_silhouette,
-            [{"params": [shape], "lr": 0.01}, {"params": [expr, jaw], "lr": 0.005},
-             {"params": [rot, neck], "lr": 0.002}, {"params": [head_uv], "lr": 0.05},
-             {"params": [log_s], "lr": 0.001}], loss_all, chunk_sil)
+        sil = _silhouette_term(u, model, emb, person_masks, valid, width, height, dev)
+        _run("silhouette", opts.iters_silhouette,
+             [{"params": [u.shape], "lr": 0.01}, {"params": [u.expr, u.jaw], "lr": 0.005},
+              {"params": [u.rot, u.neck], "lr": 0.002}, {"params": [u.head_uv], "lr": 0.05},
+              {"params": [u.log_s], "lr": 0.001}], loss_all,
+             lambda f: landmarks(f) + opts.w_silhouette * sil(f), all_frames, prog)
 
     with torch.no_grad():
-        dist = torch.cat([fit.data_term(params(f), focal_px(), f)[1] for f in torch.split(all_frames, CHUNK)])
-        fval = float(focal_px())
+        dist = torch.cat([fit.data_term(u.params(f), u.focal_px(), f)[1] for f in torch.split(all_frames, CHUNK)])
+        fval = float(u.focal_px())
     K = np.array([[fval, 0, fit.cx], [0, fval, fit.cy], [0, 0, 1]], np.float32)
     c = lambda t: t.detach().cpu().numpy().astype(np.float32)  # noqa: E731
-    return Track(shape=c(shape[0]), expr=c(expr), jaw=c(jaw), neck=c(neck), eyes=c(eyes), eyelids=c(lids),
-                 global_rot=c(rot), translation=c(translation(all_frames)), K=K, viewmat=VIEWMAT.astype(np.float32), width=width,
-                 height=height, valid=valid, residual_px=np.where(valid, c(dist), np.nan).astype(np.float32),
-                 model=model.reference(), embedding_source=emb.source, fps=fps)
+    return Track(shape=c(u.shape[0]), expr=c(u.expr), jaw=c(u.jaw), neck=c(u.neck), eyes=c(u.eyes),
+                 eyelids=c(u.lids), global_rot=c(u.rot), translation=c(u.translation(all_frames)), K=K,
+                 viewmat=VIEWMAT.astype(np.float32), width=width, height=height, valid=valid,
+                 residual_px=np.where(valid, c(dist), np.nan).astype(np.float32), model=model.reference(),
+                 embedding_source=emb.source, fps=fps)
 
 
 def _search_focal(lmk2d, valid, width, height, model, emb, opts: TrackOptions, prog) -> float:

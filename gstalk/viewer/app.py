@@ -62,7 +62,7 @@ class AvatarViewer:
 
         from gstalk.avatar.io import load_avatar
         from gstalk.config import resolve_device
-        from gstalk.drive.render import training_expressions
+        from gstalk.avatar.conditions import training_expressions
         from gstalk.io.media import check_size
 
         if render not in ("browser", "server"):
@@ -115,7 +115,7 @@ class AvatarViewer:
 
     # ------------------------------------------------------------------ driving sequence
     def _rebuild(self, audio: np.ndarray | None) -> None:
-        from gstalk.drive.render import conditions_for
+        from gstalk.avatar.conditions import conditions_for
 
         if audio is None:
             n = len(self.motion["jaw"])
@@ -187,8 +187,9 @@ class AvatarViewer:
         return torch.as_tensor(pos, device=self.dev)[None]
 
     def _splat_arrays(self, g):
-        from gstalk.avatar.model import fill_weight, other_view
-        from gstalk.export.exporter import covariances, splat_colors
+        from gstalk.avatar.views import fill_weight, other_view
+        from gstalk.gaussians.set import splat_colors
+        from gstalk.render.project import covariances
 
         centres = g.means.detach().cpu().numpy().astype(np.float32) - self._centre
         # the colours the training camera saw, and the view fill as far as the (first) browser's
@@ -201,7 +202,7 @@ class AvatarViewer:
     def _camera_moved(self, client) -> None:
         """Server renders follow every move; browser splats only need new colours when the
         view fill's weight changes."""
-        from gstalk.avatar.model import fill_weight
+        from gstalk.avatar.views import fill_weight
 
         if self.render_mode == "server":
             self._dirty = True
@@ -230,7 +231,7 @@ class AvatarViewer:
         self._shown = k
 
     def _server_render(self, client, g) -> None:
-        from gstalk.avatar.model import other_view
+        from gstalk.avatar.views import other_view
         from gstalk.gaussians.set import GaussianTensors
         from gstalk.render import Cameras, rasterize
         from gstalk.render.project import quat_to_rotmat
@@ -392,8 +393,8 @@ class AvatarViewer:
 
     # ------------------------------------------------------------------ actions
     def export_frame(self) -> Path:
-        from gstalk.export.axes import convert_axes
-        from gstalk.export.exporter import to_gaussian_set
+        from gstalk.gaussians.axes import convert_axes
+        from gstalk.gaussians.set import to_gaussian_set
         from gstalk.gaussians.ply import save_ply
         from gstalk.io.atomic import ensure_dir
 
@@ -402,8 +403,8 @@ class AvatarViewer:
 
     def render_video(self) -> Path:
         """The current driving sequence from the tracked camera, as an mp4 with its sound."""
-        from gstalk.avatar.model import render_frame
-        from gstalk.drive.render import cameras_for
+        from gstalk.avatar.render import render_frame
+        from gstalk.avatar.cameras import cameras_for
         from gstalk.io.atomic import ensure_dir
         from gstalk.io.media import write_video
 

@@ -1,44 +1,24 @@
-"""``gstalk prepare``: a raw phone clip to a dataset folder (see :mod:`gstalk.io.dataset`).
-
-Stages, each resumable (``progress.json`` records what is done; per-frame outputs are
-written atomically one file at a time, so an interrupted run picks up at the first
-missing frame):
-
-1. scan       decode at a constant rate, find the face in every frame (largest face when
-              there are several), extract the audio aligned to frame 0;
-2. crop       a square head-and-shoulders crop per frame: fixed size, centre smoothed
-              over about a second so it follows slow motion without jitter;
-3. frames     decode again, crop and resize to the working resolution, write JPEGs;
-4. landmarks  478-point face mesh per frame (tracking mode), light temporal smoothing,
-              frames without a face marked invalid (NaN), never filled in;
-5. masks      person segmentation + landmark regions -> label masks; background plate;
-6. signals    blink (eye aspect ratio) and mouth opening per frame;
-7. preview    landmarks and masks drawn over the frames (preview.mp4);
-and last the manifest, whose presence marks a finished dataset.
-"""
+"""What every way of making a dataset folder shares: the resumable stage record, the
+per-frame stages after the frames are in place (landmarks, masks, background plate, signals,
+preview) and the held-out split. :mod:`gstalk.prepare.video` (a phone clip) and
+:mod:`gstalk.prepare.nerf` (a NeRF/3DGS talking-head folder) both end here."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from gstalk import __version__
 from gstalk.config import PrepareOptions
-from gstalk.errors import ABOVE_0, AT_LEAST_0, GstalkError, between, check_ranges
-from gstalk.io.atomic import ensure_dir, write_json
-from gstalk.io.dataset import DATASET_FORMAT, DATASET_VERSION, Dataset, read_image_file, save_npz, write_image_file
-from gstalk.io.media import MAX_FPS, MAX_SIZE
+from gstalk.errors import GstalkError
 from gstalk.face.mediapipe_models import face_area
-from gstalk.face.regions import LABELS
-from gstalk.io.video import iter_frames, probe, read_audio, write_wav
+from gstalk.io.atomic import ensure_dir, write_json
+from gstalk.io.dataset import read_image_file, save_npz, write_image_file
 
 AUDIO_RATE = 16000
+Progress = Callable[[str, int, int], None]
 
 
 class NoFaceError(GstalkError):
@@ -49,17 +29,7 @@ class ClipTooShortError(GstalkError):
     """The clip is too short to build an avatar from."""
 
 
-Progress = Callable[[str, int, int], None]
-
-
-def _fingerprint(clip: Path, opts: PrepareOptions) -> str:
-    st = clip.stat()
-    key = json.dumps({"clip": str(clip.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns,
-                      "opts": asdict(opts)}, sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-class _State:
+class State:
     """progress.json: which stages are finished, for resuming."""
 
     def __init__(self, out: Path, fingerprint: str):
@@ -118,167 +88,6 @@ def _interp_nan(x: np.ndarray) -> np.ndarray:
         ok = np.isfinite(x[:, j])
         out[:, j] = np.interp(t, t[ok], x[ok, j])
     return out
-
-
-def check_options(opts: PrepareOptions, prefix: str = "") -> None:
-    """:class:`InputError` naming the first option no dataset can be made with (its flag with
-    ``prefix``, see :func:`gstalk.errors.check_ranges`)."""
-    check_ranges(opts, {"fps": between(1, MAX_FPS), "resolution": between(32, MAX_SIZE), "crop_scale": ABOVE_0,
-                        "crop_down": between(-1, 1), "holdout": between(0, 0.5), "min_face_fraction": between(0, 1),
-                        "min_seconds": AT_LEAST_0, "smooth_seconds": AT_LEAST_0, "landmark_sigma": AT_LEAST_0,
-                        "jpeg_quality": between(1, 100), "detect_size": between(64, MAX_SIZE)}, prefix=prefix)
-
-
-def prepare(clip: str | Path, out: str | Path, opts: PrepareOptions | None = None,
-            progress: Progress | None = None, log: Callable[[str], None] = print) -> Dataset:
-    """Build the dataset folder ``out`` from ``clip``; resume if ``out`` holds a partial run."""
-    opts = opts or PrepareOptions()
-    clip, out = Path(clip), Path(out)
-    check_options(opts)
-    info = probe(clip)  # raises FileFormatError for missing/corrupt files
-    ensure_dir(out)
-    state = _State(out, _fingerprint(clip, opts))
-    if state.done("signals") and (state.done("preview") or not opts.preview):
-        log(f"{out} is already prepared from this clip with these options: reusing it")
-    elif state.resumed:
-        log(f"resuming the unfinished preparation in {out}")
-    warnings: list[str] = []
-    prog = progress or (lambda stage, i, n: None)
-    t_start = time.perf_counter()
-
-    # ---------------------------------------------------------------- 1. scan
-    if not state.done("scan"):
-        from gstalk.face.mediapipe_models import FaceDetector
-
-        det = FaceDetector()
-        found, counts = [], []
-        est = int(round(info.duration * opts.fps)) if np.isfinite(info.duration) else 0
-        try:
-            for k, img in iter_frames(clip, opts.fps, info):
-                s = opts.detect_size / max(img.shape[:2])
-                small = img
-                if s < 1:
-                    import cv2
-
-                    small = cv2.resize(img, (int(round(img.shape[1] * s)), int(round(img.shape[0] * s))),
-                                       interpolation=cv2.INTER_AREA)
-                else:
-                    s = 1.0
-                faces = det.detect(small)
-                counts.append(len(faces))
-                found.append([[f.x / s, f.y / s, f.w / s, f.h / s, f.score] for f in faces])
-                prog("scan", k + 1, max(est, k + 1))
-        finally:
-            det.close()
-        boxes = _subject_boxes(found)
-        n = len(boxes)
-        duration = n / opts.fps
-        if duration < opts.min_seconds:
-            raise ClipTooShortError(f"{clip} is {duration:.2f} s long; gstalk needs at least {opts.min_seconds:g} s "
-                                    "of video (10 s to 5 min works best)")
-        boxes_a, counts_a = boxes, np.asarray(counts, np.int32)
-        frac = float(np.isfinite(boxes_a[:, 0]).mean())
-        if frac == 0:
-            raise NoFaceError(f"no face was found in {clip}; film one person facing the camera")
-        if frac < opts.min_face_fraction:
-            raise NoFaceError(f"a face was found in only {100 * frac:.0f}% of the frames of {clip} (need "
-                              f"{100 * opts.min_face_fraction:.0f}%); keep the face in view and well lit")
-        multi = float((counts_a > 1).mean())
-        scan_warn = []
-        if multi > 0.05:
-            scan_warn.append(f"several faces in {100 * multi:.0f}% of frames: following the one that fills "
-                             "the picture most over the clip")
-        audio_info = {"present": False, "sample_rate": AUDIO_RATE, "samples": 0}
-        if info.has_audio:
-            audio = read_audio(clip, AUDIO_RATE, start=info.start_time, duration=duration)
-            rms = float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))) if audio is not None and audio.size else 0.0
-            write_wav(out / "audio.wav", audio, AUDIO_RATE)
-            silent = rms < 1e-3
-            audio_info = {"present": True, "sample_rate": AUDIO_RATE, "samples": int(audio.size),
-                          "rms": rms, "silent": silent}
-            if silent:
-                scan_warn.append("the audio track is silent: fine for tracking; an avatar trained on it is driven by "
-                                 "tracked expressions, not speech")
-        else:
-            scan_warn.append("the clip has no audio track: fine for tracking; an avatar trained on it is driven by "
-                             "tracked expressions, not speech")
-        save_npz(out / "scan.npz", boxes=boxes_a, n_faces=counts_a)
-        state.mark("scan", {"num_frames": n, "face_fraction": frac, "audio": audio_info, "warnings": scan_warn,
-                            "source": {"width": info.width, "height": info.height, "rotation": info.rotation,
-                                       "sar": info.sar, "src_fps": info.src_fps, "codec": info.codec,
-                                       "start_time": info.start_time}})
-        for w in scan_warn:
-            log(f"warning: {w}")
-    scan = state.get("scan")
-    warnings += scan["warnings"]
-    n = int(scan["num_frames"])
-    src_w, src_h = scan["source"]["width"], scan["source"]["height"]
-
-    # ---------------------------------------------------------------- 2. crop
-    if not state.done("crop"):
-        with np.load(out / "scan.npz") as z:
-            boxes = z["boxes"]
-        filled = _interp_nan(boxes[:, :4])
-        cx = filled[:, 0] + filled[:, 2] / 2
-        cy = filled[:, 1] + filled[:, 3] / 2
-        face = np.maximum(filled[:, 2], filled[:, 3])
-        size = float(np.median(face)) * opts.crop_scale
-        size = min(size, src_w, src_h)
-        sigma = max(opts.smooth_seconds * opts.fps, 1.0)
-        from scipy.ndimage import gaussian_filter1d
-
-        cx = gaussian_filter1d(cx, sigma, mode="nearest")
-        cy = gaussian_filter1d(cy + opts.crop_down * np.median(face), sigma, mode="nearest")
-        x0 = np.clip(cx - size / 2, 0, src_w - size)
-        y0 = np.clip(cy - size / 2, 0, src_h - size)
-        save_npz(out / "crop.npz", box=np.stack([x0, y0, np.full(n, size)], 1).astype(np.float32))
-        state.mark("crop")
-    with np.load(out / "crop.npz") as z:
-        crop = z["box"]
-
-    # ---------------------------------------------------------------- 3. frames
-    res = opts.resolution
-    fdir = ensure_dir(out / "frames")
-    if not state.done("frames"):
-        import cv2
-
-        first_missing = 0
-        while first_missing < n and (fdir / f"{first_missing:06d}.jpg").is_file():
-            first_missing += 1
-        for k, img in iter_frames(clip, opts.fps, probe(clip), start_frame=first_missing):
-            if k >= n:
-                break
-            x0, y0, s = crop[k]
-            m = np.array([[res / s, 0, -x0 * res / s], [0, res / s, -y0 * res / s]], np.float32)
-            interp = cv2.INTER_AREA if s > res else cv2.INTER_LINEAR
-            frame = cv2.warpAffine(img, m, (res, res), flags=interp, borderMode=cv2.BORDER_REPLICATE)
-            write_image_file(fdir / f"{k:06d}.jpg", frame, opts.jpeg_quality)
-            prog("frames", k + 1, n)
-        missing = [k for k in range(n) if not (fdir / f"{k:06d}.jpg").is_file()]
-        if missing:
-            raise GstalkError(f"{len(missing)} frames could not be decoded the second time (first: {missing[0]}); "
-                              "the clip may be damaged")
-        state.mark("frames")
-
-    # the crop is centred on the subject's face (its landmarks' centre lay within 0.16 of the
-    # crop's size from the middle on every frame of aoc_8s and hill_8s)
-    lmk, valid = finish_dataset(out, n, opts, state, prog, subject=(res / 2, res / 2, 0.3 * res))
-    manifest = {
-        "format": DATASET_FORMAT, "version": DATASET_VERSION, "gstalk_version": __version__,
-        "source": {"path": str(clip.resolve()), **scan["source"]},
-        "fps": opts.fps, "resolution": res, "num_frames": n,
-        "duration": n / opts.fps,
-        "audio": scan["audio"],
-        "split": holdout_split(n, opts.holdout),
-        "face_fraction": scan["face_fraction"],
-        "landmark_fraction": state.get("landmarks")["valid_fraction"],
-        "mask_labels": dict(LABELS),
-        "options": asdict(opts),
-        "warnings": warnings,
-        "prepare_seconds": round(time.perf_counter() - t_start, 2),
-    }
-    write_json(out / "manifest.json", manifest)
-    return Dataset(out)
 
 
 def holdout_split(n: int, holdout: float) -> dict:
@@ -352,7 +161,7 @@ def _follow_subject(faces: list[np.ndarray], last: tuple[float, float, float] | 
     return max(faces, key=face_area) if faces else None
 
 
-def finish_dataset(out: Path, n: int, opts: PrepareOptions, state: "_State", prog: Progress,
+def finish_dataset(out: Path, n: int, opts: PrepareOptions, state: "State", prog: Progress,
                    base_labels: Callable[[int], np.ndarray] | None = None,
                    blink: np.ndarray | None = None,
                    subject: tuple[float, float, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
