@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from gstalk.audio.phones import PhoneTimeline, free_phones, phone_timeline, speech_regions  # noqa: E402
 from gstalk.audio.visemes import VisemeMotion, lip_measures  # noqa: E402
 from gstalk.avatar.io import head_for  # noqa: E402
-from gstalk.avatar.init import mouth_expressions  # noqa: E402
+from gstalk.avatar.init import lip_jacobian, mouth_expressions  # noqa: E402
 from gstalk.eval.bench import device_name  # noqa: E402
 from gstalk.face.regions import LIPS, mouth_opening  # noqa: E402
 from gstalk.head.embedding import load_embedding  # noqa: E402
@@ -82,6 +82,7 @@ def recalibrate(ds_dir: Path, av_dir: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     from gstalk.avatar.io import load_avatar
+    from gstalk.avatar.model import AVATAR_VERSION
     from gstalk.io.atomic import atomic_path, write_json
     from gstalk.train.motion import fit_visemes
 
@@ -89,7 +90,7 @@ def recalibrate(ds_dir: Path, av_dir: Path) -> None:
     nets = av_dir / "networks.safetensors"
     tensors = {k: v for k, v in load_file(str(nets)).items() if not k.startswith("visemes.")}
     cfg = json.loads((av_dir / "config.json").read_text())
-    if cfg["version"] == 7:  # load it without its lip model, which may be another version's
+    if cfg["version"] >= 7:  # load it without its lip model, which may be another version's
         cfg.update(version=6, lip_motion="learned")
         write_json(av_dir / "config.json", cfg)
         with atomic_path(nets) as tmp:
@@ -99,11 +100,14 @@ def recalibrate(ds_dir: Path, av_dir: Path) -> None:
     tl = phone_timeline(ds.audio())
     driven = mouth_expressions(av.head_model, av.shape)
     av.visemes = VisemeMotion(av.cfg.n_expr)
-    lips = fit_visemes(av.visemes, ds, tl, track.jaw, track.expr, ds.train_indices, driven[:av.cfg.n_expr], print)
+    tr = np.asarray(ds.train_indices)
+    lip_map = lip_jacobian(av.head_model, av.shape, track.jaw[tr].mean(0), track.expr[tr].mean(0))
+    lips = fit_visemes(av.visemes, ds, tl, track.jaw, track.expr, ds.train_indices, driven[:av.cfg.n_expr], print,
+                       lip_map=None if lip_map is None else lip_map[:3 + av.cfg.n_expr])
     tensors.update({f"visemes.{k}": v.contiguous() for k, v in av.visemes.state_dict().items()})
     with atomic_path(nets) as tmp:
         save_file(tensors, str(tmp))
-    cfg.update(version=7, lip_motion=lips)
+    cfg.update(version=AVATAR_VERSION, lip_motion=lips)
     write_json(av_dir / "config.json", cfg)
 
 
@@ -197,7 +201,9 @@ class Proxy:
 
     def visemes(self, frames: np.ndarray) -> np.ndarray:
         vm = VisemeMotion(self.head.n_expr)
-        vm.fit(self.timeline, self.fps, self.Y, self.lips, frames, driven=self.driven)
+        lip_map = lip_jacobian(self.head, torch.as_tensor(self.track.shape), self.Y[frames, :3].mean(0),
+                               self.Y[frames, 3:].mean(0))
+        vm.fit(self.timeline, self.fps, self.Y, self.lips, frames, driven=self.driven, lip_map=lip_map)
         jaw, expr = vm(self.timeline, self.T, self.fps)
         return torch.cat([jaw, expr], 1).double().numpy()
 

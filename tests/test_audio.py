@@ -8,7 +8,7 @@ from gstalk.audio.encoder import AudioEncoder, AudioModel, TemporalSmoother
 from gstalk.audio.features import (SilentAudioError, check_speech, compute_features, feature_dim,
                                    load_external_features, viseme_features)
 from gstalk.audio.phones import PhoneTimeline
-from gstalk.audio.visemes import VISEMES
+from gstalk.audio.visemes import PHONE_CLASSES, VISEMES
 from gstalk.errors import FileFormatError, InputError
 
 SR = 16000
@@ -54,7 +54,7 @@ def test_feature_shapes(kind):
 def test_viseme_features_place_the_timelines_phones():
     tl = PhoneTimeline([("P", 0.10, 0.15), ("AA", 0.15, 0.30), ("W", 0.50, 0.62)], 1.0)
     v = viseme_features(tl, 101)
-    assert v.shape == (101, len(VISEMES)) and np.all(v.sum(1) == 1)
+    assert v.shape == (101, len(PHONE_CLASSES)) and np.all(v.sum(1) == 1)
     ids = v.argmax(1)
     assert (ids[10:15] == VISEMES.index("PP")).all() and (ids[15:30] == VISEMES.index("aa")).all()
     assert (ids[50:62] == VISEMES.index("ou")).all() and (ids[:10] == 0).all() and (ids[30:50] == 0).all()

@@ -353,6 +353,40 @@ def test_old_avatar_versions_are_read_or_refused(avatar, tmp_path):
     assert (new.prior_gates()[:, 1:] < 1).any()
 
 
+def test_format_7_viseme_model_loads_without_the_pause_classes(avatar, tmp_path):
+    """Format 7 had no pre- and post-speech classes: its folder loads with the resting mouth's
+    target for them and no windows, and gives the lips of format 8's model with the windows
+    switched off."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gstalk.audio.phones import PhoneTimeline
+    from gstalk.audio.visemes import POST, PRE, SIL
+    from gstalk.avatar.io import load_avatar
+
+    shutil.copytree(avatar, tmp_path / "v7", ignore=shutil.ignore_patterns("eval"))
+    nets = tmp_path / "v7" / "networks.safetensors"
+    tensors = load_file(str(nets))
+    tensors["visemes.targets"] = tensors["visemes.targets"][:PRE].contiguous()
+    tensors.pop("visemes.pre_s")
+    tensors.pop("visemes.post_s")
+    save_file(tensors, str(nets))
+    cfg = json.loads((tmp_path / "v7" / "config.json").read_text())
+    cfg["version"] = 7
+    (tmp_path / "v7" / "config.json").write_text(json.dumps(cfg))
+    old, _ = load_avatar(tmp_path / "v7")
+    new, _ = load_avatar(avatar)
+    assert float(old.visemes.pre_s) == 0.0 == float(old.visemes.post_s)
+    assert torch.equal(old.visemes.targets[PRE], old.visemes.targets[SIL])
+    assert torch.equal(old.visemes.targets[POST], old.visemes.targets[SIL])
+    new.visemes.pre_s.fill_(0.0)
+    new.visemes.post_s.fill_(0.0)
+    tl = PhoneTimeline([("HH", 0.8, 0.9), ("AA", 0.9, 1.1), ("M", 1.1, 1.2), ("AA", 1.2, 1.5)], 2.0, "words")
+    for a, b in zip(old.visemes(tl, 50, 25.0), new.visemes(tl, 50, 25.0)):
+        torch.testing.assert_close(a, b)
+
+
 def test_mouth_crop_camera_sees_the_cut_of_the_full_frame():
     """The mouth-crop loss compares a render through a camera cut from the full one with the
     same cut of the full image: both must show the same pixels."""

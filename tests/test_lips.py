@@ -8,8 +8,8 @@ import torch
 
 import espeak
 from gstalk.audio.phones import PhoneTimeline, phone_timeline
-from gstalk.audio.visemes import (LAGS, PHONE_TO_VISEME, SIL, VISEMES, VisemeMotion, dominance,
-                                  viseme_segments)
+from gstalk.audio.visemes import (LAGS, PHONE_TO_VISEME, POST, PRE, PRE_WINDOWS, SIL, VISEMES, VisemeMotion,
+                                  dominance, viseme_segments)
 from gstalk.errors import InputError
 
 needs_espeak = pytest.mark.skipif(not espeak.available(), reason="needs espeak-ng (Debian package espeak-ng)")
@@ -162,7 +162,8 @@ def test_calibration_recovers_a_speakers_own_visemes_and_lag():
     assert info["table_classes"] == [] and info["phones_vs_opening"] > 0.95
     assert info["gain"] > 0.9 and float(vm.gain) == pytest.approx(info["gain"])  # predictable: full amplitude
     t = vm.targets.numpy()
-    np.testing.assert_allclose(t[:, :4], true[:, :4], atol=0.15)
+    assert float(vm.pre_s) == 0.0 == float(vm.post_s)  # nothing of its own before or after speech
+    np.testing.assert_allclose(t[:PRE, :4], true[:PRE, :4], atol=0.15)
     np.testing.assert_allclose(t[:, 4], y[frames, 4].mean(), atol=1e-9)  # not driven: the clip's mean
     jaw, expr = vm(tl, n, fps)
     held = np.arange(int(0.8 * n), n)
@@ -238,3 +239,89 @@ def test_fit_warns_when_the_clips_phones_barely_follow_its_mouth(monkeypatch):
         vm = VisemeMotion(2)
         vm.fit(tl, fps, np.concatenate([jaw, np.zeros((n, 2))], 1), lips, np.arange(n))
         assert (float(vm.gain) < 0.5) if warned else (float(vm.gain) > 0.9), float(vm.gain)
+
+
+def test_calibration_weighs_the_lag_by_what_moves_the_lips():
+    """A speaker whose lips follow the phones through an expression coefficient, 120 ms ahead,
+    while the jaw's tracked opening is unrelated noise: told how far each output moves the
+    lips, the calibration finds the lead and keeps the amplitude; judged on the jaw alone, it
+    does not find the lead."""
+    fps, seconds = 25.0, 24.0
+    tl = _random_timeline(seconds, 7)
+    n = int(seconds * fps)
+    rng = np.random.default_rng(8)
+    y = np.zeros((n, 5))
+    y[:, 0] = rng.normal(0, 0.05, n)  # the jaw: noise
+    y[:, 3] = dominance(tl, n, fps, 0.12) @ rng.normal(0, 1, len(VISEMES))  # the lips' expression
+    lips = np.stack([0.1 + 0.02 * y[:, 3], np.full(n, 0.6)], 1)
+    lip_map = np.zeros((5, 6))
+    lip_map[0, 1] = 0.01  # the jaw hardly moves these lips
+    lip_map[3, :] = 1.0
+    vm = VisemeMotion(2)
+    info = vm.fit(tl, fps, y, lips, np.arange(n), ridge=1e-3, lip_map=lip_map)
+    assert info["lag_s"] == pytest.approx(0.12, abs=0.011) and info["gain"] > 0.9, info
+    blind = VisemeMotion(2).fit(tl, fps, y, lips, np.arange(n), ridge=1e-3)
+    assert blind["lag_s"] != pytest.approx(0.12, abs=0.011) or blind["gain"] < 0.5, blind
+
+
+def test_lip_jacobian_follows_the_head_models_mouth():
+    """How far the lip landmarks move per unit of jaw and expression: opening the jaw moves
+    the lips by millimetres, the lip expressions move them more than the others do."""
+    from gstalk.avatar.init import lip_jacobian, mouth_expressions
+    from gstalk.head.flame import load_head_model
+
+    head = load_head_model()
+    shape = torch.zeros(head.n_shape)
+    J = lip_jacobian(head, shape, np.zeros(3), np.zeros(head.n_expr))
+    from gstalk.face.regions import LIPS
+
+    assert J.shape[0] == 3 + head.n_expr and J.shape[1] % 3 == 0 and J.shape[1] // 3 <= len(LIPS)
+    per = np.linalg.norm(J.reshape(len(J), -1, 3), axis=-1).mean(1)  # mm per unit, mean over the lip points
+    assert 10 < per[0] < 200, per[0]  # opening the jaw (about x): tens of mm per radian at the lips
+    d = J[0].reshape(-1, 3)
+    assert np.linalg.norm(d[:, 0]) < 0.3 * np.linalg.norm(d), d  # up, down and back, not sideways
+    driven = mouth_expressions(head, shape).numpy()
+    assert driven.any() and (~driven).any()
+    assert per[3:][driven].mean() > 2 * per[3:][~driven].mean()
+    # where the mouth is already open the jaw moves the lips as much (a rotation, near linear)
+    J2 = lip_jacobian(head, shape, np.array([0.15, 0, 0]), np.zeros(head.n_expr))
+    assert np.linalg.norm(J2[0]) == pytest.approx(np.linalg.norm(J[0]), rel=0.25)
+
+
+def test_calibration_finds_a_mouth_that_readies_before_speech():
+    """A speaker who opens the mouth 300 ms before each stretch of speech (a breath), and
+    otherwise rests it in pauses: the calibration finds that window and that shape, the
+    pauses' other frames keep the resting mouth, and a short gap between words gets neither."""
+    fps, seconds = 25.0, 30.0
+    tl = _random_timeline(seconds, 9, pause_every=1.5)
+    n = int(seconds * fps)
+    rng = np.random.default_rng(10)
+    true = rng.normal(0, 1, (len(VISEMES), 3))
+    true[SIL] = [0.0, 0.0, 0.0]
+    true[PRE] = [2.0, -1.0, 0.5]
+    y = dominance(tl, n, fps, 0.08, pre_s=0.3) @ true + rng.normal(0, 0.02, (n, 3))
+    vm = VisemeMotion(0)
+    info = vm.fit(tl, fps, y, y[:, :2], np.arange(n), ridge=1e-3)
+    assert 0.3 in PRE_WINDOWS and info["pre_s"] == pytest.approx(0.3) and float(vm.pre_s) == pytest.approx(0.3)
+    assert info["lag_s"] == pytest.approx(0.08, abs=0.011) and "pre" in info["own_classes"]
+    assert info["post_s"] == 0.0 and "post" not in info["own_classes"] + info["table_classes"]
+    np.testing.assert_allclose(vm.targets[PRE].numpy(), true[PRE], atol=0.15)
+    np.testing.assert_allclose(vm.targets[SIL].numpy(), true[SIL], atol=0.15)
+    segs = viseme_segments(PhoneTimeline([("AA", 1.0, 1.2), ("M", 1.25, 1.3)], 2.0), pre_s=0.3)
+    assert [c for c, _, _ in segs] == [SIL, PRE, VISEMES.index("aa"), SIL, VISEMES.index("PP"), SIL]
+    assert segs[1][1:] == pytest.approx((0.7, 1.0))
+    segs = viseme_segments(PhoneTimeline([("AA", 1.0, 1.2), ("M", 1.25, 1.3)], 2.0), pre_s=0.3, post_s=0.3)
+    assert [c for c, _, _ in segs] == [SIL, PRE, VISEMES.index("aa"), SIL, VISEMES.index("PP"), POST, SIL]
+    assert segs[5][1:] == pytest.approx((1.3, 1.6)) and segs[6][1:] == pytest.approx((1.6, 2.0))
+
+
+def test_the_pause_classes_are_the_lip_models_own_not_the_audio_features():
+    """The audio features keep one channel per phone class (15, what every avatar's audio
+    encoder reads); 'pre' and 'post' exist only in the lip model."""
+    from gstalk.audio.features import feature_dim, viseme_features
+    from gstalk.audio.visemes import PHONE_CLASSES
+
+    assert len(PHONE_CLASSES) == 15 and "pre" not in PHONE_CLASSES and "post" not in PHONE_CLASSES
+    assert feature_dim("phoneme") == 15 and feature_dim("mel+phoneme") == 83 + 15
+    f = viseme_features(PhoneTimeline([("AA", 0.1, 0.2)], 0.5), 50)
+    assert f.shape == (50, 15) and f[15, VISEMES.index("aa")] == 1 and f[40, SIL] == 1

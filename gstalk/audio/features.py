@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 
 from gstalk.audio.phones import PhoneTimeline, phone_timeline
-from gstalk.audio.visemes import PHONE_TO_VISEME, VISEMES
+from gstalk.audio.visemes import PHONE_CLASSES, PHONE_TO_VISEME
 from gstalk.errors import FileFormatError, GstalkError, InputError
 
 SAMPLE_RATE = 16000
@@ -40,7 +40,7 @@ class SilentAudioError(GstalkError):
 
 
 def feature_dim(kind: FeatureKind) -> int:
-    return {"mel": 83, "phoneme": len(VISEMES), "mel+phoneme": 83 + len(VISEMES)}[kind]
+    return {"mel": 83, "phoneme": len(PHONE_CLASSES), "mel+phoneme": 83 + len(PHONE_CLASSES)}[kind]
 
 
 def mel_features(audio: np.ndarray, n_mels: int = 80) -> np.ndarray:
@@ -64,14 +64,14 @@ def mel_features(audio: np.ndarray, n_mels: int = 80) -> np.ndarray:
 def viseme_features(timeline: PhoneTimeline, n_frames: int) -> np.ndarray:
     """[A, 15] one-hot viseme class per 10 ms audio frame (audio frame i at i / 100 s) of
     the phones of ``timeline``; silence where there are none."""
-    out = np.zeros((n_frames, len(VISEMES)), np.float32)
+    out = np.zeros((n_frames, len(PHONE_CLASSES)), np.float32)
     out[:, 0] = 1.0
     for phone, a, b in timeline.phones:
         v = PHONE_TO_VISEME.get(phone, "sil")
         i0, i1 = int(round(a * AUDIO_FPS)), min(n_frames, int(round(b * AUDIO_FPS)))
         if i1 > i0:
             out[i0:i1] = 0.0
-            out[i0:i1, VISEMES.index(v)] = 1.0
+            out[i0:i1, PHONE_CLASSES.index(v)] = 1.0
     return out
 
 

@@ -8,7 +8,11 @@ no better than their mean). Phone timings can be had from any voice, though
 through a sequence of phones is known phonetics:
 
 1. **Classes.** Each phone belongs to one of 15 viseme classes (:data:`VISEMES`); the gaps
-   between words are the class ``sil``.
+   between words are the class ``sil``, and the end of a pause just before speech the class
+   ``pre`` (many people open the mouth, or breathe in through it, before they speak), the
+   start of a pause just after speech the class ``post`` (the mouth lingers, or shuts);
+   how long each lasts, if at all, is calibrated per clip (:data:`PRE_WINDOWS`,
+   :data:`POST_WINDOWS`).
 2. **Coarticulation** (Cohen and Massaro's dominance model). Every phone segment pulls the
    mouth towards its class's target with a *dominance* that is full inside the segment and
    falls off exponentially outside it, ``strength * exp(-distance / falloff)``, centred
@@ -23,12 +27,13 @@ through a sequence of phones is known phonetics:
    one it lacks keeps a target from the phonetic table (:data:`OPENING`, :data:`SPREAD`,
    mapped to this person's jaw and expression through their measured lips). ``sil`` gets
    where this person's mouth rests in pauses.
-4. **Timing.** The audio-to-mouth lag is calibrated per clip, within :data:`LAGS` (the one
-   whose targets predict held-back blocks of the training frames best).
-5. **Amplitude.** How far the mouth moves from the clip's mean is scaled by the factor (0 to 1)
-   that best fits those held-back predictions to the truth: where a clip's phones predict its
-   mouth well the lips move as far as the fitted targets say; where they predict it poorly,
-   less (wrong lips far from the mean cost more than a mouth near it).
+4. **Timing and amplitude**, calibrated per clip on held-back blocks of its training frames
+   (targets fitted on the other blocks): the audio-to-mouth lag within :data:`LAGS`, and the
+   factor (0 to 1) by which the mouth moves from the clip's mean, the pair whose predictions
+   put the head model's lip points nearest the tracked ones (the errors in jaw and expression
+   weighted by how far each moves the lips: the lip-sync error, not the jaw alone). Where a
+   clip's phones predict its mouth well the lips move as far as the fitted targets say; where
+   they predict it poorly, less (wrong lips far from the mean cost more than a mouth near it).
 
 Expression coefficients that do not move the lips (``driven`` False) stay at the clip's mean,
 so that a chance correlation in a short clip does not make the eyes or brows talk.
@@ -44,7 +49,7 @@ from gstalk.audio.phones import PhoneTimeline
 from gstalk.errors import InputError
 from gstalk.face.regions import mouth_opening, mouth_width
 
-VISEMES = ["sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E", "ih", "oh", "ou"]
+VISEMES = ["sil", "PP", "FF", "TH", "DD", "kk", "CH", "SS", "nn", "RR", "aa", "E", "ih", "oh", "ou", "pre", "post"]
 PHONE_TO_VISEME = {
     "P": "PP", "B": "PP", "M": "PP", "F": "FF", "V": "FF", "TH": "TH", "DH": "TH", "T": "DD", "D": "DD",
     "K": "kk", "G": "kk", "NG": "kk", "HH": "kk", "CH": "CH", "JH": "CH", "SH": "CH", "ZH": "CH", "S": "SS",
@@ -53,12 +58,17 @@ PHONE_TO_VISEME = {
     "UH": "ou", "UW": "ou", "W": "ou",
 }
 SIL = 0
+#: the classes a phone or silence can be (the audio features' one-hot channels); the pause
+#: classes below are the lip model's own
+PHONE_CLASSES = VISEMES[:15]
+PRE = VISEMES.index("pre")  # the end of a pause, just before speech (the mouth readies, breathes in)
+POST = VISEMES.index("post")  # the start of a pause, just after speech (the mouth lingers or shuts)
 # the phonetic table, for classes the clip lacks: lip opening, 0 (closed) .. 1 (widest), and
 # spreading (+1) vs rounding (-1)
 OPENING = {"sil": 0.1, "PP": 0.0, "FF": 0.15, "TH": 0.3, "DD": 0.35, "kk": 0.45, "CH": 0.3, "SS": 0.2, "nn": 0.3,
-           "RR": 0.35, "aa": 1.0, "E": 0.7, "ih": 0.45, "oh": 0.75, "ou": 0.35}
+           "RR": 0.35, "aa": 1.0, "E": 0.7, "ih": 0.45, "oh": 0.75, "ou": 0.35, "pre": 0.1, "post": 0.1}
 SPREAD = {"sil": 0.0, "PP": 0.0, "FF": 0.0, "TH": 0.2, "DD": 0.2, "kk": 0.1, "CH": -0.6, "SS": 0.4, "nn": 0.2,
-          "RR": -0.4, "aa": 0.2, "E": 0.6, "ih": 0.8, "oh": -0.8, "ou": -1.0}
+          "RR": -0.4, "aa": 0.2, "E": 0.6, "ih": 0.8, "oh": -0.8, "ou": -1.0, "pre": 0.0, "post": 0.0}
 # per class: dominance strength, fall-off outside the segment (s), lead of the mouth over the sound (s)
 DOMINANCE = {
     "sil": (0.5, 0.048, 0.0),
@@ -66,17 +76,27 @@ DOMINANCE = {
     "TH": (0.4, 0.024, 0.02), "DD": (0.3, 0.024, 0.02), "kk": (0.3, 0.024, 0.02), "CH": (0.6, 0.03, 0.04),
     "SS": (0.4, 0.024, 0.02), "nn": (0.3, 0.024, 0.02), "RR": (0.5, 0.03, 0.04),
     "aa": (0.6, 0.036, 0.03), "E": (0.6, 0.036, 0.03), "ih": (0.5, 0.036, 0.03),
-    "oh": (0.7, 0.048, 0.06), "ou": (0.7, 0.048, 0.06),
+    "oh": (0.7, 0.048, 0.06), "ou": (0.7, 0.048, 0.06), "pre": (0.5, 0.048, 0.0),
+    "post": (0.5, 0.048, 0.0),
 }
 LAGS = tuple(np.round(np.arange(-0.04, 0.201, 0.02), 3))  # the calibrated audio-to-mouth lag lies in these (s)
 DEFAULT_LAG = 0.08  # where the clip is too short to calibrate it
+#: how long before speech the mouth takes its own pre-speech shape, calibrated per clip among
+#: these (s; 0: the whole pause is ``sil``)
+PRE_WINDOWS = (0.0, 0.2, 0.3, 0.45)
+#: the same for the start of a pause, just after speech
+POST_WINDOWS = (0.0, 0.3)
 RIDGE = 2.0  # pull of each class's target towards the table's, in frames' worth of data
 MIN_FRAMES = 8
 CHANNELS = ("opening", "spread")
 
 
-def viseme_segments(timeline: PhoneTimeline) -> list[tuple[int, float, float]]:
-    """(class index, start s, end s) covering the whole timeline; the gaps are ``sil``."""
+def viseme_segments(timeline: PhoneTimeline, pre_s: float = 0.0,
+                    post_s: float = 0.0) -> list[tuple[int, float, float]]:
+    """(class index, start s, end s) covering the whole timeline; the gaps are ``sil``; with
+    ``post_s`` the first ``post_s`` of every pause after speech that is longer than ``post_s
+    + 0.1`` s is ``post``, and with ``pre_s`` the last ``pre_s`` of what is left of every
+    pause before speech, where that is longer than ``pre_s + 0.1`` s, is ``pre``."""
     out, t = [], 0.0
     for p, s, e in timeline.phones:
         if p == "SIL" or e <= s:
@@ -87,19 +107,32 @@ def viseme_segments(timeline: PhoneTimeline) -> list[tuple[int, float, float]]:
         t = max(t, e)
     if timeline.duration > t + 1e-6:
         out.append((SIL, t, timeline.duration))
-    return out
+    split = []
+    for i, (c, s, e) in enumerate(out):
+        if c != SIL:
+            split.append((c, s, e))
+            continue
+        if post_s > 0 and i > 0 and e - s > post_s + 0.1:
+            split.append((POST, s, s + post_s))
+            s += post_s
+        if pre_s > 0 and i + 1 < len(out) and e - s > pre_s + 0.1:
+            split += [(SIL, s, e - pre_s), (PRE, e - pre_s, e)]
+        else:
+            split.append((SIL, s, e))
+    return split
 
 
-_DOM = np.array([DOMINANCE[v] for v in VISEMES], np.float64)  # [15, 3]
+_DOM = np.array([DOMINANCE[v] for v in VISEMES], np.float64)  # [17, 3]
 
 
-def dominance(timeline: PhoneTimeline, n_frames: int, fps: float, lag: float) -> np.ndarray:
-    """[n_frames, 15]: each class's share of frame k's mouth (rows sum to 1). Frame k shows
+def dominance(timeline: PhoneTimeline, n_frames: int, fps: float, lag: float, pre_s: float = 0.0,
+              post_s: float = 0.0) -> np.ndarray:
+    """[n_frames, 17]: each class's share of frame k's mouth (rows sum to 1). Frame k shows
     the mouth of time k / fps, which is shaped by the phones around k / fps + lag (+ each
-    class's own lead)."""
+    class's own lead); ``pre_s``, ``post_s``: see :func:`viseme_segments`."""
     t = np.arange(n_frames) / fps + lag
     w = np.zeros((n_frames, len(VISEMES)))
-    for c, s, e in viseme_segments(timeline):
+    for c, s, e in viseme_segments(timeline, pre_s, post_s):
         strength, falloff, lead = _DOM[c]
         centre, half = (s + e) / 2 - lead, (e - s) / 2
         lo, hi = np.searchsorted(t, centre - half - 8 * falloff), np.searchsorted(t, centre + half + 8 * falloff)
@@ -112,7 +145,7 @@ def dominance(timeline: PhoneTimeline, n_frames: int, fps: float, lag: float) ->
 
 
 def _ridge(w: np.ndarray, y: np.ndarray, prior: np.ndarray, lam: float) -> np.ndarray:
-    """Targets [15, P] minimising |w T - y|^2 + lam |T - prior|^2."""
+    """Targets [17, P] minimising |w T - y|^2 + lam |T - prior|^2."""
     return np.linalg.solve(w.T @ w + lam * np.eye(w.shape[1]), w.T @ y + lam * prior)
 
 
@@ -131,6 +164,8 @@ class VisemeMotion(nn.Module):
         self.n_expr = n_expr
         self.register_buffer("targets", torch.zeros(len(VISEMES), 3 + n_expr))  # jaw and expression per class
         self.register_buffer("lag", torch.tensor(DEFAULT_LAG))
+        self.register_buffer("pre_s", torch.zeros(()))  # the pre-speech window (s; 0: none)
+        self.register_buffer("post_s", torch.zeros(()))  # the post-speech window (s; 0: none)
         self.register_buffer("gain", torch.ones(()))  # how far from the mean the mouth moves (0 .. 1)
         self.register_buffer("mean", torch.zeros(3 + n_expr))  # the training frames' jaw and expression
         self.register_buffer("fitted", torch.zeros(()))
@@ -140,19 +175,22 @@ class VisemeMotion(nn.Module):
         return bool(self.fitted)
 
     def weights(self, timeline: PhoneTimeline, n_frames: int, fps: float) -> np.ndarray:
-        return dominance(timeline, n_frames, fps, float(self.lag))
+        return dominance(timeline, n_frames, fps, float(self.lag), float(self.pre_s), float(self.post_s))
 
     @torch.no_grad()
     def fit(self, timeline: PhoneTimeline, fps: float, target: np.ndarray, lips: np.ndarray, frames: np.ndarray,
-            driven: np.ndarray | None = None, ridge: float = RIDGE) -> dict:
+            driven: np.ndarray | None = None, ridge: float = RIDGE, lip_map: np.ndarray | None = None) -> dict:
         """Calibrate on ``frames`` (training frames with landmarks) of a clip whose audio has
         the phones ``timeline``: ``target`` [T, 3 + n_expr] the tracked jaw and expression,
         ``lips`` [T, 2] the measured mouth opening and width (:func:`lip_measures`; they map
         the phonetic table to this person's jaw and expression); ``driven`` [n_expr] bool:
-        the expression coefficients the lips may move. Returns what it measured (for the log):
-        the lag and amplitude, the classes fitted from the clip, and how well the phones
-        predict the mouth's measured opening on blocks of the training frames they were not
-        fitted on."""
+        the expression coefficients the lips may move; ``lip_map`` [3 + n_expr, D]: how the
+        head model's lip points move per unit of each output (:func:`gstalk.avatar.init.lip_jacobian`),
+        so that the lag and the amplitude are the ones whose predictions put the lips nearest
+        the tracked ones on held-back blocks (what the lip-sync error measures); without it,
+        the jaw's opening alone decides. Returns what it measured (for the log): the lag and
+        amplitude, the classes fitted from the clip, and how well the phones predict the
+        mouth's measured opening on blocks of the training frames they were not fitted on."""
         frames = np.asarray(frames)
         if len(frames) < MIN_FRAMES:
             raise InputError(f"the viseme lip model needs at least {MIN_FRAMES} training frames with landmarks, "
@@ -162,32 +200,40 @@ class VisemeMotion(nn.Module):
         y = y_all[frames]
         y_mean = y.mean(0)
         prior = self._table_targets(np.asarray(lips, np.float64)[frames], y)
-        y_std = np.maximum(y.std(0), 1e-9)
-        # the lag whose targets predict the jaw's opening on held-back blocks of the training
-        # frames best, and how far those predictions should move from the mean
+        still = np.zeros(y.shape[1], bool)
+        if driven is not None:  # expression coefficients that do not move the lips stay at the mean
+            still[3:] = ~np.asarray(driven, bool)
+        if lip_map is not None:
+            proj = np.asarray(lip_map, np.float64).copy()  # [P, D]: lip points per unit of output
+            proj[still] = 0.0
+        else:  # the jaw's opening, in units of its spread
+            proj = np.zeros((y.shape[1], 1))
+            proj[0, 0] = 1.0 / max(float(y[:, 0].std()), 1e-9)
+        # the lag (with its amplitude) whose targets, fitted on the other blocks of the training
+        # frames, predict each block's lips best
         folds = _folds(frames)
         best = None
-        for lag in LAGS:
-            w = dominance(timeline, n, fps, lag)
+        for pre_s, post_s, lag in ((p, q, a) for p in PRE_WINDOWS for q in POST_WINDOWS for a in LAGS):
+            w = dominance(timeline, n, fps, lag, pre_s, post_s)
             pred, truth = [], []
             for inner, held in folds:
                 t = _ridge(w[inner], y_all[inner], prior, ridge)
-                m = y_all[inner, 0].mean()
-                pred.append((w[held] @ t)[:, 0] - m)
-                truth.append(y_all[held, 0] - m)
+                m = y_all[inner].mean(0)
+                pred.append((w[held] @ t - m) @ proj)
+                truth.append((y_all[held] - m) @ proj)
             p, q = np.concatenate(pred), np.concatenate(truth)
-            err = float((((p - q) / y_std[0]) ** 2).sum())
-            if best is None or err < best[0]:
-                best = (err, float(lag), p, q)
-        _, lag, p, q = best
-        gain = float(np.clip((p @ q) / max(float(p @ p), 1e-12), 0.0, 1.0))
-        w = dominance(timeline, n, fps, lag)
+            g = float(np.clip((p * q).sum() / max(float((p * p).sum()), 1e-12), 0.0, 1.0))
+            err = float(((g * p - q) ** 2).sum())
+            if best is None or err < best[0] - 1e-9 * abs(best[0]):  # ties: the shorter window
+                best = (err, float(lag), g, float(pre_s), float(post_s))
+        _, lag, gain, pre_s, post_s = best
+        w = dominance(timeline, n, fps, lag, pre_s, post_s)
         targets = _ridge(w[frames], y, prior, ridge)
-        if driven is not None:  # expression coefficients that do not move the lips stay at the mean
-            still = np.concatenate([np.zeros(3, bool), ~np.asarray(driven, bool)])
-            targets[:, still] = y_mean[still]
+        targets[:, still] = y_mean[still]
         self.targets.copy_(torch.from_numpy(targets))
         self.lag.fill_(lag)
+        self.pre_s.fill_(pre_s)
+        self.post_s.fill_(post_s)
         self.gain.fill_(gain)
         self.mean.copy_(torch.from_numpy(y_mean))
         self.fitted.fill_(1.0)
@@ -200,20 +246,22 @@ class VisemeMotion(nn.Module):
         corr = [np.corrcoef(pred[held], o[held, 0])[0, 1] for _, held in folds
                 if pred[held].std() > 1e-9 and o[held, 0].std() > 1e-9]
         mass = w[frames].sum(0)
-        return {"lag_s": lag, "gain": gain, "own_classes": [v for v, m in zip(VISEMES, mass) if m >= ridge],
-                "table_classes": [v for v, m in zip(VISEMES, mass) if m < ridge],
+        used = [(v, m) for v, m in zip(VISEMES, mass) if (v != "pre" or pre_s > 0) and (v != "post" or post_s > 0)]
+        return {"lag_s": lag, "pre_s": pre_s, "post_s": post_s, "gain": gain, "own_classes": [v for v, m in used if m >= ridge],
+                "table_classes": [v for v, m in used if m < ridge],
                 "phones_vs_opening": float(np.mean(corr)) if corr else float("nan")}
 
     @staticmethod
     def _table_targets(lips: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """[15, P] the phonetic table's targets for this person: the table's opening and
+        """[17, P] the phonetic table's targets for this person: the table's opening and
         spread, one table spread per spread of the person's measured lips, mapped to jaw and
         expression by how theirs follow their lips (a ridge regression over the frames)."""
         l_mean, l_std = lips.mean(0), np.maximum(lips.std(0), 1e-6)
         z = (lips - l_mean) / l_std
         coef = np.linalg.solve(z.T @ z + 1e-2 * len(z) * np.eye(2), z.T @ (y - y.mean(0))) / l_std[:, None]
         tab = np.array([[OPENING[v], SPREAD[v]] for v in VISEMES])
-        tz = (tab - tab.mean(0)) / tab.std(0)
+        ref = tab[[i for i, v in enumerate(VISEMES) if v not in ("pre", "post")]]  # they start as 'sil', move no others
+        tz = (tab - ref.mean(0)) / ref.std(0)
         return y.mean(0) + (tz * l_std) @ coef
 
     def forward(self, timeline: PhoneTimeline, n_frames: int, fps: float) -> tuple[Tensor, Tensor]:

@@ -73,6 +73,30 @@ def mouth_expressions(head: HeadModel, shape: Tensor, ratio: float = 2.0) -> Ten
         return d[:, lips].mean(1) > ratio * d[:, far].mean(1)
 
 
+def lip_jacobian(head: HeadModel, shape: Tensor, jaw: np.ndarray, expr: np.ndarray,
+                 eps: float = 1e-3) -> np.ndarray | None:
+    """[3 + E, 3 L]: how far the head model's lip landmarks move (in millimetres) per unit of
+    each jaw (axis-angle) and expression output, around the jaw ``jaw`` [3] and expression
+    ``expr`` [E] (a clip's mean; the head otherwise at rest): what a lip model's errors in
+    those outputs cost in lip position. None where the landmark embedding has no lips."""
+    head, shape = head.to("cpu"), shape.float().cpu()
+    E = head.n_expr
+    found = _lip_landmarks(head)
+    if found is None:
+        return None
+    emb, lips = found
+    e0 = torch.zeros(E)
+    given = torch.as_tensor(expr, dtype=torch.float32).reshape(-1)[:E]
+    e0[:len(given)] = given
+    y0 = torch.cat([torch.as_tensor(jaw, dtype=torch.float32).reshape(3), e0])
+    ys = torch.cat([y0[None], y0[None] + eps * torch.eye(3 + E)])  # the point, then each output nudged
+    with torch.no_grad():
+        v = flame_forward(head, FlameParams(shape=shape[None].expand(len(ys), -1), jaw=ys[:, :3],
+                                            expr=ys[:, 3:])).vertices
+        pts = emb.points(v, head.faces)[:, lips] * 1000.0  # [4 + E, L, 3] in mm
+    return ((pts[1:] - pts[:1]) / eps).reshape(3 + E, -1).double().numpy()
+
+
 def expression_activity(head: HeadModel) -> Tensor:
     """[F] how much the head model's expressions (and eyelids) move each triangle, in
     [0, 1]: the norm of its vertices' expression directions, 1 from a quarter of the

@@ -30,7 +30,7 @@ from gstalk.io.atomic import atomic_path, ensure_dir, write_json
 
 AVATAR_FORMAT = "gstalk-avatar"
 
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, AVATAR_VERSION)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, AVATAR_VERSION)
 # what motion.npz must hold: the identity and camera, and the training clip's motion that
 # drives new audio and chooses the view fill
 MOTION_KEYS = ("shape", "K", "viewmat", "global_rot", "neck", "translation", "eyes", "jaw", "expr")
@@ -71,6 +71,18 @@ def head_for(ref: dict):
     if ref.get("digest") and model.digest != ref["digest"]:
         raise GstalkError(f"{src} is not the head-model file this avatar was fitted with (digest differs)")
     return model
+
+
+def _visemes_of_version_7(sd: dict) -> dict:
+    """Format 7's viseme model had no pre- and post-speech classes: they get the resting
+    mouth's target and no window, which gives that model's lips unchanged."""
+    from gstalk.audio.visemes import PRE, SIL, VISEMES
+
+    t = sd.get("targets")
+    if t is not None and t.ndim == 2 and t.shape[0] == PRE:
+        sd = {**sd, "targets": torch.cat([t, t[SIL:SIL + 1].expand(len(VISEMES) - PRE, -1)]),
+              "pre_s": torch.zeros(()), "post_s": torch.zeros(())}
+    return sd
 
 
 def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Avatar, dict]:
@@ -134,6 +146,8 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
         nets.append(("visemes", av.visemes))
     for prefix, mod in nets:
         sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+        if prefix == "visemes" and raw["version"] == 7:
+            sd = _visemes_of_version_7(sd)
         missing, unexpected = mod.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise FileFormatError(f"{root}: network '{prefix}' does not match this gstalk "

@@ -26,7 +26,7 @@ from gstalk.head.lbs import FlameParams, flame_forward
 # 2: relative field + mouth prior; 3: expression prior; 4: viseme lip model; 5: its mouth at rest in pauses;
 # 6: avatars fitted without audio (lip_motion 'none'); 7: the viseme model on aligned phones, with the person's
 # own targets per class (older versions are read as made; their viseme model is not, see load_avatar)
-AVATAR_VERSION = 7
+AVATAR_VERSION = 8
 
 
 @dataclass

@@ -5,13 +5,11 @@ uses for jaw and expression by default.
 The trainer runs all ``iters_a2m`` iterations on the training frames. ``validate=True``
 first holds out the training frames' last sixth (after a gap of the audio window's reach,
 like the held-out tail) to pick the iteration count, then trains afresh on all of them for
-that many; ``scripts/bench_a2m.py`` compares the two by cross-validation. On the 8 s real
-clips neither predicts held-out motion from audio better than its mean (docs/benchmarks.md):
-validation stops after 10 iterations, and the full run, which reproduces the training
-frames' jaw with correlation 0.99, gives wrong but lively lips (on aoc_8s its jaw correlates
-+0.36 with the track on unseen blocks, against +0.22 validated), so the full run stays the
-default. A few seconds of speech do not teach a mapping from audio to motion; longer clips
-should.
+that many (the trainer does not: on the 8 s real clips validation stopped after 10
+iterations, and the full run, which reproduces the training frames' jaw with correlation
+0.99, gave wrong but livelier lips; docs/history/benchmarks-2026-11.md). A few seconds of
+speech do not teach a mapping from audio to motion, which is why the viseme model is the
+default; ``gstalk eval`` measures both against a still mouth (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -88,11 +86,12 @@ def fit_audio_to_motion(a2m: AudioToMotion, windows: torch.Tensor, target: torch
 
 
 def fit_visemes(vm: VisemeMotion, ds, timeline: PhoneTimeline, jaw: np.ndarray, expr: np.ndarray, train_idx,
-                driven=None, log: Callable[[str], None] = lambda m: None) -> str:
+                driven=None, log: Callable[[str], None] = lambda m: None, lip_map: np.ndarray | None = None) -> str:
     """Calibrate the viseme lip model ``vm`` on dataset ``ds``'s training frames that have
     face-mesh landmarks, whose audio has the phones ``timeline`` (``jaw`` [T, 3], ``expr``
-    [T, >= vm.n_expr]: the track's; ``driven``: the expression coefficients it may move, see
-    :meth:`VisemeMotion.fit`). Returns the lip model new audio should use: 'visemes', or
+    [T, >= vm.n_expr]: the track's; ``driven``: the expression coefficients it may move, and
+    ``lip_map``: how the lips move with each output, see :meth:`VisemeMotion.fit`). Returns
+    the lip model new audio should use: 'visemes', or
     'learned' where the visemes cannot be calibrated (too few frames with landmarks)."""
     lm = ds.landmarks()
     valid = np.asarray(lm["valid"], bool)
@@ -104,13 +103,15 @@ def fit_visemes(vm: VisemeMotion, ds, timeline: PhoneTimeline, jaw: np.ndarray, 
         return "learned"
     lips = lip_measures(np.nan_to_num(np.asarray(lm["lmk"], np.float64)))
     target = np.concatenate([jaw, expr[:, :vm.n_expr]], 1)
-    info = vm.fit(timeline, ds.fps, target, lips, frames, driven=driven)
+    info = vm.fit(timeline, ds.fps, target, lips, frames, driven=driven, lip_map=lip_map)
     table = info["table_classes"]
+    ready = "".join(f", takes its {k}-speech shape for {1000 * info[k + '_s']:.0f} ms {w} speech"
+                    for k, w in (("pre", "before"), ("post", "after")) if info[k + "_s"] > 0)
+    classes = f"{', '.join(table)} from the phonetic table (too few frames)" if table else "every class from this clip"
     log(f"lip motion: visemes calibrated on {len(frames)} frames ({timeline.source}: "
         f"{len(timeline.words)} words, {len(timeline.speech())} phones); the mouth leads the sound by "
-        f"{1000 * info['lag_s']:.0f} ms; " + (f"{', '.join(table)} from the phonetic table (too few frames)"
-                                                 if table else "every class from this clip")
-        + f"; phones vs the mouth's opening on held-back frames: {info['phones_vs_opening']:+.2f}")
+        f"{1000 * info['lag_s']:.0f} ms{ready}; {classes}; phones vs the mouth's opening on held-back frames: "
+        f"{info['phones_vs_opening']:+.2f}")
     if not info["phones_vs_opening"] >= WEAK_PHONES:
         log(f"lip motion: on this clip the phones follow the mouth's opening only weakly "
             f"({info['phones_vs_opening']:+.2f}; {WEAK_PHONES:.1f} or more is usual): new audio will move the lips, "

@@ -29,7 +29,8 @@ import torch
 from gstalk.audio.features import SilentAudioError, check_speech, compute_features
 from gstalk.audio.phones import phone_timeline
 from gstalk.avatar.io import save_avatar
-from gstalk.avatar.init import concat_sets, init_gaussians, mouth_expressions, mouth_prior, torso_gaussians
+from gstalk.avatar.init import (concat_sets, init_gaussians, lip_jacobian, mouth_expressions, mouth_prior,
+                               torso_gaussians)
 from gstalk.avatar.model import Avatar, AvatarConfig, Frame
 from gstalk.avatar.render import render_frame
 from gstalk.avatar.views import drawn_pixels
@@ -435,9 +436,13 @@ class Trainer:
         self.avatar.cfg.lip_motion = "learned"
         if self.opts.lip_motion == "visemes":
             vm = self.avatar.visemes
-            driven = mouth_expressions(self.avatar.head_model, self.avatar.shape)
-            self.avatar.cfg.lip_motion = fit_visemes(vm, self.ds, self.timeline, self.track.jaw, self.track.expr,
-                                                     self.train_idx, driven[:vm.n_expr], self.log)
+            head, shape = self.avatar.head_model, self.avatar.shape
+            driven = mouth_expressions(head, shape)
+            tr = np.asarray(self.train_idx)
+            lip_map = lip_jacobian(head, shape, self.track.jaw[tr].mean(0), self.track.expr[tr].mean(0))
+            self.avatar.cfg.lip_motion = fit_visemes(
+                vm, self.ds, self.timeline, self.track.jaw, self.track.expr, self.train_idx, driven[:vm.n_expr],
+                self.log, lip_map=None if lip_map is None else lip_map[:3 + vm.n_expr])
 
     def prune_unseen_free(self, max_frames: int = 32, min_weight: float = UNSEEN_WEIGHT) -> int:
         """Drop the free Gaussians that no training frame shows; returns how many.
