@@ -3,7 +3,10 @@ a library function, and a :class:`GstalkError` is printed without a traceback.""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 from typing import Sequence
@@ -68,7 +71,35 @@ class StageProgress:
         self._p.update(self._tasks[stage], completed=done, total=max(total, done), info=text)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that every temporary is removed and every
+    half-written output left as it was, as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def terminate_like_interrupt():
+    """SIGTERM raises :class:`Terminated` inside the block (the main thread only; elsewhere
+    signals cannot be handled, and nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    with terminate_like_interrupt():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("--version", "-V"):
         from gstalk import __version__
@@ -101,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GstalkError as e:
         console.print(f"[bold red]gstalk error:[/] {e}")
         return e.exit_code
+    except Terminated:
+        console.print("terminated")
+        return 143
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130
@@ -153,13 +187,14 @@ def _train(cfg: TrainConfig, console) -> int:
 
 def _fit(cfg: FitConfig, console) -> int:
     from gstalk.config import resolve_device
-    from gstalk.head.tracker import check_options as check_track, track_dataset
+    from gstalk.head.tracker import check_inputs as check_track_files, check_options as check_track, track_dataset
     from gstalk.prepare import check_options as check_prepare, prepare
     from gstalk.train.trainer import resolved, train
 
     # every stage's options, before the first stage's work
     check_prepare(cfg.prepare, "prepare.")
     check_track(cfg.track, "track.")
+    check_track_files(cfg.track)  # the FLAME and embedding files too, not only after the whole prepare
     resolved(cfg.train, resolve_device(cfg.train.device), "train.")
     ds_dir = cfg.dataset or Path(str(cfg.avatar).rstrip("/") + ".dataset")
     with StageProgress(console) as prog:
@@ -178,6 +213,7 @@ AVATAR_ONLY = ("audio", "expressions", "camera", "head", "deform", "lips", "comp
 
 def _render(cfg: RenderConfig, console) -> int:
     from gstalk.errors import InputError
+    from gstalk.io.media import check_video_path
 
     default = RenderConfig(target=cfg.target)
     ply = cfg.target.suffix.lower() == ".ply"
@@ -197,6 +233,7 @@ def _render(cfg: RenderConfig, console) -> int:
         return 0
     from gstalk.drive.render import drive
 
+    check_video_path(cfg.out, "--out")  # before the avatar is loaded
     with StageProgress(console) as prog:
         r = drive(cfg.target, cfg.out, cfg.audio, cfg.expressions, cfg.camera, cfg.head, cfg.size, cfg.fps,
                   cfg.device, cfg.deform, progress=prog, compile_field=cfg.compile,

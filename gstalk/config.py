@@ -407,10 +407,23 @@ def apply_threads(n: int) -> None:
         pass
 
 
+def is_gstalk_command(argv: list[bytes]) -> bool:
+    """Whether a process's command line (``/proc/PID/cmdline`` split at NUL) is a Python
+    interpreter running gstalk: ``python .../gstalk VERB`` (what the ``gstalk`` script's
+    shebang runs) or ``python -m gstalk[.cli]``. A wrapper that only names gstalk among its
+    arguments (``time -v gstalk ...``, ``nohup gstalk ...``, a shell) is not one: it runs no
+    torch threads of its own."""
+    if not argv or not Path(argv[0].decode(errors="replace")).name.startswith("python"):
+        return False
+    args = [a for a in argv[1:4] if a]
+    if args[:1] and (args[0].endswith(b"/gstalk") or args[0] == b"gstalk"):
+        return True
+    return args[:2] in ([b"-m", b"gstalk"], [b"-m", b"gstalk.cli"])
+
+
 def _other_gstalk_processes() -> int:
     """How many other processes are running the gstalk command (Linux's /proc; 0 elsewhere)."""
     import os
-    from pathlib import Path
 
     me, n = os.getpid(), 0
     try:
@@ -424,6 +437,6 @@ def _other_gstalk_processes() -> int:
             argv = (p / "cmdline").read_bytes().split(b"\0")
         except OSError:  # gone, or not ours to read
             continue
-        if any(a.endswith(b"/gstalk") or a == b"gstalk" or a == b"gstalk.cli" for a in argv[:3]):
+        if is_gstalk_command(argv):
             n += 1
     return n

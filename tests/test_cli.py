@@ -38,8 +38,8 @@ def test_unwritable_output_folder(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     save_ply(GaussianSet.random(5), tmp_path / "s.ply")
-    r = subprocess.run([sys.executable, "-m", "gstalk", "render", str(tmp_path / "s.ply"), "--out", str(blocker / "sub"),
-                        "--size", "16", "--frames", "1"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "gstalk", "render", str(tmp_path / "s.ply"),
+                        "--out", str(blocker / "sub"), "--size", "16", "--frames", "1"], capture_output=True, text=True)
     assert r.returncode == 2 and "cannot create output folder" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -148,3 +148,107 @@ def test_threads_option_and_environment(tmp_path, monkeypatch, capsys):
         assert "GSTALK_THREADS" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def test_default_threads_count_gstalk_processes_not_their_wrappers():
+    """The default thread count shares the cores among the Python processes running gstalk;
+    a wrapper whose arguments name gstalk (GNU time, nohup, a shell) is not one of them (it
+    was, and every timed run computed on half the cores)."""
+    from gstalk.config import is_gstalk_command
+
+    def cmd(*a):
+        return [x.encode() for x in a]
+
+    assert is_gstalk_command(cmd("/repo/.venv/bin/python3", "/repo/.venv/bin/gstalk", "track", "ds"))
+    assert is_gstalk_command(cmd("python", "-m", "gstalk.cli", "fit", "a.mp4", "av"))
+    assert is_gstalk_command(cmd("/usr/bin/python3.11", "-m", "gstalk", "demo"))
+    assert not is_gstalk_command(cmd("/usr/bin/time", "-v", ".venv/bin/gstalk", "track", "ds"))
+    assert not is_gstalk_command(cmd("nohup", "gstalk", "train", "ds", "av"))
+    assert not is_gstalk_command(cmd("bash", "-c", "gstalk track ds"))
+    assert not is_gstalk_command(cmd("python", "scripts/bench_lips.py", "eval", "--work", "gstalk"))
+    assert not is_gstalk_command([])
+
+
+def test_render_out_must_be_a_video_and_is_checked_first(tmp_path, capsys):
+    """`gstalk render AVATAR --out NAME` refuses a name it cannot write a video to (no
+    extension, .ply, .gif, a folder) with exit 2 and the flag named, before it reads the
+    avatar (here there is none), and leaves nothing behind."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for out in (tmp_path / "talk", tmp_path / "talk.ply", tmp_path / "talk.gif", folder):
+        assert main(["render", str(tmp_path / "no_avatar"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and "Traceback" not in err and "no_avatar" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["videos"] and not any(folder.iterdir())
+
+
+def test_fit_checks_the_flame_file_before_it_prepares(tmp_path, capsys):
+    """`gstalk fit` reads --track.flame before any stage's work: a missing or broken file is
+    exit 2 with the file named, and no dataset folder is started (the clip here does not even
+    exist, which prepare would have said first)."""
+    broken = tmp_path / "flame.pkl"
+    broken.write_bytes(b"not a pickle")
+    for flame in (tmp_path / "missing.pkl", broken):
+        assert main(["fit", str(tmp_path / "clip.mp4"), str(tmp_path / "av"), "--track.flame", str(flame)]) == 2
+        err = capsys.readouterr().err
+        assert flame.name in err and "Traceback" not in err and "clip.mp4" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flame.pkl"]
+
+
+def test_sigterm_removes_the_temporary_as_ctrl_c_does(tmp_path):
+    """A process told to stop (SIGTERM) while it writes an output leaves neither the
+    half-written temporary nor a changed output: the old file is kept, the exit status is
+    143 and the message one line."""
+    target = tmp_path / "talk.mp4"
+    target.write_bytes(b"the user's old video")
+    code = f"""
+import os, signal, sys, time
+from gstalk.cli import Terminated, terminate_like_interrupt
+from gstalk.io.atomic import atomic_path
+with terminate_like_interrupt():
+    try:
+        with atomic_path({str(target)!r}) as tmp:
+            tmp.write_bytes(b"half a video")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)
+    except Terminated:
+        print("terminated")
+        sys.exit(143)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 143 and r.stdout.strip() == "terminated", (r.returncode, r.stdout, r.stderr)
+    assert [p.name for p in tmp_path.iterdir()] == ["talk.mp4"] and target.read_bytes() == b"the user's old video"
+
+
+def test_main_turns_sigterm_into_a_clean_exit(monkeypatch, capsys):
+    """gstalk's entry point handles SIGTERM like Ctrl-C (exit 143, no traceback) and gives the
+    previous handler back afterwards."""
+    import os
+    import signal
+
+    import gstalk.cli as cli
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def verb(cfg, console):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM was not raised here")
+
+    monkeypatch.setattr(cli, "HANDLERS", {k: verb for k in cli.HANDLERS})
+    assert cli.main(["track", "nowhere"]) == 143
+    err = capsys.readouterr()
+    assert "terminated" in err.out + err.err and "Traceback" not in err.err
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_rerun_sweeps_the_temporaries_a_killed_run_left(tmp_path):
+    """kill -9 leaves a temporary behind; the next write of the same output removes it (and
+    only those of that output)."""
+    from gstalk.io.atomic import write_bytes
+
+    left = tmp_path / ".tmp-avatar-abc123.html"
+    left.write_bytes(b"16 MB of a killed export")
+    other = tmp_path / ".tmp-other-xyz.html"
+    other.write_bytes(b"another output's")
+    write_bytes(tmp_path / "avatar.html", b"done")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-other-xyz.html", "avatar.html"]

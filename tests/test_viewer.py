@@ -71,7 +71,21 @@ def _open(browser, viewer):
     page.goto(viewer.url)
     _wait(lambda: len(viewer.server.get_clients()) > 0, what="the page to connect")
     viewer.set_background(GREEN)
-    page.wait_for_timeout(3000)  # let the splats upload and the first sort run
+    # let the background and the splats arrive and the first sort run: on a loaded machine
+    # this takes longer than the 3 s that suffice on an idle one (the checks come after)
+    import io
+    import time
+
+    import imageio.v3 as iio
+
+    page.wait_for_timeout(3000)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        img = iio.imread(io.BytesIO(page.screenshot()))[..., :3].astype(np.int16)
+        if _head_stats(img)[1] > 0.9:
+            break
+        page.wait_for_timeout(500)
+    page.wait_for_timeout(1000)
     return page
 
 

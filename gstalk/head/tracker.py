@@ -500,6 +500,13 @@ def check_options(opts: TrackOptions, prefix: str = "") -> None:
                         "init_fov_deg": between(opts.min_fov_deg, opts.max_fov_deg)}, prefix=prefix)
 
 
+def check_inputs(opts: TrackOptions) -> None:
+    """The head model (``--flame``) and landmark embedding (``--embedding``) files a track
+    needs, read before any work (a :class:`gstalk.errors.GstalkError` naming the file): ``gstalk
+    fit`` calls it before it prepares the clip."""
+    load_embedding(load_head_model(opts.flame, n_shape=opts.n_shape, n_expr=opts.n_expr), opts.embedding)
+
+
 def track_dataset(dataset_dir: str | Path, opts: TrackOptions | None = None, progress: Progress | None = None,
                   log: Callable[[str], None] = print) -> Path:
     """``gstalk track``: fit the dataset's landmarks, write ``track.npz`` and ``track_preview.mp4``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import tempfile
@@ -52,6 +53,10 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     target = Path(target)
     ensure_dir(target.parent if str(target.parent) else ".")
     suffix = target.suffix if suffix is None else suffix
+    for stale in target.parent.glob(f".tmp-{glob.escape(target.stem)}-*{glob.escape(suffix)}"):
+        # a temporary of this same output left by a run that was killed (kill -9, power loss)
+        with contextlib.suppress(OSError):
+            stale.unlink()
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.stem}-", suffix=suffix, dir=target.parent)
     except OSError as e:  # a folder that takes no new files (/proc, a full or read-only disk)

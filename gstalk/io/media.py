@@ -55,6 +55,21 @@ def check_fps(fps: float) -> float:
                              "the frame rate"))
 
 
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")  # containers that hold H.264 with AAC
+
+
+def check_video_path(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` if an H.264 video can be written there (a name ending in one of
+    :data:`VIDEO_SUFFIXES` that is not a folder), else :class:`InputError` naming ``flag``."""
+    p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{flag} {p} is a folder; give a video file name, e.g. {p / 'talk.mp4'}")
+    if p.suffix.lower() not in VIDEO_SUFFIXES:
+        raise InputError(f"{flag} {p}: a video is written as {', '.join(VIDEO_SUFFIXES)}; "
+                         f"'{p.suffix or '(no extension)'}' is none of them (e.g. {p.with_suffix('.mp4')})")
+    return p
+
+
 def write_video(path: str | os.PathLike, frames: Iterable, fps: float = 25.0, audio: np.ndarray | None = None,
                 sample_rate: int = 16000, crf: int = 18, progress: Callable[[str, int, int], None] | None = None,
                 n_frames: int | None = None) -> Path:
@@ -66,6 +81,7 @@ def write_video(path: str | os.PathLike, frames: Iterable, fps: float = 25.0, au
     """
     import av
 
+    check_video_path(path, "the video")
     check_fps(fps)
     prog = progress or (lambda *a: None)
     n = 0
