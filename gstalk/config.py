@@ -421,13 +421,13 @@ def is_gstalk_command(argv: list[bytes]) -> bool:
     return args[:2] in ([b"-m", b"gstalk"], [b"-m", b"gstalk.cli"])
 
 
-def _other_gstalk_processes() -> int:
+def _other_gstalk_processes(proc: Path = Path("/proc")) -> int:
     """How many other processes are running the gstalk command (Linux's /proc; 0 elsewhere)."""
     import os
 
     me, n = os.getpid(), 0
     try:
-        procs = list(Path("/proc").iterdir())
+        procs = list(proc.iterdir())
     except OSError:
         return 0
     for p in procs:

@@ -150,7 +150,7 @@ def test_threads_option_and_environment(tmp_path, monkeypatch, capsys):
         torch.set_num_threads(before)
 
 
-def test_default_threads_count_gstalk_processes_not_their_wrappers():
+def test_default_threads_count_gstalk_processes_not_their_wrappers(tmp_path):
     """The default thread count shares the cores among the Python processes running gstalk;
     a wrapper whose arguments name gstalk (GNU time, nohup, a shell) is not one of them (it
     was, and every timed run computed on half the cores)."""
@@ -167,6 +167,20 @@ def test_default_threads_count_gstalk_processes_not_their_wrappers():
     assert not is_gstalk_command(cmd("bash", "-c", "gstalk track ds"))
     assert not is_gstalk_command(cmd("python", "scripts/bench_lips.py", "eval", "--work", "gstalk"))
     assert not is_gstalk_command([])
+    # counted over a process table: this process, a wrapped run (wrapper and interpreter), a shell
+    import os
+
+    from gstalk.config import _other_gstalk_processes
+
+    proc = tmp_path / "proc"
+    for pid, argv in ((os.getpid(), ("python", "-m", "gstalk.cli", "track", "ds")),
+                      (101, ("/usr/bin/time", "-v", ".venv/bin/gstalk", "train", "ds", "av")),
+                      (102, ("/repo/.venv/bin/python", ".venv/bin/gstalk", "train", "ds", "av")),
+                      (103, ("bash", "-c", "gstalk render av")), (104, ("sleep", "9"))):
+        (proc / str(pid)).mkdir(parents=True)
+        (proc / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    (proc / "self").mkdir()
+    assert _other_gstalk_processes(proc) == 1
 
 
 def test_render_out_must_be_a_video_and_is_checked_first(tmp_path, capsys):
