@@ -266,3 +266,15 @@ def test_a_rerun_sweeps_the_temporaries_a_killed_run_left(tmp_path):
     other.write_bytes(b"another output's")
     write_bytes(tmp_path / "avatar.html", b"done")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-other-xyz.html", "avatar.html"]
+
+
+def test_import_dataset_says_when_the_folder_is_missing(tmp_path, capsys):
+    """import-dataset on a folder that does not exist (or a file) says so, not that it has no
+    ori_imgs/; exit 2, nothing written."""
+    f = tmp_path / "clip.mp4"
+    f.write_bytes(b"x")
+    for src, says in ((tmp_path / "nowhere", "does not exist"), (f, "is a file")):
+        assert main(["import-dataset", str(src), str(tmp_path / "ds")]) == 2
+        err = capsys.readouterr()
+        assert says in err.out + err.err and "ori_imgs/ folder" not in err.out + err.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]

@@ -189,6 +189,12 @@ def import_nerf_dataset(src: str | Path, out: str | Path, opts: PrepareOptions |
     check_options(opts)
     src, out = Path(src), Path(out)
     img_dir = src / "ori_imgs"
+    if not src.exists():
+        raise InputError(f"{src} does not exist: give the folder of a NeRF talking-head dataset (ori_imgs/, "
+                         "transforms_train.json, aud.wav ...)")
+    if not src.is_dir():
+        raise InputError(f"{src} is a file, not a folder: give the folder of a NeRF talking-head dataset "
+                         "(ori_imgs/, transforms_train.json, aud.wav ...)")
     if not img_dir.is_dir():
         raise FileFormatError(f"{src} has no ori_imgs/ folder: it does not look like a NeRF talking-head dataset "
                               "(expected ori_imgs/, transforms_train.json, aud.wav ...)")
