@@ -247,8 +247,8 @@ class VisemeMotion(nn.Module):
                 if pred[held].std() > 1e-9 and o[held, 0].std() > 1e-9]
         mass = w[frames].sum(0)
         used = [(v, m) for v, m in zip(VISEMES, mass) if (v != "pre" or pre_s > 0) and (v != "post" or post_s > 0)]
-        return {"lag_s": lag, "pre_s": pre_s, "post_s": post_s, "gain": gain, "own_classes": [v for v, m in used if m >= ridge],
-                "table_classes": [v for v, m in used if m < ridge],
+        return {"lag_s": lag, "pre_s": pre_s, "post_s": post_s, "gain": gain,
+                "own_classes": [v for v, m in used if m >= ridge], "table_classes": [v for v, m in used if m < ridge],
                 "phones_vs_opening": float(np.mean(corr)) if corr else float("nan")}
 
     @staticmethod
