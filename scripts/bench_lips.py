@@ -47,13 +47,13 @@ sys.path.insert(0, str(ROOT))
 from gstalk.audio.phones import PhoneTimeline, free_phones, phone_timeline, speech_regions  # noqa: E402
 from gstalk.audio.visemes import VisemeMotion, lip_measures  # noqa: E402
 from gstalk.avatar.io import head_for  # noqa: E402
-from gstalk.avatar.init import lip_jacobian, mouth_expressions  # noqa: E402
 from gstalk.eval.bench import device_name  # noqa: E402
 from gstalk.face.regions import LIPS, mouth_opening  # noqa: E402
 from gstalk.head.embedding import load_embedding  # noqa: E402
 from gstalk.head.lbs import flame_forward  # noqa: E402
 from gstalk.head.tracker import load_track  # noqa: E402
 from gstalk.io.dataset import Dataset  # noqa: E402
+from gstalk.train.motion import lip_inputs  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -98,12 +98,9 @@ def recalibrate(ds_dir: Path, av_dir: Path) -> None:
     av, _ = load_avatar(av_dir)
     track = load_track(ds.root / "track.npz")
     tl = phone_timeline(ds.audio())
-    driven = mouth_expressions(av.head_model, av.shape)
     av.visemes = VisemeMotion(av.cfg.n_expr)
-    tr = np.asarray(ds.train_indices)
-    lip_map = lip_jacobian(av.head_model, av.shape, track.jaw[tr].mean(0), track.expr[tr].mean(0))
-    lips = fit_visemes(av.visemes, ds, tl, track.jaw, track.expr, ds.train_indices, driven[:av.cfg.n_expr], print,
-                       lip_map=None if lip_map is None else lip_map[:3 + av.cfg.n_expr])
+    driven, lip_map = lip_inputs(av.head_model, av.shape, track.jaw, track.expr, ds.train_indices, av.cfg.n_expr)
+    lips = fit_visemes(av.visemes, ds, tl, track.jaw, track.expr, ds.train_indices, driven, print, lip_map=lip_map)
     tensors.update({f"visemes.{k}": v.contiguous() for k, v in av.visemes.state_dict().items()})
     with atomic_path(nets) as tmp:
         save_file(tensors, str(tmp))
@@ -169,7 +166,6 @@ class Proxy:
         self.lips = lip_measures(np.nan_to_num(lmk))
         self.T, self.fps = self.track.num_frames, self.ds.fps
         self.Y = np.concatenate([self.track.jaw, self.track.expr], 1).astype(np.float64)
-        self.driven = mouth_expressions(self.head, torch.as_tensor(self.track.shape)).numpy()
         audio = self.ds.audio()
         if phones == "free":
             regions = speech_regions(audio)
@@ -201,9 +197,9 @@ class Proxy:
 
     def visemes(self, frames: np.ndarray) -> np.ndarray:
         vm = VisemeMotion(self.head.n_expr)
-        lip_map = lip_jacobian(self.head, torch.as_tensor(self.track.shape), self.Y[frames, :3].mean(0),
-                               self.Y[frames, 3:].mean(0))
-        vm.fit(self.timeline, self.fps, self.Y, self.lips, frames, driven=self.driven, lip_map=lip_map)
+        driven, lip_map = lip_inputs(self.head, torch.as_tensor(self.track.shape), self.Y[:, :3], self.Y[:, 3:],
+                                     frames, self.head.n_expr)
+        vm.fit(self.timeline, self.fps, self.Y, self.lips, frames, driven=driven, lip_map=lip_map)
         jaw, expr = vm(self.timeline, self.T, self.fps)
         return torch.cat([jaw, expr], 1).double().numpy()
 

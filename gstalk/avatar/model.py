@@ -25,7 +25,8 @@ from gstalk.head.lbs import FlameParams, flame_forward
 
 # 2: relative field + mouth prior; 3: expression prior; 4: viseme lip model; 5: its mouth at rest in pauses;
 # 6: avatars fitted without audio (lip_motion 'none'); 7: the viseme model on aligned phones, with the person's
-# own targets per class (older versions are read as made; their viseme model is not, see load_avatar)
+# own targets per class; 8: its pause classes (pre- and post-speech) and lag and amplitude by the lips' error (older
+# versions are read as made; 4-6's viseme model is not, 7's has its pause classes off, see load_avatar)
 AVATAR_VERSION = 8
 
 

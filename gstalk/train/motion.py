@@ -21,6 +21,7 @@ import torch
 
 from gstalk.audio.phones import PhoneTimeline
 from gstalk.audio.visemes import VisemeMotion, lip_measures
+from gstalk.avatar.init import lip_jacobian, mouth_expressions
 from gstalk.avatar.model import AudioToMotion
 
 EVAL_EVERY = 10  # validation interval (iterations)
@@ -83,6 +84,19 @@ def fit_audio_to_motion(a2m: AudioToMotion, windows: torch.Tensor, target: torch
         a2m.load_state_dict(init)
     _fit(a2m, windows, target, tr, iters, seed, progress=progress)
     return iters
+
+
+def lip_inputs(head, shape: torch.Tensor, jaw: np.ndarray, expr: np.ndarray, train_idx,
+               n_expr: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """What :func:`fit_visemes` needs of the head model for this identity: ``driven``
+    [n_expr] bool, the expression coefficients that move the lips
+    (:func:`gstalk.avatar.init.mouth_expressions`), and ``lip_map`` [3 + n_expr, D], how far
+    the lips move per unit of each output around the training frames' mean jaw and expression
+    (:func:`gstalk.avatar.init.lip_jacobian`; None where the head has no lip landmarks)."""
+    tr = np.asarray(train_idx)
+    driven = mouth_expressions(head, shape)[:n_expr].numpy()
+    lip_map = lip_jacobian(head, shape, np.asarray(jaw)[tr].mean(0), np.asarray(expr)[tr].mean(0))
+    return driven, None if lip_map is None else lip_map[:3 + n_expr]
 
 
 def fit_visemes(vm: VisemeMotion, ds, timeline: PhoneTimeline, jaw: np.ndarray, expr: np.ndarray, train_idx,

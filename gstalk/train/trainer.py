@@ -29,8 +29,7 @@ import torch
 from gstalk.audio.features import SilentAudioError, check_speech, compute_features
 from gstalk.audio.phones import phone_timeline
 from gstalk.avatar.io import save_avatar
-from gstalk.avatar.init import (concat_sets, init_gaussians, lip_jacobian, mouth_expressions, mouth_prior,
-                               torso_gaussians)
+from gstalk.avatar.init import concat_sets, init_gaussians, mouth_prior, torso_gaussians
 from gstalk.avatar.model import Avatar, AvatarConfig, Frame
 from gstalk.avatar.render import render_frame
 from gstalk.avatar.views import drawn_pixels
@@ -43,7 +42,7 @@ from gstalk.io.dataset import Dataset
 from gstalk.train import densify
 from gstalk.train.data import (FrameSource, MouthCrops, TrainingError, background_image, first_frame_colours,
                                scaled_camera)
-from gstalk.train.motion import fit_audio_to_motion, fit_visemes, motion_target
+from gstalk.train.motion import fit_audio_to_motion, fit_visemes, lip_inputs, motion_target
 from gstalk.render import Cameras
 from gstalk.render.metrics import psnr
 
@@ -436,13 +435,10 @@ class Trainer:
         self.avatar.cfg.lip_motion = "learned"
         if self.opts.lip_motion == "visemes":
             vm = self.avatar.visemes
-            head, shape = self.avatar.head_model, self.avatar.shape
-            driven = mouth_expressions(head, shape)
-            tr = np.asarray(self.train_idx)
-            lip_map = lip_jacobian(head, shape, self.track.jaw[tr].mean(0), self.track.expr[tr].mean(0))
-            self.avatar.cfg.lip_motion = fit_visemes(
-                vm, self.ds, self.timeline, self.track.jaw, self.track.expr, self.train_idx, driven[:vm.n_expr],
-                self.log, lip_map=None if lip_map is None else lip_map[:3 + vm.n_expr])
+            driven, lip_map = lip_inputs(self.avatar.head_model, self.avatar.shape, self.track.jaw, self.track.expr,
+                                         self.train_idx, vm.n_expr)
+            self.avatar.cfg.lip_motion = fit_visemes(vm, self.ds, self.timeline, self.track.jaw, self.track.expr,
+                                                     self.train_idx, driven, self.log, lip_map=lip_map)
 
     def prune_unseen_free(self, max_frames: int = 32, min_weight: float = UNSEEN_WEIGHT) -> int:
         """Drop the free Gaussians that no training frame shows; returns how many.
