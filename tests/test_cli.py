@@ -260,10 +260,16 @@ def test_a_rerun_sweeps_the_temporaries_a_killed_run_left(tmp_path):
     only those of that output)."""
     from gstalk.io.atomic import write_bytes
 
+    import os
+    import time
+
     left = tmp_path / ".tmp-avatar-abc123.html"
     left.write_bytes(b"16 MB of a killed export")
     other = tmp_path / ".tmp-other-xyz.html"
     other.write_bytes(b"another output's")
+    hour_ago = time.time() - 3600  # left before this run started
+    for p in (left, other):
+        os.utime(p, (hour_ago, hour_ago))
     write_bytes(tmp_path / "avatar.html", b"done")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-other-xyz.html", "avatar.html"]
 

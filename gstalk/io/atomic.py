@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import json
 import os
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,6 +44,35 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+_STARTED = time.time()  # temporaries older than this process are no other write of its own
+_STALE: dict[str, list[Path]] = {}  # per folder: the temporaries it held, older than this process
+_STALE_LOCK = threading.Lock()
+
+
+def _sweep_stale(target: Path, suffix: str) -> None:
+    """Remove the temporaries of ``target`` that a killed run left (kill -9, power loss):
+    ``.tmp-<stem>-*<suffix>`` files older than this process. Each folder is listed once per
+    process (a prepare writes thousands of frames into one), not once per write."""
+    folder = os.path.abspath(target.parent)
+    prefix = f".tmp-{target.stem}-"
+    with _STALE_LOCK:
+        if folder not in _STALE:
+            try:
+                with os.scandir(folder) as it:
+                    _STALE[folder] = [Path(e.path) for e in it if e.name.startswith(".tmp-")
+                                      and e.is_file(follow_symlinks=False) and e.stat().st_mtime < _STARTED]
+            except OSError:
+                _STALE[folder] = []
+        left = []
+        for p in _STALE[folder]:
+            if p.name.startswith(prefix) and p.name.endswith(suffix):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            else:
+                left.append(p)
+        _STALE[folder] = left
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; rename it onto ``target`` on success.
@@ -53,10 +83,7 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     target = Path(target)
     ensure_dir(target.parent if str(target.parent) else ".")
     suffix = target.suffix if suffix is None else suffix
-    for stale in target.parent.glob(f".tmp-{glob.escape(target.stem)}-*{glob.escape(suffix)}"):
-        # a temporary of this same output left by a run that was killed (kill -9, power loss)
-        with contextlib.suppress(OSError):
-            stale.unlink()
+    _sweep_stale(target, suffix)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".tmp-{target.stem}-", suffix=suffix, dir=target.parent)
     except OSError as e:  # a folder that takes no new files (/proc, a full or read-only disk)
