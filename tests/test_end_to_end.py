@@ -364,6 +364,7 @@ def test_format_7_viseme_model_loads_without_the_pause_classes(avatar, tmp_path)
     from gstalk.audio.phones import PhoneTimeline
     from gstalk.audio.visemes import POST, PRE, SIL
     from gstalk.avatar.io import load_avatar
+    from gstalk.errors import FileFormatError
 
     shutil.copytree(avatar, tmp_path / "v7", ignore=shutil.ignore_patterns("eval"))
     nets = tmp_path / "v7" / "networks.safetensors"
@@ -385,6 +386,11 @@ def test_format_7_viseme_model_loads_without_the_pause_classes(avatar, tmp_path)
     tl = PhoneTimeline([("HH", 0.8, 0.9), ("AA", 0.9, 1.1), ("M", 1.1, 1.2), ("AA", 1.2, 1.5)], 2.0, "words")
     for a, b in zip(old.visemes(tl, 50, 25.0), new.visemes(tl, 50, 25.0)):
         torch.testing.assert_close(a, b)
+    # a lip model of another shape (an edited file) is a clear error, not a traceback
+    tensors["visemes.targets"] = torch.zeros(3, 4)
+    save_file(tensors, str(nets))
+    with pytest.raises(FileFormatError, match="networks.safetensors: network 'visemes' does not match"):
+        load_avatar(tmp_path / "v7")
 
 
 def test_mouth_crop_camera_sees_the_cut_of_the_full_frame():

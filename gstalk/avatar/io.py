@@ -148,7 +148,12 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
         sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         if prefix == "visemes" and raw["version"] == 7:
             sd = _visemes_of_version_7(sd)
-        missing, unexpected = mod.load_state_dict(sd, strict=False)
+        try:
+            missing, unexpected = mod.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # a tensor of another shape (an edited or damaged file)
+            first = str(e).strip().splitlines()[-1].strip()
+            raise FileFormatError(f"{root / 'networks.safetensors'}: network '{prefix}' does not match this avatar's "
+                                  f"config.json ({first}); re-fit the avatar ('gstalk train')") from None
         if missing or unexpected:
             raise FileFormatError(f"{root}: network '{prefix}' does not match this gstalk "
                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
