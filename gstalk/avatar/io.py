@@ -27,6 +27,7 @@ from gstalk.errors import FileFormatError, GstalkError
 from gstalk.gaussians.ply import load_ply, save_ply
 from gstalk.head.flame import STANDIN_PATH, load_head_model
 from gstalk.io.atomic import atomic_path, ensure_dir, write_json
+from gstalk.io.schema import Bool, Choice, Int, Number, Optional, Point, Record, Text, check_arrays, check_fields
 
 AVATAR_FORMAT = "gstalk-avatar"
 
@@ -34,6 +35,49 @@ READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, AVATAR_VERSION)
 # what motion.npz must hold: the identity and camera, and the training clip's motion that
 # drives new audio and chooses the view fill
 MOTION_KEYS = ("shape", "K", "viewmat", "global_rot", "neck", "translation", "eyes", "jaw", "expr")
+# their shapes: S identity and E expression directions of the head model, T frames
+MOTION_SHAPES = {"shape": ("S",), "K": (3, 3), "viewmat": (4, 4), "global_rot": ("T", 3), "neck": ("T", 3),
+                 "translation": ("T", 3), "eyes": ("T", 6), "eyelids": ("T", 2), "jaw": ("T", 3), "expr": ("T", "E")}
+REFIT = "re-fit the avatar ('gstalk train')"
+
+_COUNT = Int(0, 10_000)
+#: every config.json field: its type and range (what a reader of the folder may rely on)
+CONFIG_RULES = {
+    "fps": Number(1, 1000),
+    "resolution": Int(16, 16384),
+    "feature_kind": Choice(("mel", "phoneme", "mel+phoneme", "none")),
+    "window": Int(1, 1024),
+    "code_dim": Int(1, 4096),
+    "expr_cond": _COUNT,
+    "sh_degree": Int(0, 3),
+    "encoding": Choice(("hash", "triplane")),
+    "background": Choice(("plate", "alpha", "white", "black")),
+    "head_model": Record({"name": Text(), "source": Text(), "digest": Optional(Text()), "n_shape": Optional(_COUNT),
+                          "n_expr": Optional(_COUNT)}, required=("name",)),
+    "n_shape": _COUNT,
+    "n_expr": _COUNT,
+    "feature_dim": Int(1, 4096),
+    "seed": Int(-(2 ** 63), 2 ** 64 - 1),
+    "field_relative": Bool(),
+    "mouth_centre": Point(3, optional=True),
+    "mouth_radius": Number(0, 10),
+    "expr_prior": Bool(),
+    "lip_motion": Choice(("visemes", "learned", "none")),
+}
+
+
+def check_config(raw: dict, path: Path) -> None:
+    """config.json's fields by :data:`CONFIG_RULES`, and those that must agree with each other."""
+    from gstalk.audio.features import feature_dim
+
+    check_fields(raw, CONFIG_RULES, path, REFIT)
+    kind = raw.get("feature_kind", "phoneme")
+    if kind != "none" and "feature_dim" in raw and raw["feature_dim"] != feature_dim(kind):
+        raise FileFormatError(f"{path}: 'feature_dim' must be {feature_dim(kind)} for feature_kind '{kind}', got "
+                              f"{raw['feature_dim']}; {REFIT}")
+    if "expr_cond" in raw and "n_expr" in raw and raw["expr_cond"] > raw["n_expr"]:
+        raise FileFormatError(f"{path}: 'expr_cond' ({raw['expr_cond']}) must be at most 'n_expr' ({raw['n_expr']}); "
+                              f"{REFIT}")
 
 
 def save_avatar(avatar: Avatar, folder: str | os.PathLike, motion: dict[str, np.ndarray],
@@ -108,6 +152,7 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
                               f"versions {', '.join(map(str, READABLE_VERSIONS))}. Re-fit the avatar with this version "
                               "('gstalk train').")
     raw.pop("format")
+    check_config(raw, cfg_path)
     if raw["version"] == 1:  # version 1 fields gave absolute offsets and had no mouth prior
         raw.update(field_relative=False, mouth_centre=None, mouth_radius=0.0)
     if raw["version"] <= 2:  # no expression prior before version 3
@@ -122,18 +167,31 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
     except TypeError as e:  # fields this version does not know, or lacks
         raise FileFormatError(f"{cfg_path} does not match avatar format version {raw['version']} ({e})") from None
     head = head_for(cfg.head_model)
-    g = load_ply(root / "gaussians.ply")
+    if "n_shape" in raw and "n_expr" in raw and (head.n_shape, head.n_expr) != (cfg.n_shape, cfg.n_expr):
+        raise FileFormatError(f"{cfg_path}: 'n_shape' and 'n_expr' ({cfg.n_shape}, {cfg.n_expr}) must be the head "
+                              f"model's ({head.n_shape}, {head.n_expr}); {REFIT}")
+    ply = root / "gaussians.ply"
+    g = load_ply(ply)
     if g.binding is None or "region" not in g.extra:
-        raise FileFormatError(f"{root / 'gaussians.ply'} lacks gstalk's binding/region properties")
-    motion = load_npz(root / "motion.npz", "re-fit the avatar ('gstalk train')")
+        raise FileFormatError(f"{ply} lacks gstalk's binding/region properties")
+    if g.sh_degree != cfg.sh_degree:
+        raise FileFormatError(f"{ply} holds colour of SH degree {g.sh_degree}, but {cfg_path} says 'sh_degree' "
+                              f"{cfg.sh_degree}; {REFIT}")
+    n_faces = int(head.faces.shape[0])
+    bad = (g.binding < -1) | (g.binding >= n_faces)
+    if bool(bad.any()):
+        raise FileFormatError(f"{ply}: 'binding' must be a triangle of the head model (0 to {n_faces - 1}) or -1, "
+                              f"got {int(g.binding[bad][0])} at Gaussian {int(bad.nonzero()[0, 0])}; {REFIT}")
+    region = g.extra["region"]
+    if region.numel() != len(g) or not bool(((region >= 0) & (region <= 2) & (region == region.round())).all()):
+        raise FileFormatError(f"{ply}: 'region' must be 0 (face), 1 (mouth) or 2 (torso) for every Gaussian; {REFIT}")
+    motion = load_npz(root / "motion.npz", REFIT)
     missing = [k for k in MOTION_KEYS if k not in motion]
     if missing:
-        raise FileFormatError(f"{root / 'motion.npz'} lacks {', '.join(missing)}; re-fit the avatar ('gstalk train')")
-    rows = {k: int(np.shape(motion[k])[0]) if np.ndim(motion[k]) else 0 for k in MOTION_KEYS[3:]}
-    if min(rows.values()) == 0 or len(set(rows.values())) > 1:
-        counts = ", ".join(f"{k}: {n}" for k, n in rows.items())
-        raise FileFormatError(f"{root / 'motion.npz'} holds no frames or frames of different counts ({counts}); "
-                              "re-fit the avatar ('gstalk train')")
+        raise FileFormatError(f"{root / 'motion.npz'} lacks {', '.join(missing)}; {REFIT}")
+    dims = check_arrays(motion, MOTION_SHAPES, root / "motion.npz", REFIT, dims={"S": head.n_shape})
+    if dims["T"] == 0:
+        raise FileFormatError(f"{root / 'motion.npz'} holds no frames; {REFIT}")
     av = Avatar(cfg, head, torch.from_numpy(motion.pop("shape")), g, g.extra["region"].long(),
                 torch.from_numpy(motion.pop("K")), torch.from_numpy(motion.pop("viewmat")))
     try:

@@ -112,6 +112,29 @@ def save_track(track: Track, path: str | os.PathLike) -> Path:
     return save_npz(path, meta=np.array(json.dumps(meta)), **{k: np.asarray(v) for k, v in d.items()})
 
 
+# each array's shape: S identity and E expression directions, T frames
+TRACK_SHAPES = {"shape": ("S",), "expr": ("T", "E"), "jaw": ("T", 3), "neck": ("T", 3), "eyes": ("T", 6),
+                "eyelids": ("T", 2), "global_rot": ("T", 3), "translation": ("T", 3), "K": (3, 3), "viewmat": (4, 4),
+                "valid": ("T",), "residual_px": ("T",)}
+
+
+def check_track(arrays: dict, meta: dict, path: Path) -> None:
+    """A track's description and arrays by type, range and shape (:mod:`gstalk.io.schema`)."""
+    from gstalk.errors import FileFormatError
+    from gstalk.io.schema import Int, Number, Record, Text, check_arrays, check_fields
+
+    fix = "re-run 'gstalk track'"
+    rules = {"model": Record({"name": Text()}, required=("name",)), "embedding_source": Text(),
+             "width": Int(1, 100_000), "height": Int(1, 100_000), "fps": Number(1, 1000)}
+    missing = [k for k in rules if k not in meta]
+    if missing:
+        raise FileFormatError(f"{path}: the track description lacks {', '.join(missing)}; {fix}")
+    check_fields(meta, rules, path, fix)
+    # residual_px is NaN on frames without landmarks
+    check_arrays({k: v for k, v in arrays.items() if k != "residual_px"}, TRACK_SHAPES, path, fix)
+    check_arrays(arrays, {"expr": ("T", "E"), "residual_px": ("T",)}, path, fix, finite=False)
+
+
 def load_track(path: str | os.PathLike) -> Track:
     from gstalk.errors import FileFormatError
     from gstalk.io.dataset import load_npz
@@ -132,6 +155,7 @@ def load_track(path: str | os.PathLike) -> Track:
     if set(arrays) != names:
         raise FileFormatError(f"{p} does not hold a gstalk track's arrays (missing "
                               f"{sorted(names - set(arrays))[:3]}, unexpected {sorted(set(arrays) - names)[:3]})")
+    check_track(arrays, meta, p)
     return Track(**arrays, model=meta["model"], embedding_source=meta["embedding_source"], width=meta["width"],
                  height=meta["height"], fps=meta["fps"])
 

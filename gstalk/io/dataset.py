@@ -60,6 +60,28 @@ def read_image_file(path: str | os.PathLike, grey: bool = False) -> np.ndarray:
     return img if grey else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+def check_manifest(m: dict, path: Path) -> None:
+    """The manifest fields readers rely on, by type and range (see :mod:`gstalk.io.schema`)."""
+    from gstalk.io.schema import Bool, Int, Number, Record, check_fields
+
+    fix = "re-run 'gstalk prepare' on the clip"
+    missing = [k for k in ("num_frames", "fps", "resolution", "split") if k not in m]
+    if missing:
+        raise FileFormatError(f"{path} lacks {', '.join(missing)}; {fix}")
+    span = Record({}, required=("train", "test"))
+    check_fields(m, {"num_frames": Int(1, 10 ** 8), "fps": Number(1, 1000), "resolution": Int(16, 16384),
+                     "split": span, "audio": Record({"present": Bool(), "sample_rate": Int(8000, 192000)})}, path, fix)
+    n = m["num_frames"]
+    for part in ("train", "test"):
+        r = m["split"][part]
+        if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+                and 0 <= r[0] <= r[1] <= n):
+            raise FileFormatError(f"{path}: 'split.{part}' must be [start, end] frames with 0 <= start <= end <= "
+                                  f"num_frames ({n}), got {r!r}; {fix}")
+    if m.get("audio", {}).get("present") and "sample_rate" not in m["audio"]:
+        raise FileFormatError(f"{path}: 'audio.sample_rate' is missing; {fix}")
+
+
 class Dataset:
     """Read access to a prepared dataset folder (frames are loaded one at a time)."""
 
@@ -79,6 +101,7 @@ class Dataset:
         if v != DATASET_VERSION:
             raise FileFormatError(f"{self.root} was written in dataset format version {v}; this gstalk reads "
                                   f"version {DATASET_VERSION}. Re-run 'gstalk prepare' on the clip.")
+        check_manifest(self.manifest, mf)
 
     # --- sizes and timing
     @property
