@@ -186,9 +186,10 @@ def _train(cfg: TrainConfig, console) -> int:
 
 
 def _fit(cfg: FitConfig, console) -> int:
+    from gstalk.avatar.io import claim_avatar_folder
     from gstalk.config import resolve_device
     from gstalk.head.tracker import check_inputs as check_track_files, check_options as check_track, track_dataset
-    from gstalk.prepare import check_options as check_prepare, prepare
+    from gstalk.prepare import check_dataset_out, check_options as check_prepare, prepare
     from gstalk.train.trainer import resolved, train
 
     # every stage's options, before the first stage's work
@@ -197,6 +198,8 @@ def _fit(cfg: FitConfig, console) -> int:
     check_track_files(cfg.track)  # the FLAME and embedding files too, not only after the whole prepare
     resolved(cfg.train, resolve_device(cfg.train.device), "train.")
     ds_dir = cfg.dataset or Path(str(cfg.avatar).rstrip("/") + ".dataset")
+    check_dataset_out(ds_dir)  # both output folders, before the first stage
+    claim_avatar_folder(cfg.avatar, cfg.train.overwrite, "--train.overwrite")
     with StageProgress(console) as prog:
         prepare(cfg.clip, ds_dir, cfg.prepare, progress=prog, log=console.print)
         if not (ds_dir / "track.npz").is_file():

@@ -244,6 +244,9 @@ class TrainOptions:
     """Frames kept in memory (the rest are read from disk when needed)."""
     seed: int = 0
     device: Device = "auto"
+    overwrite: bool = False
+    """Fit again into a folder that holds a finished avatar (it and its eval/ are removed first;
+    without this such a folder is refused). An unfinished fit there resumes either way."""
 
 
 @dataclass

@@ -554,3 +554,36 @@ def test_free_gaussians_no_training_frame_shows_are_removed(tracked, tmp_path):
     assert not ((means - hidden).norm(dim=-1) < 1e-6).any() and ((means - side).norm(dim=-1) < 1e-6).any()
     assert int((av.binding >= 0).sum()) == n_bound and int((av.binding < 0).sum()) == n_free - dropped
     assert dropped >= 1 and any(f"removed {dropped} of {n_free} free Gaussians" in m for m in logs)
+
+
+def test_training_over_a_finished_avatar_needs_overwrite_and_drops_its_eval(tracked, tmp_path, capsys):
+    """A finished avatar is not replaced without --overwrite (refused before any work, every
+    file kept byte-identical); with it the avatar and its stale eval/ go, a file the user put
+    there stays; a folder of someone else's files is refused."""
+    from gstalk.cli import main
+    from gstalk.errors import OutputError
+    from gstalk.train.trainer import train
+
+    _, ds = tracked
+    opts = replace(TINY, iters_static=5, iters_audio=0, iters_joint=0, iters_a2m=5, densify_every=0)
+    out = train(ds, tmp_path / "av", opts, log=lambda m: None)
+    (out / "eval").mkdir()
+    (out / "eval" / "eval.json").write_text('{"psnr": 30}')
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(OutputError, match="holds a finished avatar; give --overwrite"):
+        train(ds, out, opts, log=lambda m: None)
+    assert main(["train", str(ds), str(out), "--iters-static", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    train(ds, out, replace(opts, overwrite=True, seed=3), log=lambda m: None)
+    assert not (out / "eval").exists() and (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "config.json").read_text())["seed"] == 3
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "gaussians.ply").write_text("my own splats")
+    with pytest.raises(OutputError, match="gstalk did not write .*gaussians.ply"):
+        train(ds, theirs, replace(opts, overwrite=True), log=lambda m: None)
+    assert (theirs / "gaussians.ply").read_text() == "my own splats"

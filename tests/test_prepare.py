@@ -216,3 +216,39 @@ def test_cli_prepare(clip, tmp_path):
     assert main(["prepare", str(clip.path), str(tmp_path / "ds"), "--resolution", "64", "--no-preview"]) == 0
     assert Dataset(tmp_path / "ds").resolution == 64
     assert main(["prepare", str(tmp_path / "nothing.mp4"), str(tmp_path / "x")]) == 2
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_holding_files_gstalk_did_not_write_is_refused_and_kept(clip, tmp_path, capsys):
+    """prepare, import-dataset and fit refuse an output folder with someone else's files (here
+    an audio.wav and a manifest.json of the same names gstalk would write), before any work,
+    and leave it byte-identical; a dataset folder of gstalk's is reused, keeping a file the
+    user added to it."""
+    from gstalk.cli import main
+    from gstalk.prepare import import_nerf_dataset
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "audio.wav").write_bytes(b"RIFF my own recording")
+    (theirs / "manifest.json").write_text('{"project": "mine"}')
+    before = _snapshot(theirs)
+    with pytest.raises(OutputError, match="already holds files gstalk did not write .*audio.wav, manifest.json"):
+        prepare(clip.path, theirs, opts(), log=lambda m: None)
+    nerf = tmp_path / "nerf"
+    (nerf / "ori_imgs").mkdir(parents=True)
+    with pytest.raises(OutputError, match="gstalk did not write"):
+        import_nerf_dataset(nerf, theirs)
+    assert main(["fit", str(clip.path), str(tmp_path / "av"), "--dataset", str(theirs)]) == 2
+    err = capsys.readouterr().err
+    assert "gstalk did not write" in err and "Traceback" not in err
+    assert _snapshot(theirs) == before and not (tmp_path / "av").exists()
+
+    ours = tmp_path / "ours"
+    prepare(clip.path, ours, opts(), log=lambda m: None)
+    (ours / "notes.txt").write_text("kept")
+    log = []
+    prepare(clip.path, ours, opts(), log=log.append)
+    assert any("reusing it" in m for m in log) and (ours / "notes.txt").read_text() == "kept"

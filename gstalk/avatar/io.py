@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from gstalk.avatar.model import AVATAR_VERSION, Avatar, AvatarConfig
-from gstalk.errors import FileFormatError, GstalkError
+from gstalk.errors import FileFormatError, GstalkError, OutputError
 from gstalk.gaussians.ply import load_ply, save_ply
 from gstalk.head.flame import STANDIN_PATH, load_head_model
-from gstalk.io.atomic import atomic_path, ensure_dir, write_json
+from gstalk.io.atomic import atomic_path, check_own_folder, ensure_dir, write_json
 from gstalk.io.schema import Bool, Choice, Int, Number, Optional, Point, Record, Text, check_arrays, check_fields
 
 AVATAR_FORMAT = "gstalk-avatar"
@@ -78,6 +78,54 @@ def check_config(raw: dict, path: Path) -> None:
     if "expr_cond" in raw and "n_expr" in raw and raw["expr_cond"] > raw["n_expr"]:
         raise FileFormatError(f"{path}: 'expr_cond' ({raw['expr_cond']}) must be at most 'n_expr' ({raw['n_expr']}); "
                               f"{REFIT}")
+
+
+#: the files of a finished avatar (see the module's docstring); a fit under way adds checkpoint.pt
+AVATAR_FILES = ("config.json", "gaussians.ply", "networks.safetensors", "motion.npz", "background.png")
+
+
+def _is_finished(folder: Path) -> bool:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("format") == AVATAR_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def is_avatar_folder(folder: Path) -> bool:
+    """Whether gstalk wrote ``folder``: a finished avatar, or a fit under way (its checkpoint)."""
+    return _is_finished(folder) or (folder / "checkpoint.pt").is_file()
+
+
+def claim_avatar_folder(folder: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> bool:
+    """Check, before any work, that a fit may write ``folder``: new, empty, or a fit under way
+    (resumed). A finished avatar is refused unless ``overwrite``; a folder holding files gstalk
+    did not write is refused (OutputError). Returns whether a finished avatar is to be replaced
+    (:func:`remove_avatar`, once the fit's inputs have been read)."""
+    root = Path(folder)
+    if not check_own_folder(root, is_avatar_folder, "avatar"):
+        return False
+    if (root / "checkpoint.pt").is_file() or not _is_finished(root):
+        return False  # a fit under way: it resumes
+    if not overwrite:
+        raise OutputError(f"{root} holds a finished avatar; give {flag} to fit it again (the avatar and its eval/ "
+                          "are replaced), or another folder")
+    return True
+
+
+def remove_avatar(folder: str | os.PathLike, log=print) -> None:
+    """Remove the finished avatar in ``folder`` and its eval/ (which would describe the wrong
+    avatar). Files there that gstalk did not write are kept."""
+    import shutil
+
+    root = Path(folder)
+    try:
+        for name in AVATAR_FILES:  # config.json first: a half-removed folder is no longer a finished avatar
+            (root / name).unlink(missing_ok=True)
+        if (root / "eval").is_dir():
+            shutil.rmtree(root / "eval")
+    except OSError as e:
+        raise OutputError(f"cannot remove the old avatar in {root}: {e.strerror or e}") from None
+    log(f"{root}: the finished avatar there and its evaluation are replaced")
 
 
 def save_avatar(avatar: Avatar, folder: str | os.PathLike, motion: dict[str, np.ndarray],

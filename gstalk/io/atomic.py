@@ -44,6 +44,26 @@ def ensure_dir(path: str | os.PathLike) -> Path:
     return p
 
 
+def check_own_folder(path: str | os.PathLike, is_ours, what: str) -> bool:
+    """Refuse (:class:`OutputError`) an output folder that holds files gstalk did not write:
+    ``path`` may be missing, empty (hidden files aside) or a folder ``is_ours(path)`` accepts
+    (one gstalk wrote, finished or not). gstalk never overwrites a file it did not write.
+    Returns whether the folder already held something of gstalk's."""
+    p = Path(path)
+    if not p.exists():
+        return False
+    if not p.is_dir():
+        raise OutputError(f"{p} is a file, not a folder: give a new or empty folder for the {what}")
+    names = sorted(e.name for e in os.scandir(p) if not e.name.startswith("."))
+    if not names:
+        return False
+    if is_ours(p):
+        return True
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    raise OutputError(f"{p} already holds files gstalk did not write ({shown}); give a new or empty folder for the "
+                      f"{what} (gstalk never overwrites files it did not write)")
+
+
 _STARTED = time.time()  # temporaries older than this process are no other write of its own
 _STALE: dict[str, list[Path]] = {}  # per folder: the temporaries it held, older than this process
 _STALE_LOCK = threading.Lock()

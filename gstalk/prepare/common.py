@@ -29,8 +29,32 @@ class ClipTooShortError(GstalkError):
     """The clip is too short to build an avatar from."""
 
 
+def is_dataset_folder(folder: Path) -> bool:
+    """Whether gstalk wrote ``folder`` (a dataset, finished or under way): its progress.json or
+    its manifest says so."""
+    for name, key, value in (("progress.json", "fingerprint", None), ("manifest.json", "format", "gstalk-dataset")):
+        try:
+            d = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and key in d and (value is None or d[key] == value):
+            return True
+    return False
+
+
+def check_dataset_out(out: Path) -> bool:
+    """``out`` is new, empty or a dataset folder of gstalk's (which is resumed or redone; files
+    in it that gstalk did not write are kept); any other folder is refused (OutputError).
+    Returns whether it held a dataset."""
+    from gstalk.io.atomic import check_own_folder
+
+    return check_own_folder(out, is_dataset_folder, "dataset")
+
+
 class State:
-    """progress.json: which stages are finished, for resuming."""
+    """progress.json: which stages are finished, for resuming. It is written as the folder is
+    claimed, before any stage, so that a run killed in its first stage left a folder that is
+    recognisably gstalk's (see :func:`is_dataset_folder`)."""
 
     def __init__(self, out: Path, fingerprint: str):
         self.path = out / "progress.json"
@@ -42,6 +66,8 @@ class State:
                 old = {}
             if old.get("fingerprint") == fingerprint:
                 self.data = old
+        if not self.data["done"]:
+            write_json(self.path, self.data)
 
     @property
     def resumed(self) -> bool:

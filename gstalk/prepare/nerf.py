@@ -39,7 +39,7 @@ from gstalk.face.regions import BACKGROUND, HEAD_OTHER, LABELS, TORSO
 from gstalk.io.atomic import ensure_dir, write_json
 from gstalk.io.dataset import DATASET_FORMAT, DATASET_VERSION, Dataset, read_image_file, save_npz, write_image_file
 from gstalk.io.video import load_audio, write_wav
-from gstalk.prepare.common import AUDIO_RATE, Progress, State, finish_dataset, holdout_split
+from gstalk.prepare.common import AUDIO_RATE, Progress, State, check_dataset_out, finish_dataset, holdout_split
 
 FEATURE_FILES = {"aud_ds.npy": "deepspeech", "aud_hu.npy": "hubert", "aud_eo.npy": "wav2vec", "aud.npy": "other"}
 
@@ -195,6 +195,7 @@ def import_nerf_dataset(src: str | Path, out: str | Path, opts: PrepareOptions |
     if not src.is_dir():
         raise InputError(f"{src} is a file, not a folder: give the folder of a NeRF talking-head dataset "
                          "(ori_imgs/, transforms_train.json, aud.wav ...)")
+    check_dataset_out(out)  # before any work: never over files gstalk did not write
     if not img_dir.is_dir():
         raise FileFormatError(f"{src} has no ori_imgs/ folder: it does not look like a NeRF talking-head dataset "
                               "(expected ori_imgs/, transforms_train.json, aud.wav ...)")

@@ -37,7 +37,7 @@ from gstalk.io.media import MAX_FPS, MAX_SIZE
 from gstalk.face.regions import LABELS
 from gstalk.io.video import iter_frames, probe, read_audio, write_wav
 from gstalk.prepare.common import (AUDIO_RATE, ClipTooShortError, NoFaceError, Progress, State, _interp_nan,
-                                   _subject_boxes, finish_dataset, holdout_split)
+                                   _subject_boxes, check_dataset_out, finish_dataset, holdout_split)
 
 def _fingerprint(clip: Path, opts: PrepareOptions) -> str:
     st = clip.stat()
@@ -184,6 +184,7 @@ def prepare(clip: str | Path, out: str | Path, opts: PrepareOptions | None = Non
     clip, out = Path(clip), Path(out)
     check_options(opts)
     info = probe(clip)  # raises FileFormatError for missing/corrupt files
+    check_dataset_out(out)
     ensure_dir(out)
     state = State(out, _fingerprint(clip, opts))
     if state.done("signals") and (state.done("preview") or not opts.preview):

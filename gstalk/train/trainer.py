@@ -80,6 +80,9 @@ def _ssim_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class Trainer:
     def __init__(self, dataset: str | Path, avatar_dir: str | Path, opts: TrainOptions,
                  progress: Progress | None = None, log: Callable[[str], None] = print):
+        from gstalk.avatar.io import claim_avatar_folder
+
+        self._replace = claim_avatar_folder(avatar_dir, opts.overwrite)  # before any work
         self.ds = Dataset(dataset)
         self.out = Path(avatar_dir)
         self.dev = resolve_device(opts.device)
@@ -358,6 +361,11 @@ class Trainer:
 
     def _run(self) -> Path:
         o = self.opts
+        if self._replace:
+            from gstalk.avatar.io import remove_avatar
+
+            remove_avatar(self.out, self.log)
+            self._replace = False
         plan = [("static", o.iters_static), ("audio", o.iters_audio), ("joint", o.iters_joint)]
         start_stage, start_it, state = 0, 0, None
         if self.ckpt_path.is_file():
