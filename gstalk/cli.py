@@ -130,14 +130,24 @@ def _main(argv: Sequence[str] | None = None) -> int:
             raise GstalkError(f"no handler for {type(cfg).__name__}")
         return handler(cfg, console)
     except GstalkError as e:
+        _remove_empty_outputs()
         console.print(f"[bold red]gstalk error:[/] {e}")
         return e.exit_code
     except Terminated:
+        _remove_empty_outputs()
         console.print("terminated")
         return 143
     except KeyboardInterrupt:
+        _remove_empty_outputs()
         console.print("interrupted")
         return 130
+
+
+def _remove_empty_outputs() -> None:
+    """A failed or stopped command leaves no empty output folder behind."""
+    from gstalk.io.atomic import remove_empty_created
+
+    remove_empty_created()
 
 
 def _demo(cfg: DemoConfig, console) -> int:

@@ -282,10 +282,13 @@ def render_ply_turntable(ply: Path, out: Path, size: int = 256, frames: int = 48
     from gstalk.gaussians.axes import convert_axes
 
     dev = resolve_device(device)
+    from gstalk.gaussians.ply import check_finite_file
+
     g = load_ply(ply)
     g = convert_axes(g, axes)  # the RUB<->RDF turn is its own inverse
     if len(g) == 0:
         raise InputError(f"{ply} holds no Gaussians")
+    check_finite_file(g, ply)
     check_size(size)
     check_value(frames, AT_LEAST_1, "--frames")
     check_value(radius, AT_LEAST_0, "--radius")  # 0: fit the scene

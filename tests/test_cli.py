@@ -284,3 +284,48 @@ def test_import_dataset_says_when_the_folder_is_missing(tmp_path, capsys):
         err = capsys.readouterr()
         assert says in err.out + err.err and "ori_imgs/ folder" not in err.out + err.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_a_nan_ply_is_named_and_a_failed_render_leaves_no_folder(tmp_path, capsys):
+    """render x.ply of a PLY with NaN Gaussians says which file and how many (it said "camera
+    viewmats contain NaN"), exit 2, and leaves no (empty) output folder behind."""
+    from plyfile import PlyData
+
+    save_ply(GaussianSet.random(50, sh_degree=0, extent=0.3), tmp_path / "nan.ply")
+    ply = PlyData.read(str(tmp_path / "nan.ply"), mmap=False)
+    ply["vertex"].data["y"][7] = np.nan  # as a diverged fit writes it (gstalk itself refuses to)
+    ply.write(str(tmp_path / "nan.ply"))
+    out = tmp_path / "new" / "renders"
+    assert main(["render", str(tmp_path / "nan.ply"), "--out", str(out), "--size", "32", "--frames", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "nan.ply: 1 of its 50 Gaussians hold NaN" in err and "viewmats" not in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.ply"]
+
+
+def test_a_failed_command_leaves_no_empty_folder_it_created(tmp_path, monkeypatch, capsys):
+    """Folders a command created and left without a file are removed when it fails (a GstalkError,
+    SIGTERM, Ctrl-C); a folder that holds a file, or that was there before, stays."""
+    import gstalk.cli as cli
+    from gstalk.config import RenderConfig
+    from gstalk.errors import InputError
+    from gstalk.io.atomic import atomic_path, ensure_dir
+
+    (tmp_path / "before").mkdir()
+
+    def failing(cfg, console):
+        ensure_dir(tmp_path / "before" / "sub")
+        ensure_dir(tmp_path / "a" / "b" / "c")
+        with atomic_path(tmp_path / "kept" / "one.txt") as tmp:
+            tmp.write_text("done")
+        try:
+            with atomic_path(tmp_path / "half" / "x.mp4") as tmp:
+                tmp.write_bytes(b"half")
+                raise InputError("the audio ran out")
+        finally:
+            assert (tmp_path / "half").is_dir()
+
+    monkeypatch.setitem(cli.HANDLERS, RenderConfig, failing)
+    assert main(["render", str(tmp_path / "av"), "--out", str(tmp_path / "o.mp4")]) == 2
+    assert "the audio ran out" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["before", "kept"]
+    assert not any((tmp_path / "before").iterdir()) and (tmp_path / "kept" / "one.txt").read_text() == "done"

@@ -186,6 +186,14 @@ def test_bad_inputs(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OutputError):
         prepare(short.path, blocker / "d", opts())
+    # a refused clip leaves no output folder (nothing in it could be resumed)
+    assert not any(p.is_dir() for p in tmp_path.iterdir()), sorted(tmp_path.iterdir())
+    # one that existed before is kept, with what was in it
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / ".keep").write_text("")
+    with pytest.raises(NoFaceError):
+        prepare(noface.path, tmp_path / "mine", opts(), log=lambda m: None)
+    assert (tmp_path / "mine" / ".keep").is_file()
 
 
 def test_truncated_clip(clip, tmp_path):

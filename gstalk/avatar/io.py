@@ -24,7 +24,7 @@ import torch
 
 from gstalk.avatar.model import AVATAR_VERSION, Avatar, AvatarConfig
 from gstalk.errors import FileFormatError, GstalkError, OutputError
-from gstalk.gaussians.ply import load_ply, save_ply
+from gstalk.gaussians.ply import check_finite_file, load_ply, save_ply
 from gstalk.head.flame import STANDIN_PATH, load_head_model
 from gstalk.io.atomic import atomic_path, check_own_folder, ensure_dir, write_json
 from gstalk.io.schema import Bool, Choice, Int, Number, Optional, Point, Record, Text, check_arrays, check_fields
@@ -222,6 +222,7 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
     g = load_ply(ply)
     if g.binding is None or "region" not in g.extra:
         raise FileFormatError(f"{ply} lacks gstalk's binding/region properties")
+    check_finite_file(g, ply, REFIT)
     if g.sh_degree != cfg.sh_degree:
         raise FileFormatError(f"{ply} holds colour of SH degree {g.sh_degree}, but {cfg_path} says 'sh_degree' "
                               f"{cfg.sh_degree}; {REFIT}")

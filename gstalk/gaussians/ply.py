@@ -159,3 +159,14 @@ def load_ply(path: str | os.PathLike, device: torch.device | str = "cpu") -> Gau
         extra=extra,
     )
     return g.to(device)
+
+
+def check_finite_file(g: GaussianSet, path: str | os.PathLike, fix: str = "") -> None:
+    """Refuse (:class:`FileFormatError`) Gaussians read from ``path`` that hold NaN or infinite
+    values, naming the file, how many and the first."""
+    bad = g.nonfinite()
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise FileFormatError(f"{path}: {int(bad.sum())} of its {len(g)} Gaussians hold NaN or infinite values (the "
+                              f"first is Gaussian {first}): a diverged fit or a damaged file"
+                              + (f"; {fix}" if fix else ""))

@@ -145,12 +145,17 @@ class GaussianSet:
             extra={k: conv(v) for k, v in self.extra.items()},
         )
 
-    def check_finite(self, what: str) -> None:
-        """Refuse Gaussians with NaN or infinite parameters (a diverged fit, a damaged file),
-        saying how many, for ``what`` (the file being written)."""
+    def nonfinite(self) -> Tensor:
+        """[N] bool: the Gaussians with a NaN or infinite parameter."""
         bad = torch.zeros(len(self), dtype=torch.bool, device=self.means.device)
         for t in (self.means, self.quats, self.log_scales, self.opacity_logits[:, None], self.sh.flatten(1)):
             bad |= ~torch.isfinite(t.detach()).all(-1)
+        return bad
+
+    def check_finite(self, what: str) -> None:
+        """Refuse Gaussians with NaN or infinite parameters (a diverged fit, a damaged file),
+        saying how many, for ``what`` (the file being written)."""
+        bad = self.nonfinite()
         if bool(bad.any()):
             raise InputError(f"{int(bad.sum())} of the {len(self)} Gaussians for {what} hold NaN or infinite values "
                              "(a diverged fit or a damaged file); nothing was written")

@@ -31,17 +31,47 @@ _UMASK = _current_umask()
 _FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
+_CREATED: list[Path] = []  # the folders this process created (the topmost new one of each ensure_dir)
+
+
 def ensure_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` (and parents) or raise :class:`OutputError` saying why not."""
+    """Create ``path`` (and parents) or raise :class:`OutputError` saying why not. Folders it
+    creates are remembered: :func:`remove_empty_created` takes them away again after a failure."""
     p = Path(path)
+    top = None
+    for q in (p, *p.parents):
+        if q.exists():
+            break
+        top = q
     try:
         p.mkdir(parents=True, exist_ok=True)
+        if top is not None:
+            _CREATED.append(top.absolute())
     except OSError as e:  # permission denied, a file in the way, read-only fs
         raise OutputError(f"cannot create output folder {p}: {e.strerror or e}. "
                           "Choose a folder you can write to.") from None
     if not os.access(p, os.W_OK):
         raise OutputError(f"output folder {p} is not writable. Choose a folder you can write to.")
     return p
+
+
+def remove_empty_created() -> list[Path]:
+    """After a failed command: remove the folders this process created that hold no file
+    (a failed run leaves no empty output folder). Returns those removed."""
+    gone = []
+    for top in reversed(_CREATED):
+        if not top.is_dir():
+            continue
+        try:
+            if any(f for _, _, f in os.walk(top)):
+                continue
+            for d, _, _ in sorted(os.walk(top), key=lambda w: -len(w[0])):
+                os.rmdir(d)
+            gone.append(top)
+        except OSError:
+            continue
+    _CREATED.clear()
+    return gone
 
 
 def check_own_folder(path: str | os.PathLike, is_ours, what: str) -> bool:

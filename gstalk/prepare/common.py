@@ -5,7 +5,9 @@ preview) and the held-out split. :mod:`gstalk.prepare.video` (a phone clip) and
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -78,6 +80,17 @@ class State:
 
     def get(self, stage: str):
         return self.data["done"].get(stage)
+
+    @contextlib.contextmanager
+    def abandoned_on_failure(self, created: bool):
+        """A run that this call began in a folder it ``created`` and that fails (a GstalkError)
+        before its first stage is finished leaves no folder: nothing in it could be resumed."""
+        try:
+            yield
+        except GstalkError:
+            if created and not self.data["done"]:
+                shutil.rmtree(self.path.parent, ignore_errors=True)
+            raise
 
     def mark(self, stage: str, info=True) -> None:
         self.data["done"][stage] = info

@@ -207,8 +207,15 @@ def import_nerf_dataset(src: str | Path, out: str | Path, opts: PrepareOptions |
         raise InputError(f"{src} has {n} frames ({n / opts.fps:.1f} s at {opts.fps:g} fps); "
                          f"need {opts.min_seconds:g} s")
     prog = progress or (lambda stage, i, total: None)
+    created = not out.exists()
     ensure_dir(out)
     state = State(out, f"import:{src.resolve()}:{n}:{opts.resolution}")
+    with state.abandoned_on_failure(created):
+        return _build(src, out, ids, opts, state, prog, log)
+
+
+def _build(src: Path, out: Path, ids: list[int], opts: PrepareOptions, state: State, prog, log) -> Dataset:
+    n = len(ids)
     warnings: list[str] = []
     res = opts.resolution
 

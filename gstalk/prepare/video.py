@@ -185,8 +185,14 @@ def prepare(clip: str | Path, out: str | Path, opts: PrepareOptions | None = Non
     check_options(opts)
     info = probe(clip)  # raises FileFormatError for missing/corrupt files
     check_dataset_out(out)
+    created = not out.exists()
     ensure_dir(out)
     state = State(out, _fingerprint(clip, opts))
+    with state.abandoned_on_failure(created):
+        return _build(clip, out, opts, info, state, progress, log)
+
+
+def _build(clip: Path, out: Path, opts: PrepareOptions, info, state: State, progress, log) -> Dataset:
     if state.done("signals") and (state.done("preview") or not opts.preview):
         log(f"{out} is already prepared from this clip with these options: reusing it")
     elif state.resumed:
