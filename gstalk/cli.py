@@ -4,6 +4,7 @@ a library function, and a :class:`GstalkError` is printed without a traceback.""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 import tyro
+
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # OpenCV's own warnings print around gstalk's messages
 from typing_extensions import Annotated
 
 from gstalk.config import (DemoConfig, EvalConfig, ExportConfig, FitConfig, ImportConfig, PrepareConfig,
@@ -100,13 +103,32 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
+    from gstalk.errors import GstalkWarning
+
+    with warnings.catch_warnings():
+        # gstalk's own warnings are one line each; libraries' (torch's, OpenCV's hints) are not
+        # the user's business around gstalk's messages
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", GstalkWarning)
+        console = _console()
+
+        def show(message, category, *rest, **kw):
+            if issubclass(category, GstalkWarning):
+                console.print(f"[yellow]warning:[/] {message}")
+
+        warnings.showwarning = show
+        return _run(argv, console)
+
+
+def _run(argv: Sequence[str] | None, console) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("--version", "-V"):
         from gstalk import __version__
 
         print(f"gstalk {__version__}")
         return 0
-    console = _console()
     try:
         threads = None
         if argv and (argv[0] == "--threads" or argv[0].startswith("--threads=")):
@@ -315,10 +337,11 @@ def _export(cfg: ExportConfig, console) -> int:
 
     with StageProgress(console) as prog:
         r = export(cfg.avatar, cfg.out, tuple(cfg.format), cfg.audio, cfg.expressions, cfg.frame, cfg.max_frames,
-                   cfg.fps, cfg.head, cfg.axes, cfg.deform, cfg.device, progress=prog)
+                   cfg.fps, cfg.head, cfg.axes, cfg.deform, cfg.device, progress=prog, origin=cfg.origin)
     sizes = r.sizes()
     console.print(f"exported {r.gaussians} Gaussians" + (f", {r.frames} frames at {r.fps:g} fps" if r.frames else "")
-                  + f" to {r.out} in {r.seconds:.1f} s")
+                  + f" to {r.out} in {r.seconds:.1f} s; "
+                  + ("the head's centre at the origin" if r.origin == "head" else "in the tracked camera's space"))
     for fmt, files in r.files.items():
         shown = str(files[0]) if len(files) == 1 else f"{files[0].parent}/ ({len(files)} files)"
         console.print(f"  {fmt:<15} {shown}  {sizes[fmt] / 1e6:.2f} MB")

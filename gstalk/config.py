@@ -307,7 +307,11 @@ class ExportConfig:
     expressions: Path | None = None
     """Instead of audio: a track.npz to drive the animated formats."""
     frame: int = -1
-    """Static formats: -1 = the canonical avatar (rest pose, neutral, at the origin); k = frame k of the sequence."""
+    """Static formats: -1 = the avatar at rest (the clip's median head pose, neutral, undeformed); k = frame k of
+    the sequence."""
+    origin: Literal["head", "camera"] = "head"
+    """Where the files put the avatar: head (the head's centre at the origin, what viewers look at first) or camera
+    (the tracked camera's space: the camera at the origin, the head where the clip had it)."""
     max_frames: int = 0
     """Cap on the frames of animated formats (0 = all)."""
     fps: float = 0.0

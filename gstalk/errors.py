@@ -29,6 +29,18 @@ class OutputError(GstalkError):
     """An output location cannot be written."""
 
 
+class GstalkWarning(UserWarning):
+    """Something the user should know that does not stop the command (a truncated file, a
+    source too small for the output size). The CLI prints these, one line each, and hides the
+    warnings of the libraries below it."""
+
+
+def warn(message: str) -> None:
+    import warnings
+
+    warnings.warn(message, GstalkWarning, stacklevel=2)
+
+
 
 # ---------------------------------------------------------------- range checks
 #: Rules for :func:`check_value` and :func:`check_ranges`: (what the value must satisfy, how

@@ -34,7 +34,8 @@ def similarity(scale: float, angle_deg: float, tx: float, ty: float, center) -> 
 
 
 def make_clip(path: Path, seconds: float = 3.0, size=(192, 256), rotation: int = 90, vfr: bool = True,
-              audio: bool = True, seed: int = 0, face: bool = True, n_faces: int = 1) -> SynthClip:
+              audio: bool = True, seed: int = 0, face: bool = True, n_faces: int = 1,
+              record_rotation: bool = True) -> SynthClip:
     import av
     import cv2
     from skimage import data
@@ -55,7 +56,7 @@ def make_clip(path: Path, seconds: float = 3.0, size=(192, 256), rotation: int =
     enc_w, enc_h = (h, w) if rotation in (90, 270) else (w, h)
     vs.width, vs.height, vs.pix_fmt = enc_w, enc_h, "yuv420p"
     vs.options = {"crf": "16"}
-    if rotation:
+    if rotation and record_rotation:  # without it: a phone clip whose rotation was lost (shown sideways)
         vs.set_display_rotation(rotation)
     aus = None
     rate = 16000

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from gstalk.cli import main
 from gstalk.gaussians import GaussianSet, save_ply
@@ -329,3 +330,33 @@ def test_a_failed_command_leaves_no_empty_folder_it_created(tmp_path, monkeypatc
     assert "the audio ran out" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["before", "kept"]
     assert not any((tmp_path / "before").iterdir()) and (tmp_path / "kept" / "one.txt").read_text() == "done"
+
+
+def test_a_truncated_wav_is_warned_about_and_library_warnings_are_hidden(tmp_path, monkeypatch, capsys):
+    """A wav cut short (its header declares more) renders what is there with one warning line;
+    warnings of the libraries below gstalk do not print around its messages."""
+    import warnings
+
+    import gstalk.cli as cli
+    from gstalk.config import RenderConfig
+    from gstalk.errors import GstalkWarning
+    from gstalk.io.video import load_audio, write_wav
+
+    wav = write_wav(tmp_path / "speech.wav", np.sin(np.linspace(0, 2000, 32000)).astype(np.float32) * 0.3)
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(wav.read_bytes()[:20000])
+    with pytest.warns(GstalkWarning, match="cut.wav: the audio stops at 0.62 s of the 2.00 s"):
+        assert len(load_audio(cut)) == (20000 - 44) // 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_audio(wav)  # a whole file: no warning
+
+    def handler(cfg, console):
+        warnings.warn("torch.load: weights_only hint", FutureWarning)
+        load_audio(cfg.audio)
+        return 0
+
+    monkeypatch.setitem(cli.HANDLERS, RenderConfig, handler)
+    assert main(["render", str(tmp_path / "av"), "--audio", str(cut)]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "may be truncated" in err and "weights_only" not in err, err

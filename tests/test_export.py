@@ -31,18 +31,21 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def source(exported):
-    """The avatar's canonical Gaussians and its posed frames, straight from the model."""
+    """The avatar at rest (the static export: its head's centre at the origin) and its posed
+    frames (shifted by the same offset), straight from the model."""
     from gstalk.avatar.io import load_avatar
     from gstalk.avatar.conditions import conditions_for, load_driver, posed_iter
-    from gstalk.export.exporter import canonical_gaussians
+    from gstalk.export.exporter import _moved, head_centre, rest_gaussians
     from gstalk.gaussians.set import to_gaussian_set
 
     av_dir, wav, res = exported
     av, motion = load_avatar(av_dir, "cpu")
     audio, _, n, fps = load_driver(wav, None, av.cfg.fps)
     cond = conditions_for(av, motion, min(n, N_FRAMES), fps, audio)
-    frames = [to_gaussian_set(g) for g in posed_iter(av, cond)]
-    return av, to_gaussian_set(canonical_gaussians(av)), frames, cond
+    rest = rest_gaussians(av, motion)
+    offset = head_centre(av, rest)
+    frames = [to_gaussian_set(_moved(g, offset)) for g in posed_iter(av, cond)]
+    return av, to_gaussian_set(_moved(rest, offset)), frames, cond
 
 
 def _rdf(g):
@@ -73,6 +76,36 @@ def test_axis_conversion_renders_the_same_image(source):
     assert float((a - 1).abs().mean()) > 0.02  # the head is in view
     assert torch.allclose(a, b, atol=1e-4)
     assert torch.allclose(conv.means[:, 1], -canon.means[:, 1]) and torch.allclose(conv.means[:, 0], canon.means[:, 0])
+
+
+def test_the_static_export_has_the_head_at_the_origin_upright_facing_the_viewer(exported, source):
+    """The head's Gaussians' opacity-weighted centre is within 2 cm of the origin; in the default
+    rdf axes the torso lies below it (+y, y is down) and the mouth in front (-z, toward a camera
+    that looks along +z at the origin); the PLY header says so."""
+    av, _, _, _ = source
+    _, _, res = exported
+    v, _ = _vertex(res.files["ply"][0])
+    xyz = np.stack([v["x"], v["y"], v["z"]], 1)
+    w = 1 / (1 + np.exp(-v["opacity"]))
+    bound = av.binding.numpy() >= 0
+    centre = (xyz[bound] * w[bound, None]).sum(0) / w[bound].sum()
+    assert np.linalg.norm(centre) < 0.02, centre
+    region = av.region.numpy()
+    torso, mouth = xyz[region == 2].mean(0), xyz[region == 1].mean(0)
+    assert torso[1] > 0.05 and mouth[1] > 0.0 and mouth[2] < 0.0, (torso, mouth)
+    assert any("origin head" in c for c in PlyData.read(str(res.files["ply"][0])).comments)
+
+
+def test_origin_camera_keeps_the_tracked_cameras_space(exported, tmp_path):
+    """--origin camera: the head stays where the clip had it (the camera at the origin, the head
+    in front of it along +z in rdf)."""
+    from gstalk.export.exporter import export
+
+    av_dir, _, _ = exported
+    r = export(av_dir, tmp_path / "cam", ("ply",), origin="camera", device="cpu")
+    v, _ = _vertex(r.files["ply"][0])
+    assert np.median(v["z"]) > 0.3 and r.origin == "camera" and r.offset == [0.0, 0.0, 0.0]
+    assert any("origin camera" in c for c in PlyData.read(str(r.files["ply"][0])).comments)
 
 
 def test_standard_ply_has_every_parameter(exported, source):
@@ -245,6 +278,12 @@ def test_viser_recording_replays_every_frame(exported):
     splat_msgs = [k for k in kinds if "Gaussian" in k or "Buffer" in k or "Update" in k]
     assert len(splat_msgs) >= N_FRAMES  # the first add and one update a frame
     assert len({round(t, 6) for t in times}) >= N_FRAMES - 1
+    # it opens at the tracked camera, looking at the head's centre (the origin), upright (y down in rdf)
+    cam = {m["type"]: m for _, m in meta["messages"] if m.get("type", "").startswith("SetCamera")}
+    assert {"SetCameraPositionMessage", "SetCameraLookAtMessage", "SetCameraUpDirectionMessage"} <= set(cam), cam
+    assert np.allclose(cam["SetCameraLookAtMessage"]["look_at"], 0, atol=1e-4)
+    assert cam["SetCameraUpDirectionMessage"]["position"][1] < -0.9
+    assert 0.2 < np.linalg.norm(cam["SetCameraPositionMessage"]["position"]) < 3
     page = path.with_suffix(".html").read_text()
     assert "__VISER_EMBED_DATA__" in page and page.index("__VISER_EMBED_DATA__") < page.index("</head>")
 

@@ -81,8 +81,14 @@ def test_refuses_code_in_pickles(tmp_path):
             return (os.system, ("echo pwned",))
 
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"v_template": Evil()}, protocol=2))
-    with pytest.raises(FlameFileError, match="refuses"):
+    with pytest.raises(FlameFileError, match="the FLAME file asks to load 'posix.system', which gstalk refuses"):
         read_flame_file(tmp_path / "evil.pkl")
+    # a DECA landmark embedding (a pickle inside a .npy) is refused in its own name
+    np.save(tmp_path / "landmark_embedding.npy", np.array({"full_lmk_faces_idx": Evil()}, dtype=object),
+            allow_pickle=True)
+    with pytest.raises(FlameFileError, match="the DECA landmark embedding .*landmark_embedding.npy asks to load") as e:
+        read_embedding_file(tmp_path / "landmark_embedding.npy")
+    assert "FLAME file" not in str(e.value)
 
 
 def test_missing_fields_and_files(tmp_path):

@@ -260,3 +260,47 @@ def test_a_folder_holding_files_gstalk_did_not_write_is_refused_and_kept(clip, t
     log = []
     prepare(clip.path, ours, opts(), log=log.append)
     assert any("reusing it" in m for m in log) and (ours / "notes.txt").read_text() == "kept"
+
+
+def test_a_clip_filmed_sideways_without_rotation_metadata_is_turned(clip, tmp_path):
+    """A phone clip whose rotation was lost shows the face lying on its side: the scan finds too
+    few faces, tries the other three orientations, prepares it turned and says so; its frames
+    are the same as those of the clip that kept its rotation."""
+    side = make_clip(tmp_path / "side.mp4", seconds=2.4, vfr=False, record_rotation=False)
+    upright = make_clip(tmp_path / "upright.mp4", seconds=2.4, vfr=False)
+    a = prepare(side.path, tmp_path / "a", opts(preview=False), log=lambda m: None)
+    b = prepare(upright.path, tmp_path / "b", opts(preview=False), log=lambda m: None)
+    assert any("turned by 90 degrees" in w for w in a.manifest["warnings"])
+    assert not any("turned" in w for w in b.manifest["warnings"])
+    assert a.manifest["source"]["rotation"] == 90 and (a.manifest["source"]["width"], a.manifest["source"]["height"]) \
+        == (b.manifest["source"]["width"], b.manifest["source"]["height"])
+    fa, fb = a.frame(5).astype(float), b.frame(5).astype(float)
+    assert np.abs(fa - fb).mean() < 3, np.abs(fa - fb).mean()
+
+
+def test_a_truncated_clip_that_still_decodes_and_a_tiny_source_are_warned_about(tmp_path):
+    """A clip cut short after its header (which declares the full length) is prepared with a
+    warning saying how much decoded; a head far smaller than the dataset's resolution too."""
+    import av
+
+    full = make_clip(tmp_path / "full.mp4", seconds=4.0, vfr=False)
+    fast = tmp_path / "fast.mp4"  # the header (moov) first, as phones and web uploads write it
+    with av.open(str(full.path)) as src, av.open(str(fast), "w", options={"movflags": "faststart"}) as dst:
+        streams = {s.index: dst.add_stream_from_template(s) for s in src.streams}
+        for packet in src.demux():
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream.index]
+                dst.mux(packet)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(fast.read_bytes()[: int(fast.stat().st_size * 0.6)])
+    ds = prepare(cut, tmp_path / "ds", opts(preview=False), log=lambda m: None)
+    said = [w for w in ds.manifest["warnings"] if "truncated" in w]
+    assert said and "of the 4.0 s" in said[0], ds.manifest["warnings"]
+    assert 2.0 <= ds.manifest["duration"] < 3.6
+    whole = prepare(full.path, tmp_path / "whole", opts(preview=False), log=lambda m: None)
+    assert not any("truncated" in w for w in whole.manifest["warnings"])
+    assert not any("upscaled" in w for w in whole.manifest["warnings"])
+
+    tiny = prepare(full.path, tmp_path / "tiny", PrepareOptions(resolution=512, preview=False), log=lambda m: None)
+    said = [w for w in tiny.manifest["warnings"] if "upscaled" in w]
+    assert said and "--resolution" in said[0], tiny.manifest["warnings"]

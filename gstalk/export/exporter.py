@@ -43,13 +43,52 @@ SEQUENCE_FORMAT = "gstalk-splat-sequence"
 Progress = Callable[[str, int, int], None]
 
 
+ORIGINS = ("head", "camera")
+
+
 def canonical_gaussians(av) -> GaussianTensors:
-    """The avatar at its identity, rest pose, neutral expression, at the origin, undeformed."""
+    """The avatar at its identity, rest pose, neutral expression, undeformed: the head at the
+    head model's origin (free Gaussians, the torso, stay where the camera saw them)."""
     from gstalk.avatar.model import Frame
     from gstalk.head.lbs import FlameParams
 
     with torch.no_grad():
         return av.gaussians_at(Frame(FlameParams(shape=av.shape[None]), deform=False))[0]
+
+
+def rest_gaussians(av, motion: dict) -> GaussianTensors:
+    """The static export: the avatar as the camera saw it, its head held at the training clip's
+    median pose, neutral expression and closed jaw, undeformed (head and torso together)."""
+    from gstalk.avatar.conditions import head_motion
+    from gstalk.avatar.model import Frame
+    from gstalk.head.lbs import FlameParams
+
+    still = head_motion(motion, 1, "still")
+    t = {k: torch.as_tensor(v, dtype=torch.float32, device=av.shape.device) for k, v in still.items()}
+    with torch.no_grad():
+        return av.gaussians_at(Frame(FlameParams(shape=av.shape[None], **t), deform=False))[0]
+
+
+def head_centre(av, g: GaussianTensors) -> torch.Tensor:
+    """[3] the opacity-weighted centre of the head's (bound) Gaussians of ``g``."""
+    bound = av.binding >= 0
+    if not bool(bound.any()):
+        bound = torch.ones_like(bound)
+    w = g.opacities.detach().reshape(-1)[bound].clamp_min(1e-6)
+    return (g.means.detach()[bound] * w[:, None]).sum(0) / w.sum()
+
+
+def _moved(g: GaussianTensors, offset: torch.Tensor) -> GaussianTensors:
+    return GaussianTensors(g.means - offset.to(g.means), g.quats, g.scales, g.opacities, g.colors)
+
+
+def placement_note(origin: str, axes: str, offset) -> str:
+    """What the files say about where they put the avatar (a PLY header comment, the manifest)."""
+    o = ", ".join(f"{float(v):.4f}" for v in offset)
+    if origin == "head":
+        return (f"gstalk origin head: the head's centre is at (0, 0, 0), axes {axes}; the tracked camera's space "
+                f"is shifted by -({o}) m")
+    return f"gstalk origin camera: the tracked camera's space (the camera at the origin), axes {axes}"
 
 
 @dataclass
@@ -60,6 +99,8 @@ class ExportResult:
     fps: float = 0.0
     gaussians: int = 0
     seconds: float = 0.0
+    origin: str = "head"
+    offset: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # what was subtracted (gstalk's axes, metres)
 
     def sizes(self) -> dict[str, int]:
         return {k: sum(p.stat().st_size for p in v) for k, v in self.files.items()}
@@ -79,9 +120,29 @@ def standalone_player(recording: bytes) -> str:
     return page[:cut] + script + page[cut:]
 
 
-def write_viser_recording(frames, fps: float, path: Path, progress: Progress | None = None, n: int = 0) -> Path:
+def _opening_camera(av, head: torch.Tensor, offset: torch.Tensor, axes: str) -> dict:
+    """Where a player of the recording starts: at the tracked camera, looking at the head's
+    centre ``head`` (gstalk's world), upright, with the tracked camera's field of view; all in
+    the file's coordinates (shifted by -``offset``, in ``axes``)."""
+    import math
+
+    vm = av.viewmat.detach().cpu().double()
+    flip = torch.tensor([1.0, -1.0, -1.0] if axes == "rdf" else [1.0, 1.0, 1.0], dtype=torch.float64)
+    off = offset.detach().cpu().double()
+    camera = -(vm[:3, :3].T @ vm[:3, 3])  # the camera's position in gstalk's world
+    up = -vm[1, :3]  # the camera's up (OpenCV's -y) in gstalk's world
+    fy = float(av.K[1, 1])
+    fov = 2 * math.atan(0.5 * float(av.cfg.resolution) / fy) if fy > 0 else math.radians(30)
+    look_at = (head.detach().cpu().double() - off) * flip
+    return {"position": ((camera - off) * flip).tolist(), "look_at": look_at.tolist(), "up": (up * flip).tolist(),
+            "fov": fov}
+
+
+def write_viser_recording(frames, fps: float, path: Path, progress: Progress | None = None, n: int = 0,
+                          camera: dict | None = None) -> Path:
     """A viser scene recording (``.viser``): the splats updated every frame, timed at ``fps``; and
-    beside it the same recording in a standalone HTML player (``.html``)."""
+    beside it the same recording in a standalone HTML player (``.html``). ``camera``: where the
+    player opens (position, look_at, up, fov in radians), else viser's default."""
     import contextlib
     import io
     import socket
@@ -96,6 +157,10 @@ def write_viser_recording(frames, fps: float, path: Path, progress: Progress | N
     with contextlib.redirect_stdout(io.StringIO()):  # its banner is for people visiting it
         server = viser.ViserServer(host="127.0.0.1", port=port, verbose=False)
     try:
+        if camera:
+            ic = server.initial_camera
+            ic.position, ic.look_at, ic.up, ic.fov = (camera["position"], camera["look_at"], camera["up"],
+                                                      camera["fov"])
         handle = None
         rec = None
         for k, g in enumerate(frames):
@@ -124,7 +189,8 @@ def write_viser_recording(frames, fps: float, path: Path, progress: Progress | N
 def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = STATIC,
            audio_path: str | Path | None = None, expressions_path: str | Path | None = None,
            frame: int = -1, max_frames: int = 0, fps: float = 0.0, head: str = "track", axes: str = "rdf",
-           deform: bool = True, device: str = "auto", progress: Progress | None = None) -> ExportResult:
+           deform: bool = True, device: str = "auto", progress: Progress | None = None,
+           origin: str = "head") -> ExportResult:
     from gstalk.avatar.io import load_avatar
     from gstalk.config import resolve_device
     from gstalk.avatar.conditions import conditions_for, load_driver, posed_iter, training_expressions
@@ -139,6 +205,8 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
         raise InputError(f"unknown export format {', '.join(bad) or '(none)'}: choose from {', '.join(FORMATS)} or all")
     if axes not in AXES:
         raise InputError(f"--axes must be one of {', '.join(AXES)}")
+    if origin not in ORIGINS:
+        raise InputError(f"--origin must be one of {', '.join(ORIGINS)}")
     check_value(frame, (lambda v: v >= -1, "-1 (the canonical avatar) or a frame number from 0"), "--frame")
     check_value(max_frames, AT_LEAST_0, "--max-frames")
     t0 = time.perf_counter()
@@ -158,13 +226,18 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
     res = ExportResult(out, gaussians=av.num_gaussians)
     res.frames, res.fps = n, fps
 
+    rest = rest_gaussians(av, motion)
+    # one shift for every format and frame: the head's centre at the origin (the head moves
+    # about it in the animated formats as it did in the clip), or none
+    centre = head_centre(av, rest)
+    offset = centre if origin == "head" else torch.zeros_like(centre)
+    res.origin, res.offset = origin, offset.cpu().tolist()
+    note = placement_note(origin, axes, res.offset)
+
     if any(f in formats for f in STATIC):
-        if frame >= 0:
-            g = next(posed_iter(av, cond.slice(slice(frame, frame + 1)), deform))
-        else:
-            g = canonical_gaussians(av)
-        gs = convert_axes(to_gaussian_set(g), axes)
-        writers = {"ply": (save_ply, "avatar.ply"), "splat": (write_splat, "avatar.splat"),
+        g = next(posed_iter(av, cond.slice(slice(frame, frame + 1)), deform)) if frame >= 0 else rest
+        gs = convert_axes(to_gaussian_set(_moved(g, offset)), axes)
+        writers = {"ply": (lambda g, p: save_ply(g, p, [note]), "avatar.ply"), "splat": (write_splat, "avatar.splat"),
                    "compressed-ply": (write_compressed_ply, "avatar.compressed.ply")}
         for f in STATIC:
             if f in formats:
@@ -182,12 +255,14 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
             old.unlink()
         files = []
         for k, g in enumerate(posed_iter(av, cond, deform)):
-            files.append(save_ply(convert_axes(to_gaussian_set(g), axes), seq / f"frame_{k:05d}.ply"))
+            files.append(save_ply(convert_axes(to_gaussian_set(_moved(g, offset)), axes), seq / f"frame_{k:05d}.ply",
+                                  [note]))
             if progress:
                 progress("ply frames", k + 1, n)
         wav = audio_copy(seq)
         manifest = write_json(seq / "manifest.json", {
             "format": SEQUENCE_FORMAT, "version": 1, "fps": fps, "num_frames": n, "axes": axes,
+            "origin": origin, "offset": res.offset,
             "gaussians": av.num_gaussians, "sh_degree": av.cfg.sh_degree, "files": [p.name for p in files],
             "audio": wav.name if wav else None, "seconds": n / fps})
         res.files["ply-sequence"] = files + [manifest] + ([wav] if wav else [])
@@ -198,10 +273,11 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
 
             for g in posed_iter(av, cond, deform):
                 rgb = other_view(av, g).colors  # the colours the training camera saw
-                c = convert_axes(to_gaussian_set(g), axes).activated()
+                c = convert_axes(to_gaussian_set(_moved(g, offset)), axes).activated()
                 yield GaussianTensors(c.means, c.quats, c.scales, c.opacities, rgb.cpu())
 
-        path = write_viser_recording(viser_frames(), fps, out / "avatar.viser", progress, n)
+        path = write_viser_recording(viser_frames(), fps, out / "avatar.viser", progress, n,
+                                     camera=_opening_camera(av, centre, offset, axes))
         res.files["viser"] = [path, path.with_suffix(".html")]
         wav = audio_copy(out)
         if wav:

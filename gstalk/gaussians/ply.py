@@ -44,8 +44,9 @@ def _np(t: torch.Tensor, dtype) -> np.ndarray:
     return t.detach().cpu().numpy().astype(dtype, copy=False)
 
 
-def save_ply(gaussians: GaussianSet, path: str | os.PathLike) -> Path:
-    """Write ``gaussians`` to ``path`` atomically (float values stored as float32)."""
+def save_ply(gaussians: GaussianSet, path: str | os.PathLike, comments: list[str] = ()) -> Path:
+    """Write ``gaussians`` to ``path`` atomically (float values stored as float32); ``comments``
+    go into the header after gstalk's own."""
     g = gaussians
     g.check_finite(str(path))
     n = len(g)
@@ -65,7 +66,7 @@ def save_ply(gaussians: GaussianSet, path: str | os.PathLike) -> Path:
     q = _np(g.quats, np.float32)
     cols += [(f"rot_{i}", q[:, i]) for i in range(4)]
 
-    comments = ["created by gstalk", f"sh_degree {g.sh_degree}"]
+    comments = ["created by gstalk", f"sh_degree {g.sh_degree}", *comments]
     extras: list[tuple[str, torch.Tensor]] = []
     if g.binding is not None:
         extras.append(("binding", g.binding))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gstalk.errors import FileFormatError
+from gstalk.errors import FileFormatError, GstalkError
 from gstalk.head.flame import STANDIN_PATH, HeadModel
 
 # iBUG-68 landmark k -> face-mesh index (jaw 0-16, brows 17-26, nose 27-35, eyes 36-47, mouth 48-67)
@@ -103,8 +103,8 @@ def read_embedding_file(path: str | os.PathLike) -> LandmarkEmbedding:
         else:
             npformat.read_array_header_2_0(f)
         try:
-            d = _RestrictedUnpickler(f, encoding="latin1").load()
-        except FileFormatError:
+            d = _RestrictedUnpickler(f, encoding="latin1", what=f"the DECA landmark embedding {p}").load()
+        except GstalkError:  # the unpickler's own refusal, which names the file
             raise
         except Exception as e:
             raise FileFormatError(f"cannot read {p} as a DECA landmark embedding ({e})") from None

@@ -69,6 +69,13 @@ _SPARSE = {"csc_matrix", "csr_matrix", "coo_matrix"}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles arrays only; ``what`` names the file in its refusal ('the FLAME file', or a
+    DECA landmark embedding's path)."""
+
+    def __init__(self, *args, what: str = "the FLAME file", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.what = what
+
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
@@ -78,7 +85,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return getattr(scipy.sparse, name)
         if module.split(".")[0] == "chumpy":
             return _ChumpyPlaceholder
-        raise FlameFileError(f"the FLAME file asks to load '{module}.{name}', which gstalk refuses "
+        raise FlameFileError(f"{self.what} asks to load '{module}.{name}', which gstalk refuses "
                              "(only numpy arrays, scipy sparse matrices and chumpy arrays are accepted)")
 
 

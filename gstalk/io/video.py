@@ -69,10 +69,31 @@ def _stream_rotation(container, stream) -> int:
     return 0
 
 
-def probe(path: str | os.PathLike) -> VideoInfo:
-    """Read the container's metadata (and the first frame, for rotation)."""
+def _declared_seconds(container, stream) -> float:
+    """How long the file's header says ``stream`` is (NaN when it does not say)."""
     import av
 
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return float("nan")
+
+
+def _wav_header_seconds(path) -> float:
+    """The length a WAV file's data chunk declares (FFmpeg reports the length of what is there);
+    NaN where the standard library cannot read the header (float or compressed WAV)."""
+    import wave
+
+    try:
+        with wave.open(str(path), "rb") as w:
+            return w.getnframes() / w.getframerate()
+    except (wave.Error, EOFError, OSError, ZeroDivisionError):
+        return float("nan")
+
+
+def probe(path: str | os.PathLike) -> VideoInfo:
+    """Read the container's metadata (and the first frame, for rotation)."""
     c = _open(path)
     try:
         if not c.streams.video:
@@ -83,12 +104,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         sar = sar if sar > 0 else 1.0
         rate = float(s.average_rate or s.guessed_rate or 0) or 25.0
         start = float(s.start_time * s.time_base) if s.start_time is not None else 0.0
-        if s.duration is not None:
-            duration = float(s.duration * s.time_base)
-        elif c.duration is not None:
-            duration = c.duration / av.time_base
-        else:
-            duration = float("nan")
+        duration = _declared_seconds(c, s)
         rot = _stream_rotation(c, s)
         w, h = cc.width, cc.height
         if w <= 0 or h <= 0:
@@ -204,6 +220,15 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000, start: float =
             if not chunks:
                 raise FileFormatError(f"cannot decode the audio of {name or path}: {e}") from None
         audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+        # formats whose header gives the exact length (mp3 and the like only estimate it)
+        declared = (_wav_header_seconds(path) if "wav" in c.format.name else
+                    _declared_seconds(c, s) if any(f in c.format.name for f in ("mov", "mp4")) else float("nan"))
+        got = audio.size / sample_rate
+        if audio.size and declared - got > max(0.25, 0.05 * declared):
+            from gstalk.errors import warn
+
+            warn(f"{name or path}: the audio stops at {got:.2f} s of the {declared:.2f} s its header declares; the "
+                 "file may be truncated (only what is there is used)")
         offset = int(round(((first_t or 0.0) - start) * sample_rate))
         if offset > 0:
             audio = np.concatenate([np.zeros(offset, np.float32), audio])

@@ -64,23 +64,14 @@ def _scan(clip: Path, out: Path, opts: PrepareOptions, info, state: State, prog:
     from gstalk.face.mediapipe_models import FaceDetector
 
     det = FaceDetector()
-    found, counts = [], []
-    est = int(round(info.duration * opts.fps)) if np.isfinite(info.duration) else 0
+    turn = 0
     try:
-        for k, img in iter_frames(clip, opts.fps, info):
-            s = opts.detect_size / max(img.shape[:2])
-            small = img
-            if s < 1:
-                import cv2
-
-                small = cv2.resize(img, (int(round(img.shape[1] * s)), int(round(img.shape[0] * s))),
-                                   interpolation=cv2.INTER_AREA)
-            else:
-                s = 1.0
-            faces = det.detect(small)
-            counts.append(len(faces))
-            found.append([[f.x / s, f.y / s, f.w / s, f.h / s, f.score] for f in faces])
-            prog("scan", k + 1, max(est, k + 1))
+        found, counts = _detect_all(clip, opts, info, det, prog)
+        frac = float(np.mean([len(f) > 0 for f in found])) if found else 0.0
+        turn = _sideways(clip, opts, info, det) if frac < opts.min_face_fraction else 0
+        if turn:  # filmed sideways (or upside down) with no rotation in the file: turn it
+            _turn(info, turn)
+            found, counts = _detect_all(clip, opts, info, det, prog)
     finally:
         det.close()
     boxes = _subject_boxes(found)
@@ -95,9 +86,16 @@ def _scan(clip: Path, out: Path, opts: PrepareOptions, info, state: State, prog:
         raise NoFaceError(f"no face was found in {clip}; film one person facing the camera")
     if frac < opts.min_face_fraction:
         raise NoFaceError(f"a face was found in only {100 * frac:.0f}% of the frames of {clip} (need "
-                          f"{100 * opts.min_face_fraction:.0f}%); keep the face in view and well lit")
+                          f"{100 * opts.min_face_fraction:.0f}%, in any of the four orientations); keep the face "
+                          "in view and well lit")
     multi = float((counts_a > 1).mean())
-    scan_warn = []
+    scan_warn = list(info.warnings)  # what the decoder had to say (it stopped early)
+    if np.isfinite(info.duration) and info.duration - duration > max(0.5, 0.05 * info.duration):
+        scan_warn.append(f"the video ends at {duration:.1f} s of the {info.duration:.1f} s its file declares: it may "
+                         "be truncated (a copy that did not finish?); the dataset holds the part that decodes")
+    if turn:
+        scan_warn.append(f"the clip was prepared turned by {turn} degrees: its faces are upright that way, and its "
+                         "file records no rotation")
     if multi > 0.05:
         scan_warn.append(f"several faces in {100 * multi:.0f}% of frames: following the one that fills "
                          "the picture most over the clip")
@@ -124,6 +122,65 @@ def _scan(clip: Path, out: Path, opts: PrepareOptions, info, state: State, prog:
         log(f"warning: {w}")
 
 
+UPSCALE_WARN = 2.0  # a source crop upscaled more than this to the dataset's resolution is warned about
+
+
+def _detect_all(clip: Path, opts: PrepareOptions, info, det, prog: Progress) -> tuple[list, list]:
+    """Every frame's face boxes (in display pixels) and how many."""
+    found, counts = [], []
+    est = int(round(info.duration * opts.fps)) if np.isfinite(info.duration) else 0
+    for k, img in iter_frames(clip, opts.fps, info):
+        small, s = _small(img, opts.detect_size)
+        faces = det.detect(small)
+        counts.append(len(faces))
+        found.append([[f.x / s, f.y / s, f.w / s, f.h / s, f.score] for f in faces])
+        prog("scan", k + 1, max(est, k + 1))
+    return found, counts
+
+
+def _small(img: np.ndarray, detect_size: int) -> tuple[np.ndarray, float]:
+    s = detect_size / max(img.shape[:2])
+    if s >= 1:
+        return img, 1.0
+    import cv2
+
+    return cv2.resize(img, (int(round(img.shape[1] * s)), int(round(img.shape[0] * s))),
+                      interpolation=cv2.INTER_AREA), s
+
+
+SIDEWAYS_SAMPLE = 16  # frames tried in each orientation when too few faces are found
+
+
+def _sideways(clip: Path, opts: PrepareOptions, info, det) -> int:
+    """0, or the turn (90, 180 or 270 degrees counter-clockwise) under which the detector finds
+    a face in most of a sample of frames where the clip as stored shows too few: a phone clip
+    whose rotation was lost (re-encoded, or filmed with the orientation lock on)."""
+    n = max(1, int(info.duration * opts.fps)) if np.isfinite(info.duration) else SIDEWAYS_SAMPLE
+    step = max(1, n // SIDEWAYS_SAMPLE)
+    hits = np.zeros(4, int)
+    tried = 0
+    for k, img in iter_frames(clip, opts.fps, info):
+        if k % step:
+            continue
+        small, _ = _small(img, opts.detect_size)
+        for turn in range(4):
+            hits[turn] += len(det.detect(np.ascontiguousarray(np.rot90(small, turn)))) > 0
+        tried += 1
+        if tried >= SIDEWAYS_SAMPLE:
+            break
+    best = int(np.argmax(hits))
+    if best and hits[best] >= max(2 * hits[0] + 1, opts.min_face_fraction * tried):
+        return 90 * best
+    return 0
+
+
+def _turn(info, turn: int) -> None:
+    """Display ``info``'s frames turned by ``turn`` more degrees (counter-clockwise)."""
+    info.rotation = (info.rotation + turn) % 360
+    if turn in (90, 270):
+        info.width, info.height = info.height, info.width
+
+
 def _crop(out: Path, opts: PrepareOptions, n: int, src_w: int, src_h: int, state: State) -> None:
     """Stage 2: a square head-and-shoulders crop per frame, of one size, its centre smoothed
     over ``smooth_seconds``."""
@@ -145,7 +202,13 @@ def _crop(out: Path, opts: PrepareOptions, n: int, src_w: int, src_h: int, state
     x0 = np.clip(cx - size / 2, 0, src_w - size)
     y0 = np.clip(cy - size / 2, 0, src_h - size)
     save_npz(out / "crop.npz", box=np.stack([x0, y0, np.full(n, size)], 1).astype(np.float32))
-    state.mark("crop")
+    warn = []
+    if opts.resolution > UPSCALE_WARN * size:
+        smaller = max(64, int(2 ** np.floor(np.log2(size))))
+        warn.append(f"the head is {size:.0f} px across in the source, upscaled {opts.resolution / size:.1f}x to the "
+                    f"dataset's {opts.resolution} px: the avatar will be soft. Film closer or at a higher resolution, "
+                    f"or prepare at --resolution {smaller}")
+    state.mark("crop", {"size": size, "warnings": warn})
 
 
 def _frames(clip: Path, out: Path, opts: PrepareOptions, n: int, crop: np.ndarray, state: State,
@@ -161,7 +224,10 @@ def _frames(clip: Path, out: Path, opts: PrepareOptions, n: int, crop: np.ndarra
     first_missing = 0
     while first_missing < n and (fdir / f"{first_missing:06d}.jpg").is_file():
         first_missing += 1
-    for k, img in iter_frames(clip, opts.fps, probe(clip), start_frame=first_missing):
+    info = probe(clip)
+    recorded = state.get("scan")["source"]["rotation"]  # the scan may have found the clip sideways
+    _turn(info, (recorded - info.rotation) % 360)
+    for k, img in iter_frames(clip, opts.fps, info, start_frame=first_missing):
         if k >= n:
             break
         x0, y0, s = crop[k]
@@ -208,6 +274,12 @@ def _build(clip: Path, out: Path, opts: PrepareOptions, info, state: State, prog
     src_w, src_h = scan["source"]["width"], scan["source"]["height"]
 
     _crop(out, opts, n, src_w, src_h, state)
+    crop_info = state.get("crop")
+    if isinstance(crop_info, dict):  # (a folder from before the crop recorded its warnings holds True)
+        warnings += crop_info["warnings"]
+        if not state.done("frames"):
+            for w in crop_info["warnings"]:
+                log(f"warning: {w}")
     with np.load(out / "crop.npz") as z:
         crop = z["box"]
 
