@@ -114,9 +114,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("always", GstalkWarning)
         console = _console()
 
-        def show(message, category, *rest, **kw):
-            if issubclass(category, GstalkWarning):
-                console.print(f"[yellow]warning:[/] {message}")
+        def show(message, category, *rest, **kw):  # only gstalk's own get past the filters
+            console.print(f"[yellow]warning:[/] {message}")
 
         warnings.showwarning = show
         return _run(argv, console)

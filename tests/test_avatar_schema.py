@@ -110,6 +110,11 @@ def test_a_binding_past_the_mesh_and_a_bad_motion_array_are_refused(avatar, tmp_
         load_avatar(folder)
     assert main(["export", str(folder), "--out", str(tmp_path / "o")]) == 2
     assert "Traceback" not in capsys.readouterr().err and not (tmp_path / "o").exists()
+    v["binding"][3] = 0
+    v["opacity"][5] = np.nan
+    ply.write(str(folder / "gaussians.ply"))
+    with pytest.raises(FileFormatError, match="gaussians.ply: 1 of its .* Gaussians hold NaN .*Gaussian 5"):
+        load_avatar(folder)
 
     folder = tmp_path / "av2"
     shutil.copytree(avatar, folder)
