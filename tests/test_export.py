@@ -386,8 +386,8 @@ def test_bad_export_requests_are_clear(exported, tmp_path):
         export(av_dir, tmp_path / "o", ("ply",), audio_path=wav, frame=999, device="cpu")
     with pytest.raises(GstalkError, match="unknown export format"):
         export(av_dir, tmp_path / "o", ("obj",), device="cpu")
-    # a frame before the canonical one, a negative cap, an unknown head motion: refused, not
-    # quietly read as the canonical avatar, all frames and the tracked head
+    # a frame before the avatar at rest (-1), a negative cap, an unknown head motion: refused, not
+    # quietly read as the avatar at rest, all frames and the tracked head
     with pytest.raises(GstalkError, match="--frame must be -1 .* got -5"):
         export(av_dir, tmp_path / "o", ("ply",), frame=-5, device="cpu")
     with pytest.raises(GstalkError, match="--max-frames must be 0 or more, got -3"):

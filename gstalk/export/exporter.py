@@ -1,6 +1,6 @@
 """``gstalk export AVATAR --format ... --out DIR``: the avatar in the formats other tools read.
 
-Static (one frame: the canonical avatar, or ``--frame k`` of the driving sequence)
+Static (one frame: the avatar at rest, or ``--frame k`` of the driving sequence; ``--origin``: where it sits)
     ply             standard 3DGS PLY with all SH (``avatar.ply``)
     splat           antimatter15 ``.splat``, 32 bytes a splat (``avatar.splat``)
     compressed-ply  PlayCanvas compressed PLY (``avatar.compressed.ply``)
@@ -207,7 +207,7 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
         raise InputError(f"--axes must be one of {', '.join(AXES)}")
     if origin not in ORIGINS:
         raise InputError(f"--origin must be one of {', '.join(ORIGINS)}")
-    check_value(frame, (lambda v: v >= -1, "-1 (the canonical avatar) or a frame number from 0"), "--frame")
+    check_value(frame, (lambda v: v >= -1, "-1 (the avatar at rest) or a frame number from 0"), "--frame")
     check_value(max_frames, AT_LEAST_0, "--max-frames")
     t0 = time.perf_counter()
     av, motion = load_avatar(avatar_dir, resolve_device(device))
