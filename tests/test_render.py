@@ -541,16 +541,21 @@ def test_cuda_home_is_found_behind_an_nvcc_wrapper(monkeypatch, tmp_path):
     (toolkit / "include").mkdir()
     (toolkit / "include" / "cuda_runtime_api.h").write_text("")
     real = toolkit / "bin" / "nvcc"
-    real.write_text("#!/bin/sh\necho '#$ _TOP_=" + str(toolkit) + "' >&2\n")
+    # as CUDA 13's nvcc does: its dry run names the toolkit ("#$ TOP=<toolkit>/bin/..")
+    real.write_text("#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = --dryrun ] && echo '#$ TOP=" + str(toolkit / "bin")
+                    + "/..' >&2; done\nexit 0\n")
     real.chmod(0o755)
     wrappers = tmp_path / "wrappers"
     wrappers.mkdir()
     wrapper = wrappers / "nvcc"
-    wrapper.write_text(f"#!/bin/sh\nexec {real} \"$@\"\n")
+    wrapper.write_text(f"#!/bin/sh\nexec {real} \"$@\"\n")  # the wrapper names the toolkit's nvcc
     wrapper.chmod(0o755)
     monkeypatch.delenv("CUDA_HOME", raising=False)
     monkeypatch.delenv("CUDA_PATH", raising=False)
-    monkeypatch.setenv("PATH", str(wrappers))
+    monkeypatch.setenv("PATH", f"{wrappers}:/usr/bin:/bin")  # the shell tools a wrapper uses, no other nvcc
+    assert cuda.cuda_home() == toolkit.resolve()
+    # a wrapper that finds it relatively: the dry run says where it is
+    wrapper.write_text('#!/bin/sh\nexec "$(dirname "$0")/../cuda-13.0/bin/nvcc" "$@"\n')
     assert cuda.cuda_home() == toolkit.resolve()
     (wrappers / "nvcc").unlink()
     (wrappers / "nvcc").symlink_to(real)  # a symlink is followed

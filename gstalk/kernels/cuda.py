@@ -43,13 +43,23 @@ def cuda_home() -> Path | None:
     real = Path(nvcc).resolve()
     if (real.parent.parent / "include" / "cuda_runtime_api.h").is_file():
         return real.parent.parent
-    try:  # a wrapper: nvcc -v prints the toolkit's paths (#$ _TOP_=..., or where cicc is)
-        out = subprocess.run([nvcc, "-v", "--version"], capture_output=True, text=True, timeout=20)
+    # a wrapper script: the toolkit's nvcc is named in it, or nvcc's dry run says where it is
+    # ("#$ TOP=/usr/local/cuda-13.0/bin/.." from CUDA 12 and 13; "_TOP_=" from older ones)
+    candidates = []
+    try:
+        if real.stat().st_size < 65536:
+            candidates += [m.group(1) for m in re.finditer(r"(/[^\s\"']+)/bin/nvcc\b", real.read_text(errors="ignore"))]
+    except OSError:
+        pass
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull], capture_output=True,
+                             text=True, timeout=20)
         text = out.stdout + out.stderr
+        candidates += [m.group(1) or m.group(2) for m in re.finditer(r"\b_?TOP_?=(\S+)|(\S+)/bin/nvcc\b", text)]
     except (OSError, subprocess.SubprocessError):
-        return None
-    for m in re.finditer(r"_TOP_=(\S+)|(\S+)/bin/nvcc\b", text):
-        top = Path(m.group(1) or m.group(2)).resolve()
+        pass
+    for c in candidates:
+        top = Path(c).resolve()
         if (top / "include" / "cuda_runtime_api.h").is_file():
             return top
     return None
