@@ -3,8 +3,7 @@
 # spent on it:
 #
 #   scripts/build_cuda.sh            gstalk's CUDA extensions (hash grid, posing)
-#   scripts/build_cuda.sh --gsplat   and gsplat 1.5.3's CUDA code too (28 min on 2 cores, an earlier
-#                                    measurement of the same compile)
+#   scripts/build_cuda.sh --gsplat   and gsplat 1.5.3's CUDA code too (11 min for arch 9.0 on 2 cores)
 #
 # It builds against a CUDA torch in its own venv (CUDA_VENV, default .venv-cuda; CUDA_TORCH,
 # default torch==2.14.1, which this project's CPU machine has on local disk), with the CUDA
