@@ -46,16 +46,6 @@ Progress = Callable[[str, int, int], None]
 ORIGINS = ("head", "camera")
 
 
-def canonical_gaussians(av) -> GaussianTensors:
-    """The avatar at its identity, rest pose, neutral expression, undeformed: the head at the
-    head model's origin (free Gaussians, the torso, stay where the camera saw them)."""
-    from gstalk.avatar.model import Frame
-    from gstalk.head.lbs import FlameParams
-
-    with torch.no_grad():
-        return av.gaussians_at(Frame(FlameParams(shape=av.shape[None]), deform=False))[0]
-
-
 def rest_gaussians(av, motion: dict) -> GaussianTensors:
     """The static export: the avatar as the camera saw it, its head held at the training clip's
     median pose, neutral expression and closed jaw, undeformed (head and torso together)."""
@@ -297,5 +287,5 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
     return res
 
 
-__all__ = ["ANIMATED", "FORMATS", "GEOMETRY", "STATIC", "ExportResult", "canonical_gaussians", "export",
+__all__ = ["ANIMATED", "FORMATS", "GEOMETRY", "STATIC", "ExportResult", "export", "rest_gaussians",
            "write_viser_recording"]

@@ -140,10 +140,10 @@ def check_fields(raw: dict, rules: dict, path: str | Path, fix: str, prefix: str
 
 
 def check_arrays(arrays: dict, shapes: dict[str, tuple], path: str | Path, fix: str,
-                 dims: dict[str, int] | None = None, finite: bool = True) -> dict[str, int]:
+                 dims: dict[str, int] | None = None, may_be_nan: tuple[str, ...] = ()) -> dict[str, int]:
     """Every array that ``shapes`` names has that shape: a tuple of ints (fixed sizes) and
     names (sizes that must agree across arrays, such as 'frames'; ``dims`` gives known ones),
-    and holds finite numbers (unless not ``finite``). Returns the sizes the names took."""
+    and holds finite numbers (those in ``may_be_nan`` excepted). Returns the sizes the names took."""
     dims = dict(dims or {})
     for name, shape in shapes.items():
         if name not in arrays:
@@ -161,6 +161,6 @@ def check_arrays(arrays: dict, shapes: dict[str, tuple], path: str | Path, fix: 
                 label = f"{want} = {expect}" if isinstance(want, str) else str(want)
                 raise FileFormatError(f"{path}: '{name}' has {n} along axis {axis}, expected {label} "
                                       f"(shape {'x'.join(map(str, a.shape))}); {fix}")
-        if finite and a.dtype.kind == "f" and not np.isfinite(a).all():
+        if name not in may_be_nan and a.dtype.kind == "f" and not np.isfinite(a).all():
             raise FileFormatError(f"{path}: '{name}' holds NaN or infinite values; {fix}")
     return dims
