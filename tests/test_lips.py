@@ -83,6 +83,21 @@ def test_speech_not_in_english_falls_back_to_free_phones_with_a_warning():
     assert any("not recognised as English" in n for n in tl.notes)
 
 
+@needs_espeak
+def test_the_same_audio_gives_the_same_phones_whatever_was_decoded_before():
+    """pocketsphinx's decoders carry state from one utterance to the next; the timeline and
+    the free phones of one recording must not depend on what this process decoded before."""
+    from gstalk.audio.phones import free_phones
+
+    a, _ = _say("My mother bought a big blue bag from the market before the bus came back.")
+    b, _ = _say("The museum opened at nine and people walked slowly past the paintings.")
+    first, free = phone_timeline(a), free_phones(a)
+    phone_timeline(b), free_phones(b), free_phones(a)
+    again = phone_timeline(a)
+    assert again.phones == first.phones and again.words == first.words
+    assert free_phones(a) == free
+
+
 def test_audio_without_speech_rests_the_mouth():
     """Silence, noise and music hold no speech: no phones, a note saying so (never a crash),
     and the viseme model gives its resting mouth, the class 'sil'. (The voice-activity

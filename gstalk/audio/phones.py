@@ -37,7 +37,7 @@ MAX_UTTERANCE_S = 20.0  # longer stretches of speech are cut at their quietest p
 MIN_PAUSE_S = 0.3  # pauses at least this long separate utterances
 MIN_COVERAGE = 0.78  # recognised words must cover this much of the speech, else free phones (docs/benchmarks.md)
 EDGE_S = 0.15  # audio kept either side of an utterance (the decoder needs some silence)
-_LOCK = threading.Lock()  # the decoders are shared (the viewer decodes uploads in its threads)
+_LOCK = threading.Lock()  # the voice-activity detector is shared (the viewer decodes uploads in its threads)
 PHONES = ("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG OW OY P R S SH T TH UH UW V W Y Z "
           "ZH").split()
 
@@ -71,8 +71,10 @@ def _model_dir() -> Path:
     return Path(get_model_path()) / "en-us"
 
 
-@functools.lru_cache(maxsize=1)
 def _word_decoder():
+    """A new word decoder. pocketsphinx's decoders keep state from one utterance to the next
+    (the same audio decoded again gives other phones and times), so each timeline gets its
+    own: the same audio always gives the same lips."""
     from pocketsphinx import Decoder
 
     mp = _model_dir()
@@ -80,8 +82,8 @@ def _word_decoder():
                    samprate=SAMPLE_RATE, loglevel="FATAL")
 
 
-@functools.lru_cache(maxsize=1)
 def _phone_decoder():
+    """A new free-phone decoder (see :func:`_word_decoder`)."""
     from pocketsphinx import Decoder
 
     mp = _model_dir()
@@ -94,20 +96,21 @@ def _clean_phone(name: str) -> str:
     return p if p in PHONES else "SIL"
 
 
-def free_phones(audio: np.ndarray) -> list[tuple[str, float, float]]:
-    """Free phone decoding (any sequence of English phones): ``(phone, start s, end s)``."""
-    dec = _phone_decoder()
+def free_phones(audio: np.ndarray, dec=None) -> list[tuple[str, float, float]]:
+    """Free phone decoding (any sequence of English phones): ``(phone, start s, end s)``;
+    ``dec``: the decoder to use (by default a new one)."""
+    dec = dec if dec is not None else _phone_decoder()
     dec.start_utt()
     dec.process_raw(_pcm(audio), full_utt=True)
     dec.end_utt()
     return [(_clean_phone(s.word), s.start_frame * FRAME_S, (s.end_frame + 1) * FRAME_S) for s in dec.seg()]
 
 
-def recognise(audio: np.ndarray) -> tuple[list[tuple[str, float, float]], list[tuple[str, float, float]]]:
+def recognise(audio: np.ndarray, dec=None) -> tuple[list[tuple[str, float, float]], list[tuple[str, float, float]]]:
     """English words recognised in ``audio`` and the force-aligned phones of those words:
     (words, phones), each ``(name, start s, end s)``; two empty lists where nothing was
-    recognised."""
-    dec = _word_decoder()
+    recognised; ``dec``: the decoder to use (by default a new one)."""
+    dec = dec if dec is not None else _word_decoder()
     pcm = _pcm(audio)
     dec.start_utt()
     dec.process_raw(pcm, full_utt=True)
@@ -246,7 +249,7 @@ def phone_timeline(audio: np.ndarray, detector: str = "vad") -> PhoneTimeline:
     if not len(audio) or float(np.sqrt(np.mean(audio.astype(np.float64) ** 2))) < 1e-4:
         tl.notes.append("the audio is silent: the mouth rests")
         return tl
-    with _LOCK:  # the decoders and the voice-activity detector's state are shared
+    with _LOCK:  # the voice-activity detector's state is shared
         return _timeline(audio, tl, detector)
 
 
@@ -260,7 +263,8 @@ def _timeline(audio: np.ndarray, tl: PhoneTimeline, detector: str) -> PhoneTimel
     for a, b in regions:
         a0, b0 = max(0.0, a - EDGE_S), min(dur, b + EDGE_S)
         chunks.append((a, b, a0, audio[int(a0 * SAMPLE_RATE):int(b0 * SAMPLE_RATE)]))
-    recognised = [recognise(c) for *_, c in chunks]
+    words = _word_decoder()  # one per timeline: its result depends on the audio alone
+    recognised = [recognise(c, words) for *_, c in chunks]
     speech_s = sum(b - a for a, b in regions)
     spoken = sum(e - s for _, phones in recognised for p, s, e in phones if p != "SIL")
     if spoken >= MIN_COVERAGE * speech_s:
@@ -273,7 +277,8 @@ def _timeline(audio: np.ndarray, tl: PhoneTimeline, detector: str) -> PhoneTimel
         tl.notes.append(f"the speech was not recognised as English (words cover {spoken / speech_s:.0%} of its "
                         f"{speech_s:.1f} s; music, noise or another language?): the lips follow free phone "
                         "decoding, which times them less well")
-        found = [free_phones(c) for *_, c in chunks]
+        phones = _phone_decoder()
+        found = [free_phones(c, phones) for *_, c in chunks]
     for (a, b, a0, _), phones in zip(chunks, found):
         for p, s, e in phones:  # phones inside the speech (the edges were there for the decoder only)
             s, e = max(s + a0, a), min(e + a0, b)
