@@ -45,7 +45,7 @@ install() {
       fi
     fi
   fi
-  "${pip[@]}" install -q -e ".[test,reference]"
+  "${pip[@]}" install -q -e ".[test,reference,batch]"
   stamp > "$VENV/.gstalk-installed"
 }
 

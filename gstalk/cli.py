@@ -9,7 +9,6 @@ import signal
 import sys
 import threading
 import typing
-from pathlib import Path
 from typing import Sequence
 
 import tyro
@@ -17,14 +16,14 @@ import tyro
 os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")  # OpenCV's own warnings print around gstalk's messages
 from typing_extensions import Annotated
 
-from gstalk.config import (DemoConfig, EvalConfig, ExportConfig, FitConfig, ImportConfig, PrepareConfig,
-                           RenderConfig, TrackConfig, TrainConfig, ViewConfig)
+from gstalk.config import (DemoConfig, EvalConfig, ExportConfig, FitBatchConfig, FitConfig, ImportConfig,
+                           PrepareConfig, RenderConfig, TrackConfig, TrainConfig, ViewConfig)
 from gstalk.errors import GstalkError
 
 VERBS = {
     "demo": DemoConfig, "prepare": PrepareConfig, "import-dataset": ImportConfig, "track": TrackConfig,
-    "train": TrainConfig, "fit": FitConfig, "render": RenderConfig, "eval": EvalConfig, "export": ExportConfig,
-    "view": ViewConfig,
+    "train": TrainConfig, "fit": FitConfig, "fit-batch": FitBatchConfig, "render": RenderConfig, "eval": EvalConfig,
+    "export": ExportConfig, "view": ViewConfig,
 }
 
 
@@ -217,27 +216,30 @@ def _train(cfg: TrainConfig, console) -> int:
 
 
 def _fit(cfg: FitConfig, console) -> int:
-    from gstalk.avatar.io import claim_avatar_folder
-    from gstalk.config import resolve_device
-    from gstalk.head.tracker import check_inputs as check_track_files, check_options as check_track, track_dataset
-    from gstalk.prepare import check_dataset_out, check_options as check_prepare, prepare
-    from gstalk.train.trainer import resolved, train
+    from gstalk.fit import default_dataset, fit
 
-    # every stage's options, before the first stage's work
-    check_prepare(cfg.prepare, "prepare.")
-    check_track(cfg.track, "track.")
-    check_track_files(cfg.track)  # the FLAME and embedding files too, not only after the whole prepare
-    resolved(cfg.train, resolve_device(cfg.train.device), "train.")
-    ds_dir = cfg.dataset or Path(str(cfg.avatar).rstrip("/") + ".dataset")
-    check_dataset_out(ds_dir)  # both output folders, before the first stage
-    claim_avatar_folder(cfg.avatar, cfg.train.overwrite, "--train.overwrite")
+    ds_dir = cfg.dataset or default_dataset(cfg.avatar)
     with StageProgress(console) as prog:
-        prepare(cfg.clip, ds_dir, cfg.prepare, progress=prog, log=console.print)
-        if not (ds_dir / "track.npz").is_file():
-            track_dataset(ds_dir, cfg.track, progress=prog, log=console.print)
-        out = train(ds_dir, cfg.avatar, cfg.train, progress=prog, log=console.print)
+        out = fit(cfg.clip, cfg.avatar, ds_dir, cfg.prepare, cfg.track, cfg.train, progress=prog, log=console.print)
     console.print(f"dataset: {ds_dir}\navatar: {out}")
     return 0
+
+
+def _fit_batch(cfg: FitBatchConfig, console) -> int:
+    from rich.table import Table
+
+    from gstalk.batch import SUMMARY, fit_batch
+
+    jobs = fit_batch(cfg, console=console, log=console.print)
+    table = Table(title=f"gstalk fit-batch: {len(jobs)} clips")
+    for c in ("clip", "state", "time", "held-out PSNR", "attempts", "message"):
+        table.add_column(c, justify="right" if c in ("time", "held-out PSNR", "attempts") else "left")
+    for j in jobs:
+        table.add_row(j.name, j.state, f"{j.seconds / 60:.1f} min" if j.seconds is not None else "-",
+                      f"{j.psnr:.2f} dB" if j.psnr is not None else "-", str(j.attempts or "-"), j.error or "")
+    console.print(table)
+    console.print(f"summary: {cfg.out / SUMMARY}; each fit's log: {cfg.out}/NAME.log")
+    return 1 if any(j.state == "failed" for j in jobs) else 0
 
 
 #: Options of 'gstalk render' that only a .ply turntable uses, and that only an avatar uses.
@@ -361,7 +363,7 @@ def _view(cfg: ViewConfig, console) -> int:
 
 
 HANDLERS = {DemoConfig: _demo, PrepareConfig: _prepare, ImportConfig: _prepare, TrackConfig: _track,
-            TrainConfig: _train, FitConfig: _fit, RenderConfig: _render, EvalConfig: _eval,
+            TrainConfig: _train, FitConfig: _fit, FitBatchConfig: _fit_batch, RenderConfig: _render, EvalConfig: _eval,
             ExportConfig: _export, ViewConfig: _view}
 
 

@@ -274,6 +274,30 @@ class FitConfig:
 
 
 @dataclass
+class FitBatchConfig:
+    """Fit an avatar to each of many clips: one fit per Ray task, on a local Ray sized to this
+    machine or on an existing Ray cluster. Re-running skips finished avatars and resumes the rest."""
+
+    clips: Annotated[tuple[Path, ...], tyro.conf.Positional]
+    """Clips, folders of clips, or list files (.txt: one clip per line, relative to the list)."""
+    out: Path = Path("avatars")
+    """Folder of the avatars: OUT/NAME/ (the folder 'gstalk fit' writes), its dataset
+    OUT/NAME.dataset/ and its log OUT/NAME.log, NAME the clip's file name without extension;
+    the summary goes to OUT/batch.json."""
+    address: str | None = None
+    """An existing Ray cluster: 'auto' or 'ray://HOST:PORT' (default: a local Ray on this machine)."""
+    cpus_per_fit: int = 0
+    """CPU threads per fit (0: the CPUs shared among the clips; with GPUs, one GPU and its share of the CPUs each)."""
+    retries: int = 2
+    """How often Ray retries a fit whose worker died; the retry resumes from the fit's checkpoints."""
+    eval: bool = False
+    """Evaluate each new avatar on its held-out frames (the summary's PSNR)."""
+    prepare: PrepareOptions = field(default_factory=PrepareOptions)
+    track: TrackOptions = field(default_factory=TrackOptions)
+    train: TrainOptions = field(default_factory=TrainOptions)
+
+
+@dataclass
 class EvalConfig:
     """Evaluate an avatar on its dataset's held-out tail (and lip sync on other speakers' audio)."""
 

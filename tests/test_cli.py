@@ -47,7 +47,7 @@ def test_unwritable_output_folder(tmp_path):
 def test_cli_help_lists_every_verb():
     r = subprocess.run([sys.executable, "-m", "gstalk", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
-    for verb in ["prepare", "import-dataset", "track", "train", "fit", "render", "view", "export", "eval", "demo"]:
+    for verb in ["prepare", "import-dataset", "track", "train", "fit", "fit-batch", "render", "view", "export", "eval", "demo"]:
         assert verb in r.stdout
     r = subprocess.run([sys.executable, "-m", "gstalk", "demo", "--help"], capture_output=True, text=True)
     assert "--clip" in r.stdout and "--size" in r.stdout

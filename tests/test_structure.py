@@ -14,7 +14,7 @@ LAYERS = {
     "gaussians": 3, "render": 3, "deform": 3, "head": 3, "audio": 3,
     "avatar": 4,
     "prepare": 5, "train": 5, "drive": 5, "eval": 5, "export": 5, "viewer": 5,
-    "demo": 6, "cli": 7, "__main__": 8,
+    "demo": 6, "fit": 6, "batch": 7, "cli": 8, "__main__": 9,
 }
 # within the model layer, what one package may take from another (and the reverse never)
 SAME_LAYER = {("render", "gaussians")}

@@ -84,7 +84,8 @@ def check_config(raw: dict, path: Path) -> None:
 AVATAR_FILES = ("config.json", "gaussians.ply", "networks.safetensors", "motion.npz", "background.png")
 
 
-def _is_finished(folder: Path) -> bool:
+def is_finished_avatar(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished avatar of this format (its config.json says so)."""
     try:
         return json.loads((folder / "config.json").read_text()).get("format") == AVATAR_FORMAT
     except (OSError, ValueError, AttributeError):
@@ -93,7 +94,7 @@ def _is_finished(folder: Path) -> bool:
 
 def is_avatar_folder(folder: Path) -> bool:
     """Whether gstalk wrote ``folder``: a finished avatar, or a fit under way (its checkpoint)."""
-    return _is_finished(folder) or (folder / "checkpoint.pt").is_file()
+    return is_finished_avatar(folder) or (folder / "checkpoint.pt").is_file()
 
 
 def claim_avatar_folder(folder: str | os.PathLike, overwrite: bool, flag: str = "--overwrite") -> bool:
@@ -104,7 +105,7 @@ def claim_avatar_folder(folder: str | os.PathLike, overwrite: bool, flag: str = 
     root = Path(folder)
     if not check_own_folder(root, is_avatar_folder, "avatar"):
         return False
-    if (root / "checkpoint.pt").is_file() or not _is_finished(root):
+    if (root / "checkpoint.pt").is_file() or not is_finished_avatar(root):
         return False  # a fit under way: it resumes
     if not overwrite:
         raise OutputError(f"{root} holds a finished avatar; give {flag} to fit it again (the avatar and its eval/ "
