@@ -63,6 +63,58 @@ def test_video_writer_pads_odd_sizes(tmp_path):
     assert info["frames"] == 3 and (info["width"], info["height"]) == (22, 16) and info["fps"] == 10
 
 
+def test_video_writer_encodes_in_a_thread_what_it_was_handed_and_fails_cleanly(tmp_path):
+    """Frames are encoded in a worker thread while the caller makes the next ones: the video
+    holds the frames as handed over, even when the caller reuses its buffers as HostFrames'
+    ring does (rewriting the frame handed over ENCODE_QUEUE + 2 frames earlier); an error on
+    either side (a bad frame from the caller, a failing encoder) leaves no video and no
+    temporary, and the thread ends."""
+    import threading
+
+    import av
+
+    from gstalk.errors import InputError
+    from gstalk.io.media import ENCODE_QUEUE, write_video
+
+    ring = [np.zeros((32, 48, 3), np.uint8) for _ in range(ENCODE_QUEUE + 2)]
+    levels = [20 * i + 10 for i in range(10)]
+
+    def frames():
+        for i, v in enumerate(levels):
+            buf = ring[i % len(ring)]
+            buf[:] = v
+            yield buf
+
+    path = write_video(tmp_path / "grey.mp4", frames(), fps=10)
+    with av.open(str(path)) as c:
+        got = [f.to_ndarray(format="rgb24").mean() for f in c.decode(video=0)]
+    np.testing.assert_allclose(got, levels, atol=2)
+
+    def bad():
+        yield np.zeros((32, 48, 3), np.uint8)
+        yield np.zeros((16, 16, 3), np.uint8)
+
+    with pytest.raises(InputError, match="same size"):
+        write_video(tmp_path / "bad.mp4", bad(), fps=10)
+
+    class Broken(Exception):
+        pass
+
+    real = av.VideoFrame.from_ndarray
+
+    def broken(arr, format):
+        if arr.mean() > 100:
+            raise Broken("encoder failed")
+        return real(arr, format=format)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(av.VideoFrame, "from_ndarray", staticmethod(broken))
+        with pytest.raises(Broken):
+            write_video(tmp_path / "broken.mp4", (np.full((32, 48, 3), v, np.uint8) for v in levels), fps=10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grey.mp4"]
+    assert not [t for t in threading.enumerate() if t.name == "gstalk-encode"]
+
+
 def test_options_no_run_can_use_are_refused_before_any_work(tmp_path, capsys):
     """Demo sizes, efforts and lengths that cannot make an avatar, image sizes that would fill
     the machine's memory or that no face detector reads, a port no socket has, and preparation,
@@ -360,3 +412,19 @@ def test_a_truncated_wav_is_warned_about_and_library_warnings_are_hidden(tmp_pat
     assert main(["render", str(tmp_path / "av"), "--audio", str(cut)]) == 0
     err = capsys.readouterr().err
     assert "warning:" in err and "may be truncated" in err and "weights_only" not in err, err
+
+
+def test_host_frames_round_as_the_video_writer_does():
+    """Batches converted to uint8 on the device (HostFrames) hold what to_uint8 makes of each
+    frame on the host, out-of-range values clamped."""
+    import torch
+
+    from gstalk.avatar.render import HostFrames
+    from gstalk.io.media import to_uint8
+
+    rgb = torch.rand(3, 8, 8, 3) * 1.2 - 0.1
+    rgb[0, 0, 0] = torch.tensor([0.5 / 255, 1.5 / 255, 254.5 / 255])
+    got = HostFrames()(rgb)
+    assert got.dtype == np.uint8 and got.shape == (3, 8, 8, 3)
+    for b in range(3):
+        np.testing.assert_array_equal(got[b], to_uint8(rgb[b]))

@@ -213,9 +213,13 @@ def test_other_viewpoints_keep_the_colours_the_training_camera_saw(tmp_path):
         extrapolated = rasterize(g, side, sh_degree=1, background=0.0).colors[0]
         assert (rgb - extrapolated).abs().max() > 0.1
         # the browser viewer's and the viser recording's splats carry these colours too
-        from gstalk.gaussians.set import splat_colors
+        from gstalk.render.project import covariance_3d, splat_arrays
 
-        np.testing.assert_allclose(splat_colors(seen), seen.colors.clamp(0, 1).numpy())
+        centres, cov, rgb_s, op = splat_arrays(seen)
+        np.testing.assert_allclose(rgb_s, seen.colors.clamp(0, 1).numpy())
+        np.testing.assert_allclose(centres, seen.means.numpy())
+        np.testing.assert_allclose(cov, covariance_3d(seen.quats, seen.scales).numpy(), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(op[:, 0], seen.opacities.numpy())
         # the frames-first path does the same per frame
         gb = GaussianTensors(*(t[:2] for t in av.posed_batch(Frame(c.params, c.codes, c.blink))[0]))
         both = render_frames(av, gb, Cameras(torch.cat([track.viewmats, side.viewmats]),

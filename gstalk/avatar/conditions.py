@@ -22,7 +22,7 @@ from gstalk.audio.features import AudioFeatures, check_speech, compute_features
 from gstalk.audio.phones import phone_timeline
 from gstalk.avatar.cameras import pingpong
 from gstalk.avatar.model import Avatar, Frame
-from gstalk.avatar.render import render_frames
+from gstalk.avatar.render import HostFrames, render_frames
 from gstalk.errors import InputError
 from gstalk.gaussians.set import GaussianTensors
 from gstalk.head.lbs import FlameParams
@@ -197,18 +197,22 @@ def plate_background(av: Avatar, motion: dict, size: int) -> torch.Tensor | None
 def frames_iter(av: Avatar, motion: dict, n: int, fps: float, cams: Cameras, audio: np.ndarray | None = None,
                 expressions: dict | None = None, head: str = "track", deform: bool = True,
                 background: torch.Tensor | None = None, batch: int = 8, lips: str | None = None,
-                log: Callable[[str], None] | None = None) -> Iterator[torch.Tensor]:
-    """Rendered RGB frames [S, S, 3] (float, on the avatar's device), one at a time; posed and
-    rasterized ``batch`` frames at a time (on a GPU, one gsplat launch per batch)."""
+                log: Callable[[str], None] | None = None, uint8: bool = False) -> Iterator:
+    """Rendered RGB frames [S, S, 3], one at a time; posed and rasterized ``batch`` frames at
+    a time (on a GPU, one gsplat launch per batch). Float tensors on the avatar's device, or
+    with ``uint8`` uint8 arrays on the host, each batch converted on the device and copied
+    once (:class:`HostFrames`; a consumer may keep the frames of the last few batches)."""
     dev = av.means.device
     cond = conditions_for(av, motion, n, fps, audio, expressions, head, lips, log)
     size = cams.width
     bg = background if background is not None else torch.ones(size, size, 3, device=dev)
+    host = HostFrames() if uint8 else None
     s = 0
     for g in posed_batches(av, cond, deform, batch):
         nb = g.means.shape[0]
         with torch.no_grad():
-            yield from render_frames(av, g, cams[s:s + nb].to(dev), bg)
+            rgb = render_frames(av, g, cams[s:s + nb].to(dev), bg)
+            yield from (host(rgb) if host is not None else rgb)
         s += nb
 
 

@@ -55,7 +55,8 @@ def drive(avatar_dir: str | Path, out: str | Path, audio_path: str | Path | None
     cams = cameras_for(av, motion, n, camera, size)
     bg = plate_background(av, motion, size) if camera in ("track", "still") else None
     t0 = time.perf_counter()
-    frames = frames_iter(av, motion, n, fps, cams, audio, expressions, head, deform, bg, lips=lips, log=log)
+    frames = frames_iter(av, motion, n, fps, cams, audio, expressions, head, deform, bg, lips=lips, log=log,
+                         uint8=True)
     path = write_video(Path(out), frames, fps, audio, n_frames=n, progress=progress)
     dt = time.perf_counter() - t0
     return DriveResult(path, n, fps, n / fps, n / dt)

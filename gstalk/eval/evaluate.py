@@ -40,7 +40,7 @@ import torch
 
 from gstalk.avatar.io import load_avatar
 from gstalk.avatar.model import Frame
-from gstalk.avatar.render import render_frame
+from gstalk.avatar.render import render_frames
 from gstalk.audio.features import check_speech
 from gstalk.avatar.cameras import cameras_for
 from gstalk.avatar.conditions import (LIP_MODELS, audio_drive, audio_features, frames_iter, head_expr, lip_model,
@@ -52,6 +52,7 @@ from gstalk.face.regions import LIPS, blink_signal, mouth_opening
 from gstalk.head.tracker import load_track
 from gstalk.io.atomic import write_json
 from gstalk.io.dataset import Dataset
+from gstalk.render.camera import Cameras
 
 Progress = Callable[[str, int, int], None]
 GAIN_METRICS = ("psnr", "face_psnr", "mouth_psnr", "mouth_ssim", "lmd_px512", "blink_error")
@@ -121,7 +122,8 @@ def _check_same_clip(av, motion: dict, track, avatar_dir, dataset_dir) -> None:
 
 
 def _render_test(av, motion, track, idx: np.ndarray, size: int, deform: bool, bg, drive: tuple,
-                 audio_from: np.ndarray | None = None, audio_motion: str | None = None) -> list[torch.Tensor]:
+                 audio_from: np.ndarray | None = None, audio_motion: str | None = None,
+                 batch: int = 8) -> list[torch.Tensor]:
     """Renders of frames ``idx`` with their tracked motion. ``drive`` = (audio codes, {lip
     model: (jaw, expression)} from the audio, blink from the audio-to-motion network, the
     dataset's blink), all per frame of the clip; the audio code of frame ``audio_from[k]``
@@ -131,19 +133,22 @@ def _render_test(av, motion, track, idx: np.ndarray, size: int, deform: bool, bg
     ground truth)."""
     dev = av.means.device
     codes, lips, a2m_blink, blink = drive
-    cams = cameras_for(av, motion, 1, "track", size)
+    cam = cameras_for(av, motion, 1, "track", size)[0].to(dev)  # the training camera: the head pose moves
+    idx = np.asarray(idx, np.int64)
+    src = idx if audio_from is None else np.asarray(audio_from, np.int64)
     out = []
     with torch.no_grad():
-        for k, t in enumerate(idx):
-            a = int(t) if audio_from is None else int(audio_from[k])
-            p = track.params(slice(int(t), int(t) + 1), device=dev)
-            b = blink[int(t):int(t) + 1]
+        for s in range(0, len(idx), batch):  # posed and rasterized ``batch`` frames at a time
+            t, a = idx[s:s + batch], src[s:s + batch]
+            p = track.params(t, device=dev)
+            b = blink[torch.as_tensor(t, device=blink.device)]
             if audio_motion:
                 jaw, expr = lips[audio_motion]
-                p.jaw, p.expr, p.eyelids, b = jaw[a:a + 1], expr[a:a + 1], None, a2m_blink[a:a + 1]
-            fr = Frame(p, audio=codes[a:a + 1], blink=b, deform=deform)
-            rgb, _, _ = render_frame(av, av.gaussians_at(fr)[0], cams[0].to(dev), bg)
-            out.append(rgb.clamp(0, 1).cpu())
+                p.jaw, p.expr, p.eyelids, b = jaw[a], expr[a], None, a2m_blink[a]
+            fr = Frame(p, audio=codes[a], blink=b, deform=deform)
+            g = av.posed_batch(fr)[0]
+            rgb = render_frames(av, g, Cameras.cat([cam] * len(t)), bg)
+            out += list(rgb.clamp(0, 1).cpu())
     return out
 
 
@@ -244,8 +249,8 @@ def _sync_other_audio(av, motion, others, ds, size: int, bg, prog: Progress) -> 
         n = max(1, int(round(len(audio) / 16000 * ds.fps)))
         cams = cameras_for(av, motion, n, "track", size)
         for name, deform in (("deformation", True), ("no_deformation", False)):
-            frames = [(f.clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
-                      for f in frames_iter(av, motion, n, ds.fps, cams, audio, None, "still", deform, bg)]
+            frames = [f.copy() for f in frames_iter(av, motion, n, ds.fps, cams, audio, None, "still", deform, bg,
+                                                    uint8=True)]
             mlm = _landmarks(frames)
             mouth = mouth_opening(np.nan_to_num(mlm))
             mouth[~np.isfinite(mlm[:, 0, 0])] = np.nan

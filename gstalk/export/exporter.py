@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from gstalk.errors import AT_LEAST_0, InputError, check_value
 from gstalk.gaussians.ply import save_ply
-from gstalk.gaussians.set import GaussianTensors, splat_colors, to_gaussian_set
-from gstalk.render.project import covariances
+from gstalk.gaussians.set import GaussianTensors, to_gaussian_set
+from gstalk.render.project import splat_arrays
 from gstalk.io.atomic import ensure_dir, write_json
 
 STATIC = ("ply", "splat", "compressed-ply")
@@ -154,8 +153,7 @@ def write_viser_recording(frames, fps: float, path: Path, progress: Progress | N
         handle = None
         rec = None
         for k, g in enumerate(frames):
-            c, cov = g.means.detach().cpu().numpy().astype(np.float32), covariances(g)
-            rgb, op = splat_colors(g), g.opacities.detach().cpu().numpy()[:, None]
+            c, cov, rgb, op = splat_arrays(g)  # one copy to the host
             if handle is None:
                 handle = server.scene.add_gaussian_splats("/avatar", centers=c, covariances=cov, rgbs=rgb,
                                                           opacities=op)

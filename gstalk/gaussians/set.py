@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Iterator, NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -241,8 +240,8 @@ def to_gaussian_set(g: GaussianTensors) -> GaussianSet:
                        torch.log(op / (1 - op)).float().cpu(), g.colors.detach().cpu().float())
 
 
-def splat_colors(g: GaussianTensors) -> np.ndarray:
-    """[N, 3] RGB in [0, 1] for splat viewers that take one colour a Gaussian: plain colours
-    [N, 3] as they are (:func:`gstalk.avatar.views.other_view`), else the SH's DC."""
+def splat_rgb(g: GaussianTensors) -> torch.Tensor:
+    """[N, 3] RGB in [0, 1] (on g's device) for splat viewers that take one colour a Gaussian:
+    plain colours [N, 3] as they are (:func:`gstalk.avatar.views.other_view`), else the SH's DC."""
     rgb = g.colors if g.colors.dim() == 2 else g.colors[:, 0] * SH_C0 + 0.5
-    return rgb.detach().clamp(0, 1).cpu().numpy()
+    return rgb.detach().clamp(0, 1)

@@ -153,6 +153,12 @@ class HeadModel:
     source: str = ""
     digest: str = ""
     meta: dict = field(default_factory=dict)
+    #: ``parents`` as host integers, always set from ``parents`` when the model is made (read
+    #: on every skinning, where ``.tolist()`` of a GPU tensor would wait for the device)
+    parent_list: tuple = ()
+
+    def __post_init__(self):
+        self.parent_list = tuple(int(i) for i in self.parents.tolist())
 
     @property
     def num_vertices(self) -> int:

@@ -78,7 +78,7 @@ def joint_transforms(model: HeadModel, pose: Tensor, joints: Tensor) -> tuple[Te
     rot = axis_angle_to_matrix(pose)  # [B, 5, 3, 3]
     b = pose.shape[0]
     rel = joints.clone()
-    par = model.parents.tolist()
+    par = model.parent_list
     rel[:, 1:] = joints[:, 1:] - joints[:, par[1:]]
     local = torch.zeros(b, 5, 4, 4, dtype=pose.dtype, device=pose.device)
     local[..., :3, :3] = rot

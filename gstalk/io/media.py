@@ -76,9 +76,15 @@ def write_video(path: str | os.PathLike, frames: Iterable, fps: float = 25.0, au
     """Encode frames ([H, W, 3] float in [0, 1] or uint8) to an H.264 mp4, atomically, with
     ``audio`` (mono float) muxed in as AAC and cut or padded to exactly frames / fps.
 
-    Frames are streamed: only one is held at a time. Odd sizes are padded by one pixel
+    Frames are streamed: a few are held at a time. They are encoded in a worker thread, so
+    that the caller's next frames are made (rendered) while the last ones are encoded; a
+    frame the caller hands over is not changed until it has been encoded and the next
+    :data:`ENCODE_QUEUE` frames have been handed over. Odd sizes are padded by one pixel
     (yuv420p needs even dimensions).
     """
+    import queue
+    import threading
+
     import av
 
     check_video_path(path, "the video")
@@ -97,41 +103,73 @@ def write_video(path: str | os.PathLike, frames: Iterable, fps: float = 25.0, au
         if audio is not None:  # every stream must exist before the first packet is written
             astream = container.add_stream("aac", rate=sample_rate)
             astream.layout = "mono"
+        todo: queue.Queue = queue.Queue(maxsize=ENCODE_QUEUE)
+        failed: list[BaseException] = []
+
+        def encode() -> None:
+            try:
+                while (arr := todo.get()) is not None:
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                        container.mux(packet)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                failed.append(e)
+                while todo.get() is not None:  # let the caller finish handing over
+                    pass
+
+        worker = threading.Thread(target=encode, name="gstalk-encode", daemon=True)
+        worker.start()
         try:
-            for frame in frames:
-                arr = to_uint8(frame)
-                if arr.ndim != 3 or arr.shape[2] != 3:
-                    raise InputError(f"video frames must be [H, W, 3], got {arr.shape}")
-                h, w = arr.shape[:2]
-                if h % 2 or w % 2:
-                    arr = np.pad(arr, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-                if n == 0:
-                    stream.width, stream.height = arr.shape[1], arr.shape[0]
-                elif (arr.shape[1], arr.shape[0]) != (stream.width, stream.height):
-                    raise InputError("all video frames must have the same size")
-                for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
-                    container.mux(packet)
-                n += 1
-                prog("render", n, n_frames or n)
+            try:
+                for frame in frames:
+                    arr = to_uint8(frame)
+                    if arr.ndim != 3 or arr.shape[2] != 3:
+                        raise InputError(f"video frames must be [H, W, 3], got {arr.shape}")
+                    h, w = arr.shape[:2]
+                    if h % 2 or w % 2:
+                        arr = np.pad(arr, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+                    if n == 0:
+                        stream.width, stream.height = arr.shape[1], arr.shape[0]
+                    elif (arr.shape[1], arr.shape[0]) != (stream.width, stream.height):
+                        raise InputError("all video frames must have the same size")
+                    if failed:
+                        break
+                    todo.put(arr)
+                    n += 1
+                    prog("render", n, n_frames or n)
+            finally:
+                todo.put(None)
+                worker.join()
+            if failed:
+                raise failed[0]
             if n == 0:
                 raise InputError("no frames to write")
             for packet in stream.encode():
                 container.mux(packet)
             if astream is not None:
-                need = int(round(n / fps * sample_rate))
-                a = np.zeros(need, np.float32)
-                a[: min(need, len(audio))] = np.asarray(audio, np.float32)[:need]
-                for j in range(0, need, 1024):
-                    af = av.AudioFrame.from_ndarray(a[None, j:j + 1024], format="flt", layout="mono")
-                    af.sample_rate = sample_rate
-                    af.pts = j
-                    for packet in astream.encode(af):
-                        container.mux(packet)
-                for packet in astream.encode():
-                    container.mux(packet)
+                _encode_audio(container, astream, audio, n / fps, sample_rate)
         finally:
             container.close()
     return Path(path)
+
+
+#: Frames handed to the encoding thread that may wait for it (each one [H, W, 3] uint8).
+ENCODE_QUEUE = 2
+
+
+def _encode_audio(container, astream, audio: np.ndarray, seconds: float, sample_rate: int) -> None:
+    import av
+
+    need = int(round(seconds * sample_rate))
+    a = np.zeros(need, np.float32)
+    a[: min(need, len(audio))] = np.asarray(audio, np.float32)[:need]
+    for j in range(0, need, 1024):
+        af = av.AudioFrame.from_ndarray(a[None, j:j + 1024], format="flt", layout="mono")
+        af.sample_rate = sample_rate
+        af.pts = j
+        for packet in astream.encode(af):
+            container.mux(packet)
+    for packet in astream.encode():
+        container.mux(packet)
 
 
 def fps_fraction(fps: float) -> Fraction:

@@ -143,9 +143,17 @@ def project(means: Tensor, covars: Tensor, viewmats: Tensor, Ks: Tensor, width: 
     return Projected(means2d=means2d, conics=conics, depths=tz, radii=radii, covars2d=cov2d)
 
 
-def covariances(g):
-    """[N, 3, 3] float32 world covariances of activated Gaussians ``g`` (a GaussianTensors), as
-    numpy: what splat viewers (viser) take."""
+def splat_arrays(g) -> tuple:
+    """What splat viewers (viser) take of activated Gaussians ``g`` (a GaussianTensors), as
+    float32 numpy, in one device-to-host copy: centres [N, 3], world covariances [N, 3, 3],
+    one RGB a Gaussian [N, 3] (:func:`gstalk.gaussians.set.splat_rgb`), opacities [N, 1]."""
     import numpy as np
 
-    return covariance_3d(g.quats.detach(), g.scales.detach()).cpu().numpy().astype(np.float32)
+    from gstalk.gaussians.set import splat_rgb
+
+    cov = covariance_3d(g.quats.detach(), g.scales.detach()).reshape(-1, 9)
+    packed = torch.cat([g.means.detach(), cov, splat_rgb(g), g.opacities.detach()[:, None]], 1)
+    packed = packed.float().cpu().numpy()
+    n = packed.shape[0]
+    parts = (packed[:, :3], packed[:, 3:12].reshape(n, 3, 3), packed[:, 12:15], packed[:, 15:16])
+    return tuple(np.ascontiguousarray(p) for p in parts)

@@ -188,16 +188,14 @@ class AvatarViewer:
 
     def _splat_arrays(self, g):
         from gstalk.avatar.views import fill_weight, other_view
-        from gstalk.gaussians.set import splat_colors
-        from gstalk.render.project import covariances
+        from gstalk.render.project import splat_arrays
 
-        centres = g.means.detach().cpu().numpy().astype(np.float32) - self._centre
         # the colours the training camera saw, and the view fill as far as the (first) browser's
         # camera is from the training camera's
         eye = self._eye()
         self._fill_shown = 0.0 if eye is None else float(fill_weight(self.av, eye)[0])
-        g = other_view(self.av, g, eye)
-        return centres, covariances(g), splat_colors(g), g.opacities.detach().cpu().numpy()[:, None]
+        centres, cov, rgb, opacity = splat_arrays(other_view(self.av, g, eye))  # one copy to the host
+        return centres - self._centre, cov, rgb, opacity
 
     def _camera_moved(self, client) -> None:
         """Server renders follow every move; browser splats only need new colours when the
