@@ -173,3 +173,34 @@ def test_dataset_manifests_and_tracks_are_checked_where_they_are_read(tmp_path):
     save_track(Track(**arrays, width=0, height=64, model={"name": "gstalk-standin"}), path)
     with pytest.raises(FileFormatError, match="'width' must be an integer from 1"):
         load_track(path)
+
+
+def test_the_view_fill_and_ray_cut_are_stored_by_the_fit_and_checked_when_read(tmp_path):
+    """save_avatar stores what other viewpoints show (views.safetensors), so a load need not
+    compute it; it is what computing gives. A folder without the file (fitted before it
+    existed) computes it at load as before; a damaged one is refused, naming the file."""
+    import torch
+
+    from gstalk.avatar.views import VIEWS_FILE
+
+    folder = make_avatar(tmp_path / "av")
+    assert (folder / VIEWS_FILE).is_file()
+    stored, _ = load_avatar(folder)
+    assert stored.view_fill is not None and len(stored.view_fill) > 0  # the back of the stand-in's head
+    keep = tmp_path / "views.keep"
+    shutil.move(folder / VIEWS_FILE, keep)
+    computed, _ = load_avatar(folder)
+    for k in ("view_centre", "view_fill", "view_fill_rgb", "view_fill_scale", "ray_cut", "ray_cut_scale"):
+        a, b = getattr(stored, k), getattr(computed, k)
+        assert (a is None) == (b is None), k
+        if a is not None:
+            torch.testing.assert_close(a, b, msg=k)
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(keep))
+    for key, value, words in (("view_fill", t["view_fill"] + 10 ** 6, "indices of this avatar's"),
+                              ("view_fill_rgb", t["view_fill_rgb"][:1], r"view_fill_rgb must be \[\d+, 3\]"),
+                              ("view_centre", torch.full((3,), float("nan")), "3 finite numbers")):
+        save_file({**t, key: value.contiguous()}, str(folder / VIEWS_FILE))
+        with pytest.raises(FileFormatError, match=f"{VIEWS_FILE}: .*{words}.*delete it"):
+            load_avatar(folder)

@@ -50,7 +50,8 @@ def avatar(tracked):
 
 def test_avatar_folder_is_self_contained(avatar):
     names = sorted(p.name for p in avatar.iterdir())
-    assert names == ["background.png", "config.json", "gaussians.ply", "motion.npz", "networks.safetensors"]
+    assert names == ["background.png", "config.json", "gaussians.ply", "motion.npz", "networks.safetensors",
+                     "views.safetensors"]
     cfg = json.loads((avatar / "config.json").read_text())
     assert cfg["format"] == "gstalk-avatar" and cfg["head_model"]["name"] == "gstalk-standin"
     from gstalk.avatar.io import load_avatar

@@ -8,6 +8,9 @@
     motion.npz           identity shape, camera (K, viewmat), and the training clip's head
                          motion (poses, eyes) used to animate new audio
     background.png       the background plate (when the background mode is 'plate')
+    views.safetensors    what other viewpoints show (:mod:`gstalk.avatar.views`: the view fill
+                         and the ray cut), computed as the avatar is saved; a folder without it
+                         has them computed at load
 
 Loading never executes code from the folder (safetensors, plyfile, numpy without pickle,
 JSON). A folder of another format version is refused with a clear message.
@@ -81,7 +84,8 @@ def check_config(raw: dict, path: Path) -> None:
 
 
 #: the files of a finished avatar (see the module's docstring); a fit under way adds checkpoint.pt
-AVATAR_FILES = ("config.json", "gaussians.ply", "networks.safetensors", "motion.npz", "background.png")
+AVATAR_FILES = ("config.json", "gaussians.ply", "networks.safetensors", "motion.npz", "background.png",
+                "views.safetensors")
 
 
 def is_finished_avatar(folder: Path) -> bool:
@@ -148,6 +152,11 @@ def save_avatar(avatar: Avatar, folder: str | os.PathLike, motion: dict[str, np.
              viewmat=avatar.viewmat.cpu().numpy(), **{k: np.asarray(v, np.float32) for k, v in motion.items()})
     if background is not None:
         write_image_file(out / "background.png", background)
+    from gstalk.avatar.views import save_views
+
+    avatar.set_ray_cut(motion)  # what other viewpoints show, computed once here instead of at every load
+    avatar.set_view_fill(motion)
+    save_views(avatar, out)
     write_json(out / "config.json", {"format": AVATAR_FORMAT, **avatar.cfg.to_json()})
     return out
 
@@ -273,6 +282,9 @@ def load_avatar(folder: str | os.PathLike, device: str | torch.device = "cpu") -
     if old_visemes:
         av.notes.append(f"{root} was fitted with an older viseme lip model (avatar format {raw['version']}); new audio "
                         "moves its lips with the learned network. Re-fit it for the current lip model.")
-    av.set_ray_cut(motion)
-    av.set_view_fill(motion)
+    from gstalk.avatar.views import load_views
+
+    if not load_views(av, root):  # what the fit stored (views.safetensors); a folder without it: computed here
+        av.set_ray_cut(motion)
+        av.set_view_fill(motion)
     return av, motion

@@ -285,3 +285,69 @@ def set_ray_cut(av: Avatar, motion: dict, max_frames: int = 16) -> None:
         scale = torch.ones(len(i), 3, device=av.means.device)
         scale[torch.arange(len(i), device=i.device), order[i, 0]] = torch.exp(mid[i] - top[i]) * RAY_RATIO
         av.ray_cut, av.ray_cut_scale = i, scale
+
+
+# ---------------------------------------------------------------------- stored with the avatar
+#: The file in an avatar folder that holds the view fill and the ray cut, computed when the
+#: fit saved the avatar; a folder without it (fitted before it existed, or with it deleted)
+#: has them computed as it is loaded.
+VIEWS_FILE = "views.safetensors"
+_PAIRS = (("view_fill", ("view_fill_rgb", "view_fill_scale")), ("ray_cut", ("ray_cut_scale",)))
+
+
+def save_views(av: Avatar, folder) -> None:
+    """Write ``av``'s view fill and ray cut (set first: :func:`set_ray_cut`,
+    :func:`set_view_fill`) into ``folder``, atomically."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from gstalk.io.atomic import atomic_path
+
+    keys = ["view_centre"] + [k for idx, rest in _PAIRS if getattr(av, idx) is not None for k in (idx, *rest)]
+    tensors = {k: getattr(av, k).detach().cpu().contiguous() for k in keys}
+    with atomic_path(Path(folder) / VIEWS_FILE) as tmp:
+        save_file(tensors, str(tmp))
+
+
+def load_views(av: Avatar, folder) -> bool:
+    """Set ``av``'s view fill and ray cut from ``folder``'s :data:`VIEWS_FILE`, checked
+    against its Gaussians; False where the folder has none (compute them instead)."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from gstalk.errors import FileFormatError
+
+    path = Path(folder) / VIEWS_FILE
+    if not path.is_file():
+        return False
+    fix = "delete it (it is computed again as the avatar loads) or re-fit the avatar"
+    try:
+        t = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise FileFormatError(f"{path}: not a readable safetensors file ({e}); {fix}") from None
+    n, dev = av.means.shape[0], av.means.device
+    centre = t.get("view_centre")
+    if centre is None or centre.shape != (3,) or not bool(torch.isfinite(centre).all()):
+        raise FileFormatError(f"{path}: view_centre must be 3 finite numbers; {fix}")
+    got = {"view_centre": centre}
+    for idx, rest in _PAIRS:
+        if idx not in t:
+            if any(k in t for k in rest):
+                raise FileFormatError(f"{path}: {', '.join(rest)} without {idx}; {fix}")
+            continue
+        i = t[idx]
+        if i.dim() != 1 or i.dtype != torch.int64 or (len(i) and (int(i.min()) < 0 or int(i.max()) >= n)):
+            raise FileFormatError(f"{path}: {idx} must be indices of this avatar's {n} Gaussians; {fix}")
+        for k in rest:
+            v = t.get(k)
+            if v is None or v.shape != (len(i), 3) or not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+                raise FileFormatError(f"{path}: {k} must be [{len(i)}, 3] finite values of 0 or more; {fix}")
+            got[k] = v
+        got[idx] = i
+    av.view_fill = av.view_fill_rgb = av.view_fill_scale = av.ray_cut = av.ray_cut_scale = None
+    for k, v in got.items():
+        setattr(av, k, v.to(dev))
+    return True
