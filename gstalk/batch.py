@@ -75,7 +75,8 @@ def collect_clips(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         names[c.stem] = c
         out.append(c)
     if not out:
-        raise InputError("no clips to fit (the lists given are empty)")
+        raise InputError("no clips to fit: give clips, folders of clips or lists of clips" +
+                         (" (the lists given are empty)" if inputs else ""))
     return out
 
 

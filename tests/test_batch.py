@@ -114,6 +114,11 @@ def test_clips_come_from_files_folders_and_lists(clips, tmp_path):
     empty.mkdir()
     with pytest.raises(InputError, match="a folder without clips"):
         collect_clips([empty])
+    (tmp_path / "none.txt").write_text("# nobody yet\n")
+    with pytest.raises(InputError, match=r"no clips to fit.*\(the lists given are empty\)"):
+        collect_clips([tmp_path / "none.txt"])
+    with pytest.raises(InputError, match="no clips to fit: give clips, folders of clips or lists of clips$"):
+        collect_clips([])
 
 
 def test_bad_fit_options_are_refused_before_any_task(clips, tmp_path, capsys):
