@@ -727,3 +727,31 @@ def test_head_expression_padding_keeps_the_clips_mean_face(tmp_path):
     torch.testing.assert_close(out[:, 2:], torch.from_numpy(fill[2:4]).float().expand(3, 2))
     assert (head_expr(av, e)[:, 2:] == 0).all()
     assert head_expr(av, torch.ones(3, 7), fill).shape == (3, 4)
+
+
+def test_a_field_that_moves_no_colours_leaves_the_posed_colours_a_view(tmp_path):
+    """The avatar's field moves no colours (colour=False): the posed batch's SH are a view of
+    the canonical ones, not a [B, N, K, 3] copy per batch; a field that does move colours adds
+    its offsets to the DC term of each frame."""
+    from gstalk.avatar.conditions import conditions_for, training_expressions
+    from gstalk.avatar.io import load_avatar
+    from gstalk.avatar.model import Frame
+    from gstalk.deform.field import Deformation
+    from gstalk.gaussians.set import SH_C0
+    from tinyavatar import make_avatar
+
+    av, motion = load_avatar(make_avatar(tmp_path / "av", n_frames=3), "cpu")
+    assert not av.field.colour
+    c = conditions_for(av, motion, 3, 25.0, None, training_expressions(motion))
+    with torch.no_grad():
+        g, d = av.posed_batch(Frame(c.params, c.codes, c.blink))
+    assert d is not None and d.d_colors is None
+    assert g.colors.shape == (3, *av.sh.shape) and g.colors.stride(0) == 0  # the same memory for every frame
+    torch.testing.assert_close(g.colors[2], av.sh.detach())
+    shift = torch.rand(3, av.sh.shape[0], 3)
+    moving = Deformation(d.d_means, d.d_quats, d.d_log_scales, d.d_opacity, shift)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(av, "deformation", lambda frame: moving)
+        g2, _ = av.posed_batch(Frame(c.params, c.codes, c.blink))
+    torch.testing.assert_close(g2.colors[:, :, 0], av.sh.detach()[None, :, 0] + shift / SH_C0)
+    torch.testing.assert_close(g2.colors[:, :, 1:], av.sh.detach()[None, :, 1:].expand(3, -1, -1, -1))

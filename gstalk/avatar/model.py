@@ -352,10 +352,11 @@ class Avatar(nn.Module):
             None if d is None else d.d_means, None if d is None else d.d_quats,
             None if d is None else d.d_log_scales, backend=backend)
         opac = self.opacity_logits[None].expand(B, -1)
-        sh = self.sh[None].expand(B, -1, -1, -1)
+        sh = self.sh[None].expand(B, -1, -1, -1)  # a view: no [B, N, K, 3] copy unless colours move
         if d is not None:
             opac = opac + 2.0 * torch.tanh(d.d_opacity[..., 0] / 2.0)
-            sh = torch.cat([sh[:, :, :1] + (d.d_colors / SH_C0)[:, :, None], sh[:, :, 1:]], 2)
+            if d.d_colors is not None:
+                sh = torch.cat([sh[:, :, :1] + (d.d_colors / SH_C0)[:, :, None], sh[:, :, 1:]], 2)
         return GaussianTensors(means, quats, scales, torch.sigmoid(opac), sh), d
 
 

@@ -48,7 +48,7 @@ class Deformation:
     d_quats: Tensor  # [B, N, 4]
     d_log_scales: Tensor  # [B, N, 3]
     d_opacity: Tensor  # [B, N, 1]
-    d_colors: Tensor  # [B, N, 3]
+    d_colors: Tensor | None  # [B, N, 3]; None for a field that moves no colours
 
     def regulariser(self) -> Tensor:
         """Mean squared offsets (keeps motion small where data does not ask for it)."""
@@ -60,9 +60,8 @@ class Deformation:
 def to_deformation(out: Tensor, colour: bool) -> Deformation:
     """The field's raw outputs [B, N, 11|14] as offsets. Raw outputs are in natural units:
     1 = 1 cm, 0.1 rad, 10 % of scale, 0.1 of colour."""
-    B, N = out.shape[:2]
     d_q = 0.05 * out[..., 3:7] + out.new_tensor([1.0, 0, 0, 0])
-    col = 0.1 * out[..., 11:14] if colour else out.new_zeros(B, N, 3)
+    col = 0.1 * out[..., 11:14] if colour else None
     return Deformation(d_means=0.01 * out[..., 0:3], d_quats=d_q, d_log_scales=0.1 * out[..., 7:10],
                        d_opacity=out[..., 10:11], d_colors=col)
 
