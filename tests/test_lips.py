@@ -46,16 +46,16 @@ def _edit_distance(a, b) -> int:
     return d[-1]
 
 
+SENTENCES = ["My mother bought a big blue bag from the market before the bus came back.",
+             "We will meet at the museum tomorrow morning and then visit the park."]
+
+
 @needs_espeak
-@pytest.mark.parametrize("text", ["My mother bought a big blue bag from the market before the bus came back.",
-                                  "We will meet at the museum tomorrow morning and then visit the park."])
+@pytest.mark.parametrize("text", SENTENCES)
 def test_aligned_phones_recover_known_phones_and_their_timing(text):
     """espeak-ng says which phones it spoke and when: the recognised words' aligned phones
     give back the viseme sequence (edit distance under a third of its length), most speech
-    frames' viseme class, and the lips' closures (p, b, m) within 30 ms; free phone decoding,
-    the fallback, does worse on the frames."""
-    from gstalk.audio.phones import free_phones
-
+    frames' viseme class, and the lips' closures (p, b, m) within 30 ms."""
     audio, truth = _say(text)
     dur = len(audio) / SR
     tl = phone_timeline(audio)
@@ -63,9 +63,7 @@ def test_aligned_phones_recover_known_phones_and_their_timing(text):
     t_frames = _viseme_frames(truth, dur)
     speech = t_frames > 0
     agree = (_viseme_frames(tl.phones, dur)[speech] == t_frames[speech]).mean()
-    free = [p for p in free_phones(audio) if p[0] != "SIL"]
-    agree_free = (_viseme_frames(free, dur)[speech] == t_frames[speech]).mean()
-    assert agree > 0.5 and agree > agree_free + 0.03, (agree, agree_free)
+    assert agree > 0.5, agree
     seq_t, seq_a = _sequence(truth), _sequence(tl.phones)
     assert _edit_distance(seq_t, seq_a) < len(seq_t) / 3, (seq_t, seq_a)
     closures = [s for p, s, _ in truth if PHONE_TO_VISEME.get(p) == "PP"]
@@ -73,6 +71,28 @@ def test_aligned_phones_recover_known_phones_and_their_timing(text):
     assert len(closures) >= 5 and len(found)
     err = np.array([np.abs(found - t).min() for t in closures])
     assert np.median(err) < 0.03, err
+
+
+@needs_espeak
+def test_recognised_words_beat_free_phones_on_speech_frames():
+    """Free phone decoding, the fallback, gets fewer speech frames' viseme class right than the
+    recognised words' aligned phones, over all the sentences together (one sentence's margin
+    moves by a few points with the CPU's numerics where a word is misrecognised)."""
+    from gstalk.audio.phones import free_phones
+
+    hits = np.zeros(2)
+    frames = 0
+    for text in SENTENCES:
+        audio, truth = _say(text)
+        dur = len(audio) / SR
+        t_frames = _viseme_frames(truth, dur)
+        speech = t_frames > 0
+        free = [p for p in free_phones(audio) if p[0] != "SIL"]
+        for i, phones in enumerate((phone_timeline(audio).phones, free)):
+            hits[i] += (_viseme_frames(phones, dur)[speech] == t_frames[speech]).sum()
+        frames += speech.sum()
+    words, free = hits / frames
+    assert words > free + 0.04, (words, free)
 
 
 @needs_espeak
