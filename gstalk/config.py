@@ -203,6 +203,12 @@ class TrainOptions:
     """What moves the lips for new audio: visemes (phonetic lip shapes of any voice, calibrated
     to the clip's mouth; needs phone features, else learned is used) or learned (the
     audio-to-motion network). See docs/avatar.md."""
+    phones: Literal["choose", "auto", "phones"] = "choose"
+    """Where the phones come from, for this avatar's training clip and every audio it is later
+    driven with: auto (recognised English words, force-aligned; free phone decoding where
+    recognition fails), phones (free phone decoding always), or choose: whichever of the two
+    predicts this clip's lips better on held-back blocks of its training frames (free phones
+    only where they beat the words by more than two standard errors)."""
     scale: float = 0.0
     """Render at this fraction of the dataset resolution (0 = 1.0 on a GPU, 128 px on a CPU)."""
     per_triangle: int = 0

@@ -19,9 +19,10 @@ tracked motion puts them 1.5-2.5 px from the detector's); blocked cross-validati
 whole clip (each of ``--folds`` blocks predicted by a model calibrated on the rest, minus
 0.4 s either side) and the real held-out tail; LMD against the detector's lips, the paired
 difference from the mean mouth, and the correlation of the mouth's opening within blocks.
-``--phones`` chooses the phone timings: recognised words force-aligned within pauses found
-by the voice-activity detector (vad, the default) or by loudness (energy), or free phone
-decoding (free).
+``--phones`` chooses the phone timings: as the fit chooses them (choose, the default: the
+recognised words, or free phone decoding where it predicts the training frames' lips better),
+recognised words force-aligned within pauses found by the voice-activity detector (vad) or by
+loudness (energy), or free phone decoding (free).
 
 ``pauses``: where are the pauses? Sentences spoken by espeak-ng (which says where its pauses
 are) with pauses between them, in quiet and with noise at 20 and 10 dB SNR, plus music and
@@ -44,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gstalk.audio.phones import PhoneTimeline, free_phones, phone_timeline, speech_regions  # noqa: E402
+from gstalk.audio.phones import phone_timeline  # noqa: E402
 from gstalk.audio.visemes import VisemeMotion, lip_measures  # noqa: E402
 from gstalk.avatar.io import head_for  # noqa: E402
 from gstalk.eval.bench import device_name  # noqa: E402
@@ -53,7 +54,7 @@ from gstalk.head.embedding import load_embedding  # noqa: E402
 from gstalk.head.lbs import flame_forward  # noqa: E402
 from gstalk.head.tracker import load_track  # noqa: E402
 from gstalk.io.dataset import Dataset  # noqa: E402
-from gstalk.train.motion import lip_inputs  # noqa: E402
+from gstalk.train.motion import choose_phones, lip_inputs  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -97,7 +98,7 @@ def recalibrate(ds_dir: Path, av_dir: Path) -> None:
             save_file(tensors, str(tmp))
     av, _ = load_avatar(av_dir)
     track = load_track(ds.root / "track.npz")
-    tl = phone_timeline(ds.audio())
+    tl = phone_timeline(ds.audio(), source=av.cfg.phones)
     av.visemes = VisemeMotion(av.cfg.n_expr)
     driven, lip_map = lip_inputs(av.head_model, av.shape, track.jaw, track.expr, ds.train_indices, av.cfg.n_expr)
     lips = fit_visemes(av.visemes, ds, tl, track.jaw, track.expr, ds.train_indices, driven, print, lip_map=lip_map)
@@ -167,10 +168,17 @@ class Proxy:
         self.T, self.fps = self.track.num_frames, self.ds.fps
         self.Y = np.concatenate([self.track.jaw, self.track.expr], 1).astype(np.float64)
         audio = self.ds.audio()
+        self.choice = ""
         if phones == "free":
-            regions = speech_regions(audio)
-            self.timeline = PhoneTimeline([p for p in free_phones(audio) if p[0] != "SIL" and
-                                           any(p[1] < b and p[2] > a for a, b in regions)], len(audio) / 16000)
+            self.timeline = phone_timeline(audio, source="phones")
+        elif phones == "choose":  # as the fit chooses (--train.phones choose)
+            words, free = phone_timeline(audio), phone_timeline(audio, source="phones")
+            tr = self.ds.train_indices
+            driven, lip_map = lip_inputs(self.head, torch.as_tensor(self.track.shape), self.Y[:, :3], self.Y[:, 3:],
+                                         tr, self.head.n_expr)
+            pick, self.choice = choose_phones(self.ds, words, free, self.Y[:, :3], self.Y[:, 3:], tr, self.head.n_expr,
+                                              driven, lip_map)
+            self.timeline = free if pick == "phones" else words
         else:
             self.timeline = phone_timeline(audio, phones)
 
@@ -240,7 +248,7 @@ def run_proxy(args) -> None:
             print(f"| {c.ds.root.parent.name}/{c.ds.root.name} | {name} | {np.nanmean(l_cv):.2f} | {pair(d_cv)} | "
                   f"{_fmt(np.mean(corr) if corr else np.nan)} | {l_ho.mean():.2f} | {pair(d_ho)} | "
                   f"{_fmt(np.corrcoef(oh, c.gt_open[te])[0, 1] if oh.std() > 1e-9 else np.nan)} |")
-        print(f"{d}: {time.perf_counter() - t0:.0f} s ({c.timeline.source})", file=sys.stderr)
+        print(f"{d}: {time.perf_counter() - t0:.0f} s ({c.timeline.source}) {c.choice}", file=sys.stderr)
 
 
 def run_pauses(args) -> None:
@@ -299,7 +307,7 @@ def main() -> None:
     e.add_argument("--recalibrate", action="store_true")
     p = sub.add_parser("proxy")
     p.add_argument("datasets", nargs="+")
-    p.add_argument("--phones", choices=("vad", "energy", "free"), default="vad")
+    p.add_argument("--phones", choices=("choose", "vad", "energy", "free"), default="choose")
     p.add_argument("--folds", type=int, default=8)
     sub.add_parser("pauses")
     args = ap.parse_args()

@@ -37,6 +37,7 @@ BAD_VALUES = {
     "mouth_radius": ("0.1", -1),
     "expr_prior": ("no", 0),
     "lip_motion": (2, "talk"),
+    "phones": (None, "words"),
 }
 # in range, but disagreeing with the other files of the folder
 DISAGREEING = {"sh_degree": 2, "code_dim": 16, "n_shape": 5, "feature_dim": 16}

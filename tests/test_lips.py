@@ -360,3 +360,41 @@ def test_the_pause_classes_are_the_lip_models_own_not_the_audio_features():
     assert feature_dim("phoneme") == 15 and feature_dim("mel+phoneme") == 83 + 15
     f = viseme_features(PhoneTimeline([("AA", 0.1, 0.2)], 0.5), 50)
     assert f.shape == (50, 15) and f[15, VISEMES.index("aa")] == 1 and f[40, SIL] == 1
+
+
+def test_the_fit_takes_free_phones_only_where_they_predict_the_lips_clearly_better(monkeypatch):
+    """Two timelines of one clip, one that the mouth follows and one it does not (the
+    recognised words of a voice the recogniser mistakes): the chooser takes the one that
+    predicts held-back frames' lips, the words on a tie, and the words where the clip is too
+    short to tell."""
+    from types import SimpleNamespace
+
+    import gstalk.train.motion as motion
+
+    fps, seconds = 25.0, 24.0
+    n = int(seconds * fps)
+    good, bad = _random_timeline(seconds, 11), _random_timeline(seconds, 12)
+    rng = np.random.default_rng(13)
+    jaw = np.zeros((n, 3))
+    jaw[:, 0] = dominance(good, n, fps, 0.08) @ rng.normal(0, 1, len(VISEMES)) + rng.normal(0, 0.05, n)
+    lips = np.stack([0.1 + 0.02 * jaw[:, 0], np.full(n, 0.6)], 1)
+    monkeypatch.setattr(motion, "lip_measures", lambda _lmk: lips)
+    ds = SimpleNamespace(fps=fps, landmarks=lambda: {"valid": np.ones(n, bool), "lmk": np.zeros((n, 478, 3))})
+    expr = np.zeros((n, 2))
+    train = np.arange(int(0.8 * n))
+    pick, line = motion.choose_phones(ds, bad, good, jaw, expr, train, 2)
+    assert pick == "phones" and "free phone decoding" in line
+    assert motion.choose_phones(ds, good, bad, jaw, expr, train, 2)[0] == "auto"
+    assert motion.choose_phones(ds, good, good, jaw, expr, train, 2)[0] == "auto"  # a tie: the words
+    assert motion.choose_phones(ds, bad, good, jaw, expr, train[:100], 2)[0] == "auto"  # 4 s: too few to tell
+
+
+@needs_espeak
+def test_free_phone_decoding_asked_for_outright():
+    from gstalk.errors import GstalkError
+
+    audio, _ = _say(SENTENCES[0])
+    tl = phone_timeline(audio, source="phones")
+    assert tl.source == "phones" and tl.words == [] and not tl.notes and len(tl.speech()) > 20
+    with pytest.raises(GstalkError, match="unknown phone source"):
+        phone_timeline(audio, source="words")

@@ -125,12 +125,15 @@ class AudioFeatures:
 
 
 def compute_features(audio: np.ndarray, n_frames: int, fps: float, kind: FeatureKind = "mel+phoneme",
-                     window: int = 32) -> AudioFeatures:
+                     window: int = 32, phones: str = "auto", timeline: PhoneTimeline | None = None) -> AudioFeatures:
     """Windows ``[n_frames, window, D]`` for 16 kHz mono ``audio`` whose sample 0 is frame 0,
-    and its phone timeline for kinds with phones."""
+    and its phone timeline for kinds with phones (``timeline`` where it is known, else decoded
+    with ``phones`` as the source, see :func:`phone_timeline`)."""
     if n_frames <= 0:
         raise InputError("n_frames must be positive")
-    tl = phone_timeline(np.asarray(audio, np.float32)) if kind in ("phoneme", "mel+phoneme") else None
+    tl = None
+    if kind in ("phoneme", "mel+phoneme"):
+        tl = timeline if timeline is not None else phone_timeline(np.asarray(audio, np.float32), source=phones)
     return AudioFeatures(frame_windows(audio_frame_features(audio, kind, tl), n_frames, fps, window), kind, fps, tl)
 
 

@@ -14,7 +14,10 @@
 3. **Fallback** (:func:`free_phones`): where recognition fails (recognised words that
    cover under :data:`MIN_COVERAGE` of the speech: another language, mumbling), free phone
    decoding with the phone language model; the timeline says so in ``notes``, which the
-   caller shows the user.
+   caller shows the user. ``source='phones'`` asks for free phone decoding outright: an
+   avatar whose person's voice the recognised words fit worse (an accent, another language
+   the recogniser mistakes for English words) records that choice (see
+   :func:`gstalk.train.motion.choose_phones`).
 
 Audio without speech gives a timeline of silence (``source`` 'none'): the lips rest.
 """
@@ -241,8 +244,14 @@ def _split_long(a: int, b: int, db: np.ndarray) -> list[tuple[int, int]]:
 
 
 # ---------------------------------------------------------------- the timeline
-def phone_timeline(audio: np.ndarray, detector: str = "vad") -> PhoneTimeline:
-    """Phones with times for 16 kHz mono ``audio`` (see the module's docstring)."""
+PHONE_SOURCES = ("auto", "phones")
+
+
+def phone_timeline(audio: np.ndarray, detector: str = "vad", source: str = "auto") -> PhoneTimeline:
+    """Phones with times for 16 kHz mono ``audio`` (see the module's docstring); ``source``:
+    'auto' (recognised words, else free phones) or 'phones' (free phone decoding)."""
+    if source not in PHONE_SOURCES:
+        raise GstalkError(f"unknown phone source {source!r}: choose {' or '.join(PHONE_SOURCES)}")
     audio = np.asarray(audio, np.float32)
     dur = len(audio) / SAMPLE_RATE
     tl = PhoneTimeline([], dur)
@@ -250,10 +259,10 @@ def phone_timeline(audio: np.ndarray, detector: str = "vad") -> PhoneTimeline:
         tl.notes.append("the audio is silent: the mouth rests")
         return tl
     with _LOCK:  # the voice-activity detector's state is shared
-        return _timeline(audio, tl, detector)
+        return _timeline(audio, tl, detector, source)
 
 
-def _timeline(audio: np.ndarray, tl: PhoneTimeline, detector: str) -> PhoneTimeline:
+def _timeline(audio: np.ndarray, tl: PhoneTimeline, detector: str, source: str) -> PhoneTimeline:
     dur = tl.duration
     regions = speech_regions(audio, detector)
     if not regions:
@@ -263,20 +272,23 @@ def _timeline(audio: np.ndarray, tl: PhoneTimeline, detector: str) -> PhoneTimel
     for a, b in regions:
         a0, b0 = max(0.0, a - EDGE_S), min(dur, b + EDGE_S)
         chunks.append((a, b, a0, audio[int(a0 * SAMPLE_RATE):int(b0 * SAMPLE_RATE)]))
-    words = _word_decoder()  # one per timeline: its result depends on the audio alone
-    recognised = [recognise(c, words) for *_, c in chunks]
     speech_s = sum(b - a for a, b in regions)
-    spoken = sum(e - s for _, phones in recognised for p, s, e in phones if p != "SIL")
-    if spoken >= MIN_COVERAGE * speech_s:
+    recognised, spoken = [], 0.0
+    if source == "auto":
+        words = _word_decoder()  # one per timeline: its result depends on the audio alone
+        recognised = [recognise(c, words) for *_, c in chunks]
+        spoken = sum(e - s for _, phones in recognised for p, s, e in phones if p != "SIL")
+    if source == "auto" and spoken >= MIN_COVERAGE * speech_s:
         tl.source = "words"
         for (a, b, a0, _), (words, _) in zip(chunks, recognised):
             tl.words += [(w, s + a0, e + a0) for w, s, e in words]
         found = [phones for _, phones in recognised]
     else:
         tl.source = "phones"
-        tl.notes.append(f"the speech was not recognised as English (words cover {spoken / speech_s:.0%} of its "
-                        f"{speech_s:.1f} s; music, noise or another language?): the lips follow free phone "
-                        "decoding, which times them less well")
+        if source == "auto":
+            tl.notes.append(f"the speech was not recognised as English (words cover {spoken / speech_s:.0%} of its "
+                            f"{speech_s:.1f} s; music, noise or another language?): the lips follow free phone "
+                            "decoding, which times them less well")
         phones = _phone_decoder()
         found = [free_phones(c, phones) for *_, c in chunks]
     for (a, b, a0, _), phones in zip(chunks, found):

@@ -64,9 +64,9 @@ def audio_features(av: Avatar, audio: np.ndarray, n: int, fps: float,
     """The avatar's audio features for ``n`` frames of ``audio``, with its phone timeline where
     the viseme lip model needs one; what the phone decoding had to say (no speech, not
     English) goes to ``log``."""
-    feats = compute_features(audio, n, fps, av.cfg.feature_kind, av.cfg.window)
+    feats = compute_features(audio, n, fps, av.cfg.feature_kind, av.cfg.window, av.cfg.phones)
     if feats.timeline is None and av.visemes.usable:
-        feats.timeline = phone_timeline(np.asarray(audio, np.float32))
+        feats.timeline = phone_timeline(np.asarray(audio, np.float32), source=av.cfg.phones)
     if log is not None and feats.timeline is not None:
         for note in feats.timeline.notes:
             log(note)

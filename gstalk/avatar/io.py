@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gstalk.audio.phones import PHONE_SOURCES
 from gstalk.avatar.model import AVATAR_VERSION, Avatar, AvatarConfig
 from gstalk.errors import FileFormatError, GstalkError, OutputError
 from gstalk.gaussians.ply import check_finite_file, load_ply, save_ply
@@ -34,7 +35,7 @@ from gstalk.io.schema import Bool, Choice, Int, Number, Optional, Point, Record,
 
 AVATAR_FORMAT = "gstalk-avatar"
 
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, AVATAR_VERSION)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, AVATAR_VERSION)
 # what motion.npz must hold: the identity and camera, and the training clip's motion that
 # drives new audio and chooses the view fill
 MOTION_KEYS = ("shape", "K", "viewmat", "global_rot", "neck", "translation", "eyes", "jaw", "expr")
@@ -66,6 +67,7 @@ CONFIG_RULES = {
     "mouth_radius": Number(0, 10),
     "expr_prior": Bool(),
     "lip_motion": Choice(("visemes", "learned", "none")),
+    "phones": Choice(PHONE_SOURCES),
 }
 
 

@@ -26,8 +26,9 @@ from gstalk.head.lbs import FlameParams, flame_forward
 # 2: relative field + mouth prior; 3: expression prior; 4: viseme lip model; 5: its mouth at rest in pauses;
 # 6: avatars fitted without audio (lip_motion 'none'); 7: the viseme model on aligned phones, with the person's
 # own targets per class; 8: its pause classes (pre- and post-speech) and lag and amplitude by the lips' error (older
-# versions are read as made; 4-6's viseme model is not, 7's has its pause classes off, see load_avatar)
-AVATAR_VERSION = 8
+# versions are read as made; 4-6's viseme model is not, 7's has its pause classes off, see load_avatar); 9: the
+# phones' source per avatar ('phones': free phone decoding, where it fitted the person's lips better)
+AVATAR_VERSION = 9
 
 
 @dataclass
@@ -66,6 +67,11 @@ class AvatarConfig:
     audio-to-motion network trained on the clip). Blink always comes from the network.
     'none': fitted without audio (its clip was silent, or ``--train.audio off``): no audio can
     drive it, only tracked expressions; its field saw zero audio codes."""
+    phones: str = "auto"
+    """Where any audio's phones come from (:func:`gstalk.audio.phones.phone_timeline`):
+    'auto' (recognised English words, else free phone decoding) or 'phones' (free phone
+    decoding always), chosen at the fit by which predicted this person's lips better
+    (:func:`gstalk.train.motion.choose_phones`)."""
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from gstalk.audio.phones import PhoneTimeline
-from gstalk.audio.visemes import VisemeMotion, lip_measures
+from gstalk.audio.visemes import MIN_FRAMES, VisemeMotion, lip_measures
 from gstalk.avatar.init import lip_jacobian, mouth_expressions
 from gstalk.avatar.model import AudioToMotion
 
@@ -97,6 +97,43 @@ def lip_inputs(head, shape: torch.Tensor, jaw: np.ndarray, expr: np.ndarray, tra
     driven = mouth_expressions(head, shape)[:n_expr].numpy()
     lip_map = lip_jacobian(head, shape, np.asarray(jaw)[tr].mean(0), np.asarray(expr)[tr].mean(0))
     return driven, None if lip_map is None else lip_map[:3 + n_expr]
+
+
+PHONES_BLOCK_S = 1.0  # choose_phones' standard error is over blocks this long (neighbouring frames' errors go together)
+PHONES_MARGIN = 1.645  # free phones replace the words only where their lips are better by this many standard errors
+#                        (a one-sided test at 5%: the words are the default, and time clear English best)
+
+
+def choose_phones(ds, words: PhoneTimeline, free: PhoneTimeline, jaw: np.ndarray, expr: np.ndarray, train_idx,
+                  n_expr: int, driven=None, lip_map: np.ndarray | None = None) -> tuple[str, str]:
+    """Which phones fit this person's lips: 'auto' (``words``, the recognised words' aligned
+    phones) or 'phones' (``free``, free phone decoding of the same audio), and a line for the
+    log. Each calibrates a viseme model (:meth:`VisemeMotion.fit`) whose held-back blocks' lip
+    errors are compared frame by frame; free phones win only by more than
+    :data:`PHONES_MARGIN` standard errors (over blocks of :data:`PHONES_BLOCK_S`; at least five
+    blocks of training frames, else the words stay). Recognised
+    words time the phones of clear English best; an accent, or another language that the
+    recogniser mistakes for English words, can make them the worse guess."""
+    lm = ds.landmarks()
+    tr = np.asarray(train_idx)
+    frames = tr[np.asarray(lm["valid"], bool)[tr]]
+    b = max(1, round(PHONES_BLOCK_S * ds.fps))
+    if len(frames) < max(4 * MIN_FRAMES, 5 * b):
+        return "auto", "phones: too few training frames to compare recognised words with free phones; words kept"
+    lips = lip_measures(np.nan_to_num(np.asarray(lm["lmk"], np.float64)))
+    target = np.concatenate([jaw, expr[:, :n_expr]], 1)
+    err = {}
+    for name, tl in (("auto", words), ("phones", free)):
+        info = VisemeMotion(n_expr).fit(tl, ds.fps, target, lips, frames, driven=driven, lip_map=lip_map)
+        err[name] = info["frame_errors"]
+    d = err["phones"] - err["auto"]
+    k = len(d) // b
+    blocks = d[:k * b].reshape(k, b).mean(1)
+    se = float(blocks.std(ddof=1) / np.sqrt(k))
+    pick = "phones" if d.mean() < -PHONES_MARGIN * se else "auto"
+    what = "free phone decoding" if pick == "phones" else "the recognised words"
+    return pick, (f"phones: {what} (lip error on held-back frames, of a still mouth's: words "
+                  f"{err['auto'].mean():.3f}, free phones {err['phones'].mean():.3f} +- {se:.3f})")
 
 
 def fit_visemes(vm: VisemeMotion, ds, timeline: PhoneTimeline, jaw: np.ndarray, expr: np.ndarray, train_idx,

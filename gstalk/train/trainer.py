@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from gstalk.audio.features import SilentAudioError, check_speech, compute_features
-from gstalk.audio.phones import phone_timeline
+from gstalk.audio.phones import PhoneTimeline, phone_timeline
 from gstalk.avatar.io import save_avatar
 from gstalk.avatar.init import concat_sets, init_gaussians, mouth_prior, torso_gaussians
 from gstalk.avatar.model import Avatar, AvatarConfig, Frame
@@ -42,7 +42,7 @@ from gstalk.io.dataset import Dataset
 from gstalk.train import densify
 from gstalk.train.data import (FrameSource, MouthCrops, TrainingError, background_image, first_frame_colours,
                                scaled_camera)
-from gstalk.train.motion import fit_audio_to_motion, fit_visemes, lip_inputs, motion_target
+from gstalk.train.motion import choose_phones, fit_audio_to_motion, fit_visemes, lip_inputs, motion_target
 from gstalk.render import Cameras
 from gstalk.render.metrics import psnr
 
@@ -106,10 +106,12 @@ class Trainer:
         self.bg = background_image(self.ds, self.opts.background, self.size, self.dev)
         self.windows = None  # [T, W, D] audio windows of every frame; None: fitted without audio
         self.timeline = None  # the clip's phones (the viseme lip model's calibration)
+        self.phones = "auto"  # the phones' source (AvatarConfig.phones)
         if speech is not None:
-            feats = compute_features(speech, self.ds.num_frames, self.ds.fps, self.opts.feature_kind)
+            self.phones, self.timeline = self._phones(speech)
+            feats = compute_features(speech, self.ds.num_frames, self.ds.fps, self.opts.feature_kind,
+                                     timeline=self.timeline)
             self.windows = torch.from_numpy(feats.windows).to(self.dev)
-            self.timeline = feats.timeline if feats.timeline is not None else phone_timeline(speech)
             for note in self.timeline.notes:
                 self.log(f"the clip's audio: {note}")
         sig = self.ds.signals()
@@ -159,6 +161,27 @@ class Trainer:
         return self.ds.resolution if self.dev.type == "cuda" else min(128, self.ds.resolution)
 
     # ------------------------------------------------------------------ set-up
+    def _phones(self, speech: np.ndarray) -> tuple[str, PhoneTimeline]:
+        """The phones' source for this avatar (``--train.phones``; 'choose': by
+        :func:`choose_phones`, for the viseme lip model) and the clip's timeline from it."""
+        o = self.opts
+        if o.phones == "phones":
+            return "phones", phone_timeline(speech, source="phones")
+        tl = phone_timeline(speech)
+        if o.phones == "auto" or o.lip_motion != "visemes" or tl.source != "words":
+            return "auto", tl
+        from gstalk.avatar.io import head_for
+
+        free = phone_timeline(speech, source="phones")
+        head = head_for(self.track.model)
+        n_expr = head.n_expr
+        driven, lip_map = lip_inputs(head, torch.from_numpy(self.track.shape).float(), self.track.jaw,
+                                     self.track.expr, self.ds.train_indices, n_expr)
+        pick, line = choose_phones(self.ds, tl, free, self.track.jaw, self.track.expr, self.ds.train_indices, n_expr,
+                                   driven, lip_map)
+        self.log(line)
+        return pick, free if pick == "phones" else tl
+
     def _build_avatar(self) -> Avatar:
         o = self.opts
         from gstalk.avatar.io import head_for
@@ -175,7 +198,8 @@ class Trainer:
                            expr_cond=min(o.field_expr, head.n_expr), sh_degree=o.sh_degree, background=o.background,
                            head_model=head.reference(), n_shape=head.n_shape, n_expr=head.n_expr, seed=o.seed,
                            mouth_centre=prior[0] if prior else None,
-                           mouth_radius=prior[1] * o.audio_prior if prior else 0.0, expr_prior=o.expr_prior)
+                           mouth_radius=prior[1] * o.audio_prior if prior else 0.0, expr_prior=o.expr_prior,
+                           phones=self.phones)
         K = torch.as_tensor(self.track.K)
         vm = torch.as_tensor(self.track.viewmat)
         torso, tregion = self._torso_init(K, vm, o)
