@@ -12,9 +12,10 @@ on CUDA, the fused kernel, rasterisation (on a CPU also with the PyTorch composi
 compiled one replaced), and copy-out (the image to host memory as uint8);
 then "posed + rasterised frame": audio code, posing and rasterisation with each posing
 backend, end to end, copied out as uint8, and as offline rendering does it (batches of 8
-frames posed together and rasterized in one call; per frame). It is not all of what ``gstalk
-render`` does per frame: compositing over the background, the other-view fill and H.264
-encoding come on top (``gstalk render`` prints its own frames/s, encoding included); with
+frames posed together and rasterized in one call; per frame); and the whole frame as ``gstalk
+render`` runs it once the motion is known: those batches composited over a background (with
+the other-view rule), converted to uint8 on the device and copied out once per batch, and
+H.264-encoded in the writer's worker thread (per frame, encoding included); with
 ``--compile`` also the
 deformation field compiled by ``torch.compile`` (with CUDA graphs on a GPU) and the posed +
 rasterised frame with it. Training: iterations per
@@ -133,6 +134,8 @@ def run(n: int, size: int, device: torch.device, budget: float, compile_field: b
         b = backends[-1]
         rows[f"posed + rasterised frame, batches of {OFFLINE_BATCH} [{b}]"] = time_it(lambda: offline(b), device,
                                                                            budget_s=budget) / OFFLINE_BATCH
+        rows[f"whole frame as gstalk render runs it, encoded [{b}]"] = render_path(
+            av, pb, win, cams_b, device, budget, b)
         # the field in half precision (float16 on a GPU, bfloat16 on a CPU), and what it changes in the image
         full = whole(b).float()
         av.set_precision("half")
@@ -174,6 +177,43 @@ def run(n: int, size: int, device: torch.device, budget: float, compile_field: b
                                                                           budget_s=budget)
     return {"gaussians": av.num_gaussians, "size": size, "ms": rows, "half_field_image": half_image,
             "render_backend": render_backend}
+
+
+def render_path(av: Avatar, pb: FlameParams, win: torch.Tensor, cams_b: Cameras, device, budget: float,
+                backend: str) -> float:
+    """ms per frame of what ``gstalk render`` does after the motion is known: batches of
+    :data:`OFFLINE_BATCH` frames posed and rasterized, composited over a background (with the
+    other-view rule), converted to uint8 on the device and copied out once per batch
+    (:class:`HostFrames`), and H.264-encoded in the writer's worker thread (:func:`write_video`)
+    to a scratch file; at least 4 batches, as many as fit in ``budget`` seconds."""
+    import tempfile
+
+    from gstalk.avatar.render import HostFrames, render_frames
+    from gstalk.avatar.views import at_training_centre
+    from gstalk.io.media import write_video
+
+    size = cams_b.width
+    bg = torch.full((size, size, 3), 0.5, device=device)
+    at_train = at_training_centre(av, cams_b)
+
+    def frames(n_batches):
+        host = HostFrames()
+        for _ in range(n_batches):
+            c = av.audio(win[:OFFLINE_BATCH])
+            g, _ = av.posed_batch(Frame(pb, audio=c, blink=torch.zeros(OFFLINE_BATCH, device=device)),
+                                  backend=backend)
+            yield from host(render_frames(av, g, cams_b, bg, at_train))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.mp4"
+        write_video(out, frames(1), 25.0)  # warm up (encoder, kernels)
+        t0 = time.perf_counter()
+        write_video(out, frames(4), 25.0)
+        per_batch = (time.perf_counter() - t0) / 4
+        n = max(4, int(budget / max(per_batch, 1e-6)))
+        t0 = time.perf_counter()
+        write_video(out, frames(n), 25.0)
+        return 1000 * (time.perf_counter() - t0) / (n * OFFLINE_BATCH)
 
 
 def backends_of(r: dict) -> str:

@@ -154,6 +154,23 @@ def test_lbs_properties(model):
     assert (vj[152] - v0[152]).norm() > 0.01 and (vj[10] - v0[10]).norm() < 1e-6
 
 
+def test_an_identity_baked_into_the_template_gives_the_same_head(model):
+    """with_identity(shape) (an avatar's fixed identity, added once) poses to the same
+    vertices as the model given that shape in every call, for any pose and expression."""
+    g = torch.Generator().manual_seed(5)
+    shape = torch.randn(model.n_shape, generator=g)
+    baked = model.with_identity(shape)
+    assert baked.n_shape == 0 and baked.n_expr == model.n_expr and model.n_shape > 0
+    b = 3
+    p = dict(expr=torch.randn(b, model.n_expr, generator=g), jaw=torch.randn(b, 3, generator=g) * 0.2,
+             neck=torch.randn(b, 3, generator=g) * 0.2, global_rot=torch.randn(b, 3, generator=g) * 0.3,
+             eyes=torch.randn(b, 6, generator=g) * 0.2, translation=torch.randn(b, 3, generator=g))
+    ref = flame_forward(model, FlameParams(shape=shape[None].expand(b, -1), **p))
+    got = flame_forward(baked, FlameParams(**p))
+    torch.testing.assert_close(got.vertices, ref.vertices, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(got.joints, ref.joints, atol=2e-6, rtol=1e-5)
+
+
 def test_lbs_matches_smplx(model):
     lbs = pytest.importorskip("smplx.lbs")
     g = torch.Generator().manual_seed(3)

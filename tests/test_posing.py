@@ -143,7 +143,8 @@ def test_benchmark_script_measures_every_stage():
     stages = ["audio features (per frame)", "audio code", "skinning + triangle frames", "deformation field [reference]",
               "deformation field", "posing step [torch]", "rasterisation",
               *(["rasterisation [torch reference]"] if compiled else []), "copy-out (uint8 to host)",
-              "posed + rasterised frame [torch]", f"posed + rasterised frame, batches of {mod.OFFLINE_BATCH} [torch]", "deformation field [half]",
+              "posed + rasterised frame [torch]", f"posed + rasterised frame, batches of {mod.OFFLINE_BATCH} [torch]",
+              "whole frame as gstalk render runs it, encoded [torch]", "deformation field [half]",
               "posed + rasterised frame [torch, half field]", "training iteration",
               *(["training iteration [torch reference rasteriser]"] if compiled else [])]
     assert list(r["ms"]) == stages
@@ -755,3 +756,45 @@ def test_a_field_that_moves_no_colours_leaves_the_posed_colours_a_view(tmp_path)
         g2, _ = av.posed_batch(Frame(c.params, c.codes, c.blink))
     torch.testing.assert_close(g2.colors[:, :, 0], av.sh.detach()[None, :, 0] + shift / SH_C0)
     torch.testing.assert_close(g2.colors[:, :, 1:], av.sh.detach()[None, :, 1:].expand(3, -1, -1, -1))
+
+
+def test_per_avatar_constants_follow_the_avatar(tmp_path):
+    """What an avatar computes once (its identity in the head model's template, the int32
+    binding, the training camera's centre) gives what computing it each time gives, and
+    follows a new binding (densification replaces it)."""
+    from gstalk.avatar.io import load_avatar
+    from gstalk.head.lbs import FlameParams
+    from gstalk.render import Cameras
+    from tinyavatar import make_avatar
+
+    av, motion = load_avatar(make_avatar(tmp_path / "av", n_frames=3), "cpu")
+    p = FlameParams(jaw=torch.as_tensor(motion["jaw"][:3]).float(), expr=torch.as_tensor(motion["expr"][:3]).float(),
+                    global_rot=torch.as_tensor(motion["global_rot"][:3]).float())
+    with_shape = FlameParams(**{**p.__dict__, "shape": av.shape[None].expand(3, -1)})
+    for a, b in zip(av.skin(p), av.skin(with_shape)):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+    assert av.identity_head() is av.identity_head()
+    centre = Cameras(av.viewmat[None], av.K[None], 8, 8).centers
+    torch.testing.assert_close(av.training_centre(av.means), centre)
+    assert av.training_centre(av.means.double()).dtype == torch.float64
+    assert av.binding_i32().dtype == torch.int32 and torch.equal(av.binding_i32().long(), av.binding)
+    av.binding = torch.flip(av.binding, [0]).clone()
+    assert torch.equal(av.binding_i32().long(), av.binding)
+
+
+def test_cameras_sliced_or_moved_keep_their_check():
+    """A camera with NaN or a zero focal length is refused where it is made; its slices and
+    copies come from checked values, so they are not checked again (each check waits for a
+    GPU), but their shapes are."""
+    from gstalk.errors import InputError
+    from gstalk.render import Cameras
+
+    v, k = torch.eye(4)[None].repeat(4, 1, 1), (torch.eye(3) * 50)[None].repeat(4, 1, 1)
+    bad = v.clone()
+    bad[1, 0, 3] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        Cameras(bad, k, 8, 8)
+    cams = Cameras(v, k, 8, 8)
+    assert len(cams[1:3]) == 2 and len(cams.to("cpu")) == 4 and len(Cameras.cat([cams, cams[0]])) == 5
+    with pytest.raises(InputError, match="4, 4"):
+        Cameras(v[:, :3], k, 8, 8, checked=True)

@@ -23,6 +23,7 @@ from gstalk.audio.phones import phone_timeline
 from gstalk.avatar.cameras import pingpong
 from gstalk.avatar.model import Avatar, Frame
 from gstalk.avatar.render import HostFrames, render_frames
+from gstalk.avatar.views import at_training_centre
 from gstalk.errors import InputError
 from gstalk.gaussians.set import GaussianTensors
 from gstalk.head.lbs import FlameParams
@@ -207,11 +208,13 @@ def frames_iter(av: Avatar, motion: dict, n: int, fps: float, cams: Cameras, aud
     size = cams.width
     bg = background if background is not None else torch.ones(size, size, 3, device=dev)
     host = HostFrames() if uint8 else None
+    cams = cams.to(dev)  # once, and checked once: the batches take slices
+    at_train = at_training_centre(av, cams)
     s = 0
     for g in posed_batches(av, cond, deform, batch):
         nb = g.means.shape[0]
         with torch.no_grad():
-            rgb = render_frames(av, g, cams[s:s + nb].to(dev), bg)
+            rgb = render_frames(av, g, cams[s:s + nb], bg, at_train)
             yield from (host(rgb) if host is not None else rgb)
         s += nb
 

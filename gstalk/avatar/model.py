@@ -118,6 +118,9 @@ class Avatar(nn.Module):
         self.register_buffer("viewmat", viewmat.float())
         self._rest = None
         self._prior = None
+        self._identity = None  # (key, the head model with this identity), see identity_head()
+        self._binding32 = None  # (key, int32 binding), see binding_i32()
+        self._centres = {}  # the training camera's centre per (dtype, device)
         object.__setattr__(self, "_static", None)  # the inference field (frozen_field()), not a submodule
         object.__setattr__(self, "_compiled", None)  # see compile_field(); not a submodule
         object.__setattr__(self, "_compile_opts", None)
@@ -137,6 +140,9 @@ class Avatar(nn.Module):
         self.head_model = self.head_model.to(dev)
         self._canon = None
         self._rest = None
+        self._identity = None
+        self._binding32 = None
+        self._centres = {}
         self._prior = None
         object.__setattr__(self, "_static", None)
         return out
@@ -276,12 +282,36 @@ class Avatar(nn.Module):
         return self.posed(frame)[0]
 
     def skin(self, p: FlameParams) -> tuple[Tensor, Tensor, Tensor]:
-        """Head model -> posed triangle frames (origins, rotations, scales) of every frame."""
-        B = p.batch_size()
-        if p.shape is None:
-            p = FlameParams(**{**p.__dict__, "shape": self.shape[None].expand(B, -1)})
-        verts = flame_forward(self.head_model, p).vertices
+        """Head model -> posed triangle frames (origins, rotations, scales) of every frame
+        (the avatar's identity, unless ``p`` gives a shape)."""
+        verts = flame_forward(self.head_model if p.shape is not None else self.identity_head(), p).vertices
         return triangle_frames(verts, self.head_model.faces)
+
+    def identity_head(self):
+        """The head model with this avatar's identity in its template (computed once; see
+        :meth:`HeadModel.with_identity`)."""
+        key = (id(self.head_model), self.shape.data_ptr(), self.shape._version)
+        if self._identity is None or self._identity[0] != key:
+            self._identity = (key, self.head_model.with_identity(self.shape))
+        return self._identity[1]
+
+    def binding_i32(self) -> Tensor:
+        """The binding as int32 (what the CUDA posing kernel reads), converted once per binding."""
+        b = self.binding
+        key = (b.data_ptr(), b.shape[0], b._version)
+        if self._binding32 is None or self._binding32[0] != key:
+            self._binding32 = (key, b.to(torch.int32).contiguous())
+        return self._binding32[1]
+
+    def training_centre(self, like: Tensor) -> Tensor:
+        """[1, 3] the training camera's centre, in ``like``'s dtype and device (computed once
+        per dtype and device)."""
+        v = self.viewmat
+        key = (like.dtype, like.device, v.data_ptr(), v._version)
+        if key not in self._centres:
+            v = self.viewmat.to(like)
+            self._centres[key] = -(v[:3, :3].T @ v[:3, 3])[None]
+        return self._centres[key]
 
     def deformation(self, frame: Frame) -> Deformation:
         """The deformation field's outputs for every Gaussian of every frame."""
@@ -356,7 +386,8 @@ class Avatar(nn.Module):
         means, quats, scales = pose_gaussians(
             o, r, s, r0[0], self.means, self.quats, self.log_scales, self.binding,
             None if d is None else d.d_means, None if d is None else d.d_quats,
-            None if d is None else d.d_log_scales, backend=backend)
+            None if d is None else d.d_log_scales, backend=backend,
+            binding_i32=self.binding_i32() if self.means.is_cuda else None)
         opac = self.opacity_logits[None].expand(B, -1)
         sh = self.sh[None].expand(B, -1, -1, -1)  # a view: no [B, N, K, 3] copy unless colours move
         if d is not None:

@@ -56,9 +56,10 @@ def cuda_kernel_available() -> bool:
 def pose_gaussians(tri_o: Tensor, tri_r: Tensor, tri_s: Tensor, rest_r: Tensor, local_means: Tensor,
                    local_quats: Tensor, local_log_scales: Tensor, binding: Tensor, d_means: Tensor | None = None,
                    d_quats: Tensor | None = None, d_log_scales: Tensor | None = None,
-                   backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+                   backend: str = "auto", binding_i32: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The fused CUDA kernel for CUDA tensors when no gradient is needed ('auto'), else the twin.
-    ``backend`` 'torch' or 'cuda' forces one."""
+    ``backend`` 'torch' or 'cuda' forces one; ``binding_i32``: ``binding`` as contiguous int32
+    (the kernel's; converted here when not given)."""
     args = (tri_o, tri_r, tri_s, rest_r, local_means, local_quats, local_log_scales)
     deform = (d_means, d_quats, d_log_scales) if d_means is not None else ()
     if backend == "auto":
@@ -70,7 +71,8 @@ def pose_gaussians(tri_o: Tensor, tri_r: Tensor, tri_s: Tensor, rest_r: Tensor, 
         return pose_gaussians_torch(*args, binding, d_means, d_quats, d_log_scales)
     f32 = [t.detach().float().contiguous() for t in args]
     d32 = [t.detach().float().contiguous() for t in deform] if deform else [None, None, None]
-    means, quats, scales = cuda.load("pose").pose(*f32, binding.to(torch.int32).contiguous(), *d32)
+    b32 = binding_i32 if binding_i32 is not None else binding.to(torch.int32).contiguous()
+    means, quats, scales = cuda.load("pose").pose(*f32, b32, *d32)
     return means, quats, scales
 
 

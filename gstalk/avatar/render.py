@@ -48,11 +48,12 @@ def render_frame(av: Avatar, g: GaussianTensors, cam: Cameras, bg: Tensor) -> tu
     return out.colors[0] + (1 - out.alphas[0]) * bg, out.alphas[0], out
 
 
-def render_frames(av: Avatar, g: GaussianTensors, cams: Cameras, bg: Tensor) -> Tensor:
+def render_frames(av: Avatar, g: GaussianTensors, cams: Cameras, bg: Tensor, at_train: bool | None = None) -> Tensor:
     """Rasterize B frames' posed Gaussians (:meth:`Avatar.posed_batch`), frame b by camera b,
     in one call, over the background image ``bg`` [S, S, 3]: rgb [B, S, S, 3] (view-dependent
-    colour as in :func:`render_frame`)."""
-    g, degree = _for_cameras(av, g, cams)
+    colour as in :func:`render_frame`; ``at_train``: whether every camera is at the training
+    camera's centre, where the caller knows it)."""
+    g, degree = _for_cameras(av, g, cams, at_train)
     out = rasterize_frames(g, cams, sh_degree=degree, background=0.0)
     return out.colors + (1 - out.alphas) * bg
 

@@ -153,15 +153,25 @@ def fill_weight(av: Avatar, centres: Tensor) -> Tensor:
 
 def _training_centre(av: Avatar, like: Tensor) -> Tensor:
     """[1, 3] the training camera's centre, in ``like``'s dtype and device."""
-    return Cameras(av.viewmat[None].to(like), av.K[None].to(like), 1, 1).centers
+    return av.training_centre(like)
 
 
-def _for_cameras(av: Avatar, g: GaussianTensors, cams: Cameras) -> tuple[GaussianTensors, int | None]:
+def at_training_centre(av: Avatar, cams: Cameras) -> bool:
+    """Whether every camera of ``cams`` sits at the training camera's centre (one wait for a
+    GPU: a render path asks once, not per batch)."""
+    train = _training_centre(av, cams.viewmats)
+    return bool(torch.allclose(cams.centers, train.expand_as(cams.centers), rtol=0.0, atol=1e-6))
+
+
+def _for_cameras(av: Avatar, g: GaussianTensors, cams: Cameras,
+                 at_train: bool | None = None) -> tuple[GaussianTensors, int | None]:
     """What to rasterize from ``cams`` and the SH degree to evaluate: the Gaussians as they are
     from the training camera's centre (training, the tracked and still cameras, mouth
-    close-ups), else with :func:`other_view`."""
-    train = _training_centre(av, cams.viewmats)
-    if torch.allclose(cams.centers, train.expand_as(cams.centers), rtol=0.0, atol=1e-6):
+    close-ups), else with :func:`other_view`; ``at_train``: :func:`at_training_centre` of
+    ``cams`` where the caller knows it."""
+    if at_train is None:
+        at_train = at_training_centre(av, cams)
+    if at_train:
         return g, av.cfg.sh_degree
     if av.cfg.sh_degree == 0 and not av.changes_other_views:
         return g, 0

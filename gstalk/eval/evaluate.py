@@ -147,7 +147,7 @@ def _render_test(av, motion, track, idx: np.ndarray, size: int, deform: bool, bg
                 p.jaw, p.expr, p.eyelids, b = jaw[a], expr[a], None, a2m_blink[a]
             fr = Frame(p, audio=codes[a], blink=b, deform=deform)
             g = av.posed_batch(fr)[0]
-            rgb = render_frames(av, g, Cameras.cat([cam] * len(t)), bg)
+            rgb = render_frames(av, g, Cameras.cat([cam] * len(t)), bg, at_train=True)  # the training camera
             out += list(rgb.clamp(0, 1).cpu())
     return out
 

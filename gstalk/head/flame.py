@@ -180,6 +180,14 @@ class HeadModel:
         kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return HeadModel(**kw)
 
+    def with_identity(self, shape: torch.Tensor) -> "HeadModel":
+        """This model with the identity ``shape`` [>= n_shape] added to its template and no
+        identity directions left: the same vertices for any pose and expression of that
+        identity, without its blendshapes in every skinning (an avatar's identity is fixed)."""
+        sd = self.shapedirs
+        v = self.v_template + torch.einsum("vck,k->vc", sd, shape[: self.n_shape].to(sd))
+        return HeadModel(**{**self.__dict__, "v_template": v, "shapedirs": sd[..., :0]})
+
     def reference(self) -> dict:
         """What a track or avatar records about the model it was made with."""
         return {"name": self.name, "source": self.source, "digest": self.digest, "n_shape": self.n_shape,

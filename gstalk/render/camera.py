@@ -8,7 +8,7 @@ centre is (u + 0.5, v + 0.5).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from typing import Sequence
 
 import torch
@@ -31,15 +31,19 @@ class Cameras:
     Ks: Tensor
     width: int
     height: int
+    #: the values come from cameras already validated (a slice, a copy on another device):
+    #: only the shapes are checked, since the values' checks wait for a GPU each time
+    checked: InitVar[bool] = False
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, checked: bool = False) -> None:
         if self.viewmats.dim() == 2:
             self.viewmats = self.viewmats[None]
         if self.Ks.dim() == 2:
             self.Ks = self.Ks[None]
-        self.validate()
+        self.validate(values=not checked)
 
-    def validate(self) -> None:
+    def validate(self, values: bool = True) -> None:
+        """Shapes and image size; with ``values`` also finite matrices and positive focal lengths."""
         v, k = self.viewmats, self.Ks
         if v.dim() != 3 or tuple(v.shape[1:]) != (4, 4):
             raise InputError(f"camera viewmats must be [C, 4, 4], got {tuple(v.shape)}")
@@ -49,6 +53,8 @@ class Cameras:
             raise InputError(f"{v.shape[0]} viewmats but {k.shape[0]} intrinsics: give one K per camera")
         if not (isinstance(self.width, int) and isinstance(self.height, int)) or self.width <= 0 or self.height <= 0:
             raise InputError(f"image size must be positive integers, got {self.width}x{self.height}")
+        if not values:
+            return
         if not bool(torch.isfinite(v).all()):
             raise InputError("camera viewmats contain NaN or infinite values")
         if not bool(torch.isfinite(k).all()):
@@ -61,7 +67,7 @@ class Cameras:
 
     def __getitem__(self, i: int | slice) -> "Cameras":
         s = slice(i, i + 1) if isinstance(i, int) else i
-        return Cameras(self.viewmats[s], self.Ks[s], self.width, self.height)
+        return Cameras(self.viewmats[s], self.Ks[s], self.width, self.height, checked=True)
 
     @property
     def centers(self) -> Tensor:
@@ -72,7 +78,7 @@ class Cameras:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Cameras":
         return Cameras(self.viewmats.to(device=device, dtype=dtype), self.Ks.to(device=device, dtype=dtype),
-                       self.width, self.height)
+                       self.width, self.height, checked=dtype in (None, torch.float32, torch.float64))
 
     @staticmethod
     def cat(cams: Sequence["Cameras"]) -> "Cameras":
@@ -81,7 +87,7 @@ class Cameras:
         w, h = cams[0].width, cams[0].height
         if any(c.width != w or c.height != h for c in cams):
             raise InputError("cameras rendered together must share one image size")
-        return Cameras(torch.cat([c.viewmats for c in cams]), torch.cat([c.Ks for c in cams]), w, h)
+        return Cameras(torch.cat([c.viewmats for c in cams]), torch.cat([c.Ks for c in cams]), w, h, checked=True)
 
 
 def intrinsics_from_fov(width: int, height: int, fov_y_deg: float, dtype=torch.float32) -> Tensor:
