@@ -246,7 +246,7 @@ def main() -> None:
         print(f"\n{r['gaussians']} Gaussians at {size}x{size}, rasterised by the {r['render_backend']} backend "
               f"({time.perf_counter() - t0:.0f} s)")
         for k, ms in r["ms"].items():
-            rate = f"{1000 / ms:9.1f} /s" if k.startswith(("posed + rasterised", "training")) else ""
+            rate = f"{1000 / ms:9.1f} /s" if k.startswith(("posed + rasterised", "whole frame", "training")) else ""
             print(f"  {k:<38} {ms:10.3f} ms {rate}")
         if "posing step [cuda]" in r["ms"]:
             ratio = r["ms"]["posing step [torch]"] / r["ms"]["posing step [cuda]"]
