@@ -398,3 +398,32 @@ def test_free_phone_decoding_asked_for_outright():
     assert tl.source == "phones" and tl.words == [] and not tl.notes and len(tl.speech()) > 20
     with pytest.raises(GstalkError, match="unknown phone source"):
         phone_timeline(audio, source="words")
+
+
+def test_the_avatars_choice_of_phones_decodes_every_audio_that_drives_it(tmp_path, monkeypatch):
+    """An avatar whose fit chose free phones ('phones' in config.json) gets free phones for
+    any audio that drives it (render, eval, the viewer), an older or 'auto' one the words."""
+    import gstalk.audio.features as features
+    import gstalk.avatar.conditions as conditions
+    from gstalk.avatar.io import load_avatar, save_avatar
+    from tinyavatar import make_avatar
+
+    asked = []
+
+    def fake(audio, detector="vad", source="auto"):
+        asked.append(source)
+        return PhoneTimeline([("AA", 0.1, 0.3)], len(audio) / SR, "phones" if source == "phones" else "words")
+
+    monkeypatch.setattr(features, "phone_timeline", fake)
+    monkeypatch.setattr(conditions, "phone_timeline", fake)
+    av, motion = load_avatar(make_avatar(tmp_path / "av", n_frames=6), "cpu")
+    audio = np.random.default_rng(0).normal(0, 0.1, SR).astype(np.float32)
+    av.visemes.fitted.fill_(1.0)  # a calibrated viseme model needs the timeline
+    assert av.cfg.phones == "auto"
+    conditions.audio_features(av, audio, 25, 25.0)
+    av.cfg.phones = "phones"
+    save_avatar(av, tmp_path / "av2", motion)
+    again, _ = load_avatar(tmp_path / "av2", "cpu")
+    assert again.cfg.phones == "phones"
+    feats = conditions.audio_features(again, audio, 25, 25.0)
+    assert asked[0] == "auto" and set(asked[1:]) == {"phones"} and feats.timeline.source == "phones"
