@@ -152,3 +152,49 @@ def test_the_default_export_opens_framed_and_upright_in_spark(tmp_path):
     iou = (fg & own).sum() / (fg | own).sum()
     upside_down = (fg & own[::-1]).sum() / (fg | own[::-1]).sum()
     assert iou > 0.6 and iou > upside_down + 0.1, (iou, upside_down)
+
+
+def test_the_viser_recording_opens_framed_on_the_head(tmp_path):
+    """The viser recording's standalone player (viser's client, offline), served on 127.0.0.1:
+    at its opening camera (the tracked one, looking at the head) the head fills a sensible,
+    centred part of the view, wider at the shoulders than at the crown (upright), and the page
+    raises no error. (Its console has one error of viser 1.1.1's own, a NaN bounding sphere of
+    its splat object, which a recording made with viser alone logs too: docs/export.md.)"""
+    if CHROMIUM is None:
+        pytest.skip("needs Debian's chromium (.ci/run installs it)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    import imageio.v3 as iio
+
+    from gstalk.export.exporter import export
+
+    av = make_avatar(tmp_path / "av", n_frames=6, resolution=64)
+    res = export(av, tmp_path / "out", ("viser",), device="cpu")
+    html = res.files["viser"][1]
+    server = _served(html.parent)
+    w, h = 480, 480
+    try:
+        with sync_api.sync_playwright() as p:
+            b = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+            page = b.new_page(viewport={"width": w, "height": h})
+            errors, console = [], []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: console.append(m.text))
+            page.goto(f"http://127.0.0.1:{server.server_address[1]}/{html.name}")
+            page.wait_for_timeout(10_000)
+            page.screenshot(path=str(tmp_path / "viser.png"))
+            b.close()
+    finally:
+        server.shutdown()
+    assert not errors, errors
+    assert any("Embedded data loaded" in m for m in console), console[-5:]
+    shot = iio.imread(tmp_path / "viser.png")[..., :3].astype(np.int16)
+    # below the software-WebGL notice (top-left) and above the playback bar, on viser's white
+    view = shot[150:h - 50]
+    fg = np.abs(view - 255).sum(-1) > 60
+    ys, xs = np.nonzero(fg)
+    assert 0.15 < fg.mean() < 0.9, fg.mean()
+    assert abs(xs.mean() - w / 2) < 0.15 * w, xs.mean()
+    rows = fg.sum(1)
+    assert rows[-40:].mean() > rows[:40].mean(), (rows[:40].mean(), rows[-40:].mean())
