@@ -208,7 +208,7 @@ class TrainOptions:
     driven with: auto (recognised English words, force-aligned; free phone decoding where
     recognition fails), phones (free phone decoding always), or choose: whichever of the two
     predicts this clip's lips better on held-back blocks of its training frames (free phones
-    only where they beat the words by more than two standard errors)."""
+    only where they beat the words by more than 1.645 standard errors, a one-sided test at 5%)."""
     scale: float = 0.0
     """Render at this fraction of the dataset resolution (0 = 1.0 on a GPU, 128 px on a CPU)."""
     per_triangle: int = 0

@@ -77,6 +77,19 @@ def _served(folder: Path):
     return server
 
 
+def _open_page(p, w: int, h: int):
+    """Headless Chromium (software WebGL) and a w x h page that collects its page errors and
+    console lines: (browser, page, errors, console)."""
+    b = p.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+        "--disable-background-networking", "--disable-component-update", "--no-first-run"])
+    page = b.new_page(viewport={"width": w, "height": h})
+    errors, console = [], []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: console.append(m.text))
+    return b, page, errors, console
+
+
 def _own_render(ply: Path) -> np.ndarray:
     """gstalk's rasterizer on the exported file, turned as the page turns it, from the page's camera."""
     import math
@@ -117,13 +130,7 @@ def test_the_default_export_opens_framed_and_upright_in_spark(tmp_path):
     server = _served(site)
     try:
         with sync_api.sync_playwright() as p:
-            b = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-                "--disable-background-networking", "--disable-component-update", "--no-first-run"])
-            page = b.new_page(viewport={"width": W, "height": H})
-            errors, console = [], []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("console", lambda m: console.append(m.text))
+            b, page, errors, console = _open_page(p, W, H)
             page.goto(f"http://127.0.0.1:{server.server_address[1]}/index.html")
             try:
                 page.wait_for_function("window.rendered === true", timeout=120_000)
@@ -174,13 +181,7 @@ def test_the_viser_recording_opens_framed_on_the_head(tmp_path):
     w, h = 480, 480
     try:
         with sync_api.sync_playwright() as p:
-            b = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-                "--disable-background-networking", "--disable-component-update", "--no-first-run"])
-            page = b.new_page(viewport={"width": w, "height": h})
-            errors, console = [], []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("console", lambda m: console.append(m.text))
+            b, page, errors, console = _open_page(p, w, h)
             page.goto(f"http://127.0.0.1:{server.server_address[1]}/{html.name}")
             for _ in range(12):  # software WebGL on a slow machine: up to a minute for the splats to show
                 page.wait_for_timeout(5_000)

@@ -289,7 +289,7 @@ def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part
     from gstalk.avatar.model import Frame
     from gstalk.render.project import sh_colors
     from gstalk.avatar.render import render_frame
-    from gstalk.avatar.views import FILL_K, SEEN_COS, _training_centre, drawn_pixels, fill_weight, other_view
+    from gstalk.avatar.views import FILL_K, SEEN_COS, drawn_pixels, fill_weight, other_view
     from gstalk.avatar.cameras import cameras_for
     from gstalk.avatar.conditions import conditions_for, training_expressions
     from gstalk.head.lbs import FlameParams
@@ -333,7 +333,7 @@ def test_sides_the_clip_never_showed_face_on_take_the_colour_of_the_nearest_part
     assert part is not None and bool((part[bound] >= 0).all()) and bool((part[~bound] == -1).all())
     with torch.no_grad():
         g0 = av.posed_batch(Frame(FlameParams(**{k: v[:1] for k, v in params.items()}), deform=False))[0]
-        rgb0 = sh_colors(g0.colors[0], g0.means[0], _training_centre(av, g0.means[0]), av.cfg.sh_degree)[0]
+        rgb0 = sh_colors(g0.colors[0], g0.means[0], av.training_centre(g0.means[0]), av.cfg.sh_degree)[0]
     x = av.canonical_positions()
     parts_seen = 0
     for j, i in enumerate(fill.tolist()):
@@ -421,7 +421,7 @@ def test_gaussians_the_camera_saw_end_on_are_shortened_from_other_views(tmp_path
     from gstalk.avatar.io import load_avatar
     from gstalk.avatar.model import Frame
     from gstalk.avatar.render import render_frame
-    from gstalk.avatar.views import RAY_RATIO, _training_centre, fill_weight, other_view
+    from gstalk.avatar.views import RAY_RATIO, fill_weight, other_view
     from gstalk.avatar.cameras import cameras_for
     from gstalk.avatar.conditions import conditions_for, training_expressions
     from gstalk.head.lbs import FlameParams
@@ -440,7 +440,7 @@ def test_gaussians_the_camera_saw_end_on_are_shortened_from_other_views(tmp_path
         g0 = av.posed_batch(Frame(FlameParams(**{k: v[:1] for k, v in params.__dict__.items() if v is not None}),
                                   deform=False))[0]
         for idx, to_ray in ((along, True), (across, False)):
-            ray = g0.means[0, idx] - _training_centre(av, g0.means[0, idx])
+            ray = g0.means[0, idx] - av.training_centre(g0.means[0, idx])
             ray = ray / ray.norm(dim=-1, keepdim=True)
             # a world rotation whose first axis is the ray (or at right angles to it)
             up = torch.tensor([0.0, 1.0, 0.0]).expand_as(ray)
@@ -466,7 +466,7 @@ def test_gaussians_the_camera_saw_end_on_are_shortened_from_other_views(tmp_path
     top = ls.argmax(-1)
     R = quat_to_rotmat(g.quats)  # [B, N, 3, 3]
     axis = torch.stack([R[b, torch.arange(av.num_gaussians), :, top] for b in range(R.shape[0])])
-    ray = g.means - _training_centre(av, g.means)
+    ray = g.means - av.training_centre(g.means)
     cos = ((axis * ray).sum(-1).abs() / ray.norm(dim=-1)).mean(0)
     sorted_ls = ls.sort(-1, descending=True).values
     want = (cos > math.cos(math.radians(25))) & (sorted_ls[:, 0] - sorted_ls[:, 1] > math.log(RAY_RATIO))

@@ -227,7 +227,7 @@ class VisemeMotion(nn.Module):
             if best is None or err < best[0] - 1e-9 * abs(best[0]):  # ties: the shorter window
                 best = (err, float(lag), g, float(pre_s), float(post_s), float((q * q).sum()),
                         ((g * p - q) ** 2).sum(1))
-        err, lag, gain, pre_s, post_s, still_err, frame_err = best
+        _, lag, gain, pre_s, post_s, still_err, frame_err = best
         w = dominance(timeline, n, fps, lag, pre_s, post_s)
         targets = _ridge(w[frames], y, prior, ridge)
         targets[:, still] = y_mean[still]
@@ -251,7 +251,6 @@ class VisemeMotion(nn.Module):
         return {"lag_s": lag, "pre_s": pre_s, "post_s": post_s, "gain": gain,
                 "own_classes": [v for v, m in used if m >= ridge], "table_classes": [v for v, m in used if m < ridge],
                 "phones_vs_opening": float(np.mean(corr)) if corr else float("nan"),
-                "held_back_error": err / max(still_err, 1e-12),
                 "frame_errors": frame_err / max(still_err, 1e-12) * len(frame_err)}
 
     @staticmethod

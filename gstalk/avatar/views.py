@@ -87,7 +87,7 @@ def other_view(av: Avatar, g: GaussianTensors, centres: Tensor | None = None) ->
     green nose at 45 degrees; docs/avatar.md). From another viewpoint each Gaussian keeps the
     colour the training camera saw."""
     k = g.colors.shape[-2]
-    rgb = sh_colors(g.colors.reshape(-1, k, 3), g.means.reshape(-1, 3), _training_centre(av, g.means),
+    rgb = sh_colors(g.colors.reshape(-1, k, 3), g.means.reshape(-1, 3), av.training_centre(g.means),
                     av.cfg.sh_degree).reshape(g.means.shape)
     scales, opacities = g.scales, g.opacities
     fill, cut = av.view_fill, av.ray_cut
@@ -144,22 +144,17 @@ def fill_weight(av: Avatar, centres: Tensor) -> Tensor:
     between."""
     c = av.view_centre.to(centres)
     a = centres - c
-    b = _training_centre(av, centres) - c
+    b = av.training_centre(centres) - c
     cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-12)
     deg = torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
     t = ((deg - FILL_ANGLES[0]) / (FILL_ANGLES[1] - FILL_ANGLES[0])).clamp(0.0, 1.0)
     return t * t * (3 - 2 * t)
 
 
-def _training_centre(av: Avatar, like: Tensor) -> Tensor:
-    """[1, 3] the training camera's centre, in ``like``'s dtype and device."""
-    return av.training_centre(like)
-
-
 def at_training_centre(av: Avatar, cams: Cameras) -> bool:
     """Whether every camera of ``cams`` sits at the training camera's centre (one wait for a
     GPU: a render path asks once, not per batch)."""
-    train = _training_centre(av, cams.viewmats)
+    train = av.training_centre(cams.viewmats)
     return bool(torch.allclose(cams.centers, train.expand_as(cams.centers), rtol=0.0, atol=1e-6))
 
 
@@ -227,7 +222,7 @@ def set_view_fill(av: Avatar, motion: dict, max_frames: int = 128) -> None:
     arrays = av._sampled_motion(motion, max_frames)
     o, r, _ = av.skin(FlameParams(**arrays))
     tri = av.binding.clamp_min(0)
-    to_cam = _training_centre(av, o)[:, None] - o[:, tri]
+    to_cam = av.training_centre(o)[:, None] - o[:, tri]
     cos = ((r[:, tri, :, 2] * to_cam).sum(-1) / to_cam.norm(dim=-1).clamp_min(1e-12)).amax(0)
     seen = bound & (cos >= SEEN_COS)
     unseen = bound & ~seen
@@ -252,7 +247,7 @@ def set_view_fill(av: Avatar, motion: dict, max_frames: int = 128) -> None:
         near[to[targets]] = nearest_of(x, src if bool(src.any()) else source, to, FILL_K)
     # the sources' colours as the training camera saw them in the first of those frames
     g = av.posed_batch(Frame(FlameParams(**{k: a[:1] for k, a in arrays.items()}), deform=False))[0]
-    rgb = sh_colors(g.colors[0], g.means[0], _training_centre(av, g.means[0]), av.cfg.sh_degree)[0]
+    rgb = sh_colors(g.colors[0], g.means[0], av.training_centre(g.means[0]), av.cfg.sh_degree)[0]
     av.view_fill = targets
     av.view_fill_rgb = middle_mean(rgb[near])
     _, _, s_rest = av.rest_frames()
@@ -286,7 +281,7 @@ def set_ray_cut(av: Avatar, motion: dict, max_frames: int = 16) -> None:
     g = av.posed_batch(Frame(FlameParams(**av._sampled_motion(motion, max_frames)), deform=False))[0]
     order = av.log_scales.argsort(-1, descending=True)  # [N, 3]; posing scales the three alike
     axis = quat_to_rotmat(g.quats).gather(-1, order[None, :, None, :1].expand(g.quats.shape[0], -1, 3, 1))[..., 0]
-    ray = g.means - _training_centre(av, g.means)
+    ray = g.means - av.training_centre(g.means)
     cos = ((axis * ray).sum(-1).abs() / ray.norm(dim=-1).clamp_min(1e-12)).mean(0)  # [N], over the frames
     top, mid = av.log_scales.gather(-1, order[:, :2]).unbind(-1)
     cut = (cos > math.cos(math.radians(RAY_DEGREES))) & (top - mid > math.log(RAY_RATIO))
