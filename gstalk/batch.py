@@ -130,10 +130,9 @@ class Board:
     def __init__(self):
         self.rows: dict[str, dict] = {}
 
-    def start(self, name: str, pid: int, host: str) -> tuple[int, float]:
+    def start(self, name: str, pid: int, host: str) -> None:
         r = self.rows.setdefault(name, {"attempts": 0, "since": time.time()})
         r.update(attempts=r["attempts"] + 1, pid=pid, host=host, stage="starting", done=0, total=1)
-        return r["attempts"], r["since"]
 
     def progress(self, name: str, stage: str, done: int, total: int) -> None:
         self.rows.setdefault(name, {"attempts": 0, "since": time.time()}).update(stage=stage, done=done, total=total)
@@ -155,22 +154,32 @@ class _Reporter:
             self.stage, self.last = stage, now
 
 
-def fit_task(job: dict, options: tuple, evaluate: bool, threads: int, board) -> dict:
+def _attempt(log: str, run: str) -> int:
+    """This attempt's number in batch run ``run``: one more than the run's headers in the log."""
+    try:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            return 1 + sum(line.startswith("--- ") and f" batch {run} " in line for line in f)
+    except FileNotFoundError:
+        return 1
+
+
+def fit_task(job: dict, options: tuple, evaluate: bool, threads: int, board, run: str = "") -> dict:
     """One clip's fit (a Ray task): the fit, its log in the job's log file, and the job's
     new state; a GstalkError is the clip's failure, returned, not raised (Ray would retry it)."""
-    import ray
-
     from gstalk.config import apply_threads
     from gstalk.fit import fit
 
     apply_threads(threads)
-    attempt, since = ray.get(board.start.remote(job["name"], os.getpid(), socket.gethostname()))
+    attempt = _attempt(job["log"], run)
+    # told, not asked: a task blocked in ray.get lends its CPUs to the next task (Ray's rule),
+    # which ran three 1-CPU fits at once on 2 CPUs
+    board.start.remote(job["name"], os.getpid(), socket.gethostname())
     with open(job["log"], "a", encoding="utf-8") as f:
         def log(msg) -> None:
             print(msg, file=f, flush=True)
 
-        log(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} attempt {attempt}: worker pid {os.getpid()} on "
-            f"{socket.gethostname()}, {threads} threads")
+        log(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} batch {run} attempt {attempt}: worker pid {os.getpid()} "
+            f"on {socket.gethostname()}, {threads} threads")
         prog = _Reporter(board, job["name"])
         prepare, track, train = options
         with warnings.catch_warnings():
@@ -188,10 +197,10 @@ def fit_task(job: dict, options: tuple, evaluate: bool, threads: int, board) -> 
                     res = evaluate_avatar(job["avatar"], job["dataset"], progress=prog)
                     psnr = float(res["deformation"]["psnr"])
                 log("done")
-                return {"state": "done", "psnr": psnr, "attempts": attempt, "seconds": time.time() - since}
+                return {"state": "done", "psnr": psnr, "attempts": attempt, "finished": time.time()}
             except GstalkError as e:
                 log(f"gstalk error: {e}")
-                return {"state": "failed", "error": str(e), "attempts": attempt, "seconds": time.time() - since}
+                return {"state": "failed", "error": str(e), "attempts": attempt, "finished": time.time()}
 
 
 # ------------------------------------------------------------------ the driver
@@ -276,7 +285,8 @@ def _run(todo: list[Job], cfg, console, log) -> None:
         task = ray.remote(fit_task).options(**res, max_retries=cfg.retries, retry_exceptions=False,
                                             name="gstalk-fit")
         options = (cfg.prepare, cfg.track, cfg.train)
-        refs = {task.remote(asdict(j), options, cfg.eval, threads, board): j for j in todo}
+        run = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        refs = {task.remote(asdict(j), options, cfg.eval, threads, board, run): j for j in todo}
         _wait(ray, refs, board, console, log)
     except KeyboardInterrupt:
         for r in refs:
@@ -294,18 +304,24 @@ def _wait(ray, refs: dict, board, console, log) -> None:
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            finished = {}
             for r in ready:
                 job = refs[r]
                 try:
-                    job.__dict__.update(ray.get(r))
+                    out = ray.get(r)
+                    finished[job.name] = out.pop("finished")
+                    job.__dict__.update(out)
                 except ray.exceptions.RayError as e:  # the worker died more often than retried, or a bug
                     job.state = "failed"
                     job.error = _ray_error(e)
+                    finished[job.name] = time.time()
                 log(f"{job.name}: {job.state}" + (f" ({job.error})" if job.error else ""))
             rows = ray.get(board.get.remote())
             for job in refs.values():
                 row = rows.get(job.name, {})
                 job.attempts = max(job.attempts, int(row.get("attempts", 0)))
+                if job.name in finished and "since" in row:  # from its first attempt's start
+                    job.seconds = finished[job.name] - row["since"]
                 if bars:
                     bars.update(job, row, sum(j.state != "pending" for j in refs.values()))
     finally:
