@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
 PY=${PYTHON:-python3}
-stamp() { cat pyproject.toml run.sh | sha256sum | cut -d' ' -f1; }
+stamp() { cat pyproject.toml run.sh viewer/package-lock.json | sha256sum | cut -d' ' -f1; }
 
 install() {
   # A full disk makes pip stop half-way with "[Errno 28] No space left on device"; say so
@@ -46,6 +46,13 @@ install() {
     fi
   fi
   "${pip[@]}" install -q -e ".[test,reference,batch]"
+  # The web player's libraries (three.js, Spark) at the versions viewer/package-lock.json pins,
+  # for `gstalk export --format web`; without npm that one format says how to get them.
+  if command -v npm >/dev/null 2>&1; then
+    npm ci --prefix viewer --no-audit --no-fund --silent || echo "run.sh: warning: npm ci in viewer/ failed; gstalk export --format web needs it" >&2
+  else
+    echo "run.sh: npm not found: gstalk export --format web needs 'npm ci' in viewer/ (everything else works)" >&2
+  fi
   stamp > "$VENV/.gstalk-installed"
 }
 

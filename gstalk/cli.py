@@ -346,6 +346,8 @@ def _export(cfg: ExportConfig, console) -> int:
     for fmt, files in r.files.items():
         shown = str(files[0]) if len(files) == 1 else f"{files[0].parent}/ ({len(files)} files)"
         console.print(f"  {fmt:<15} {shown}  {sizes[fmt] / 1e6:.2f} MB")
+    for note in r.notes:
+        console.print(f"  {note}")
     return 0
 
 

@@ -318,18 +318,20 @@ class EvalConfig:
     device: Device = "auto"
 
 
-ExportFormat = Literal["ply", "splat", "compressed-ply", "ply-sequence", "viser", "mesh-obj", "mesh-ply", "glb", "all"]
+ExportFormat = Literal["ply", "splat", "compressed-ply", "ply-sequence", "viser", "mesh-obj", "mesh-ply", "glb", "web",
+                       "all"]
 
 
 @dataclass
 class ExportConfig:
     """Write an avatar in the formats other tools read: 3DGS PLY, .splat, PlayCanvas compressed
-    PLY, a per-frame PLY sequence, a viser recording, head-mesh OBJ/PLY sequences and a GLB."""
+    PLY, a per-frame PLY sequence, a viser recording, head-mesh OBJ/PLY sequences, a GLB, and a web player (a
+    static folder that plays the talking avatar in a browser, with its audio)."""
 
     avatar: Annotated[Path, tyro.conf.Positional]
     """The avatar folder."""
     format: tuple[ExportFormat, ...] = ("ply", "splat", "compressed-ply")
-    """One or more formats (or all)."""
+    """One or more formats; all = every one but web (the browser player, which needs 'npm ci' in viewer/)."""
     out: Path = Path("out/export")
     """Folder to write into."""
     audio: Path | None = None

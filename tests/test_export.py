@@ -440,3 +440,91 @@ def test_gsplats_exporter_writes_what_ours_does_but_drops_broken_gaussians(tmp_p
     assert len(export_splats(*args, format="splat")) == 299 * 32
     with pytest.raises(GstalkError, match="NaN|finite"):
         write_splat(g, tmp_path / "b.splat")
+
+
+def test_web_player_motion_is_rebuilt_within_its_tolerances(exported, source):
+    """The web player's compression: each attribute of each frame, rebuilt as player.js rebuilds
+    it (mean + int16 components x weights), is within its tolerance of the posed frames; values
+    that never move are stored once; a low-rank sequence takes as few components as its rank."""
+    from gstalk.export.web import STILL, TOLERANCE, Components, choose_components, compress, player_data, rebuild
+
+    _, _, _, cond = source
+    av, _, frames, _ = source
+    from gstalk.avatar.conditions import posed_iter
+
+    posed = list(posed_iter(av, cond))
+    off = torch.zeros(3)  # no shift: compare in gstalk's world
+    manifest, data = player_data(av, posed, off, 25.0, av.cfg.resolution)
+    assert manifest["num_frames"] == len(posed) and manifest["gaussians"] == av.num_gaussians
+
+    def arrays(d):  # every array entry of the manifest: {"offset", "dtype", "shape"}
+        if isinstance(d, dict):
+            if {"offset", "dtype", "shape"} <= set(d):
+                yield d
+            for v in d.values():
+                yield from arrays(v)
+
+    entries = sorted(arrays(manifest), key=lambda e: e["offset"])
+    ends = [e["offset"] + 4 * math.ceil(np.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize / 4) for e in entries]
+    assert len(data) == ends[-1] and all(e["offset"] == end for e, end in zip(entries[1:], ends))  # end to end
+    col = next(e for e in entries if e is manifest["colors"])
+    assert np.frombuffer(data, np.float32, int(np.prod(col["shape"])), col["offset"]).reshape(col["shape"]).shape \
+        == (av.num_gaussians, 3)
+    means = np.stack([g.means.numpy() for g in posed])
+    c = compress(means.astype(np.float64), TOLERANCE["means"], STILL["means"])
+    for t in range(len(posed)):
+        err = np.abs(rebuild(c, t) - means[t])
+        assert np.quantile(err, 0.999) <= TOLERANCE["means"] * 1.01 and err.max() < 10 * TOLERANCE["means"]
+    # over a budget the tolerances loosen alike until the components fit (frames of rank 6,
+    # each direction 3 times weaker than the one before)
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(40, 6)) * 0.01 * 3.0 ** -np.arange(6)
+    x = (w @ rng.normal(size=(6, 300 * 3))).reshape(40, 300, 3)
+    parts = {"means": Components(x, STILL["means"])}
+    ks, loosened = choose_components(parts, 10**9)
+    assert loosened == 1.0 and ks["means"] >= 4
+    small = parts["means"].nbytes(ks["means"]) // 2
+    ks2, loosened = choose_components(parts, small)
+    assert loosened > 1.0 and 0 < ks2["means"] < ks["means"] and parts["means"].nbytes(ks2["means"]) <= small
+    # a sequence of rank 2 plus Gaussians that never move
+    rng = np.random.default_rng(0)
+    T, N = 30, 200
+    base, d1, d2 = rng.normal(size=(3, N, 3))
+    x = base + np.sin(np.arange(T))[:, None, None] * d1 + np.cos(0.3 * np.arange(T))[:, None, None] * d2 * 0.5
+    x[:, :50] = base[:50]
+    c = compress(x, 1e-4, 1e-6)
+    assert c.rows.shape[0] == 2 and c.rows.dtype == np.int16 and len(c.moving) == N - 50
+    assert all(np.abs(rebuild(c, t) - x[t]).max() < 1e-3 for t in range(T))
+    assert np.array_equal(rebuild(c, 0)[:50], base[:50].astype(np.float32))
+
+
+def test_web_export_refuses_what_it_cannot_play(exported, tmp_path, monkeypatch):
+    """No player libraries: a clear error naming `npm ci`, before anything is written. An
+    avatar fitted without audio, exported with --audio: the same refusal as gstalk render's."""
+    from gstalk.cli import main
+    from gstalk.export.exporter import export
+    from gstalk.export.web import LIBS, PLAYER_FILES
+
+    av_dir, wav, _ = exported
+    v = tmp_path / "viewer"
+    v.mkdir()
+    for f in PLAYER_FILES:
+        (v / f).write_text("")
+    monkeypatch.setenv("GSTALK_VIEWER", str(v))
+    with pytest.raises(GstalkError, match="npm ci"):
+        export(av_dir, tmp_path / "o", ("web",), audio_path=wav, device="cpu")
+    assert not (tmp_path / "o").exists()
+    for src in LIBS.values():
+        (v / "node_modules" / src).parent.mkdir(parents=True, exist_ok=True)
+        (v / "node_modules" / src).write_text("")
+    mute = tmp_path / "mute"
+    import shutil
+
+    shutil.copytree(av_dir, mute)
+    cfg = json.loads((mute / "config.json").read_text())
+    cfg["lip_motion"] = "none"
+    (mute / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GstalkError, match="fitted without audio"):
+        export(mute, tmp_path / "o", ("web",), audio_path=wav, device="cpu")
+    assert main(["export", str(mute), "--format", "web", "--audio", str(wav), "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()

@@ -12,6 +12,9 @@ training clip's own motion when neither is given)
 Geometry (the tracked head mesh)
     mesh-obj, mesh-ply  ``mesh_obj/frame_NNNNN.obj`` / ``mesh_ply/frame_NNNNN.ply``
     glb             ``head.glb``, the mesh with morph targets and a ``talk`` animation
+Web player (the driving sequence, played in a browser: gstalk/export/web.py)
+    web             ``index.html``, ``player.js``, ``lib/`` (three.js, Spark), ``avatar.json`` +
+                    ``avatar.bin`` (every frame's Gaussians, compressed) and ``audio.wav``
 
 Splat formats are written in ``--axes`` (default ``rdf``, the axes splat viewers expect;
 ``rub`` keeps gstalk's), meshes always in gstalk's axes, which are glTF's. See
@@ -36,7 +39,10 @@ from gstalk.io.atomic import ensure_dir, write_json
 STATIC = ("ply", "splat", "compressed-ply")
 ANIMATED = ("ply-sequence", "viser")
 GEOMETRY = ("mesh-obj", "mesh-ply", "glb")
-FORMATS = STATIC + ANIMATED + GEOMETRY
+WEB = ("web",)
+#: what --format all writes: every format but the web player (which needs its libraries, npm's)
+ALL = STATIC + ANIMATED + GEOMETRY
+FORMATS = ALL + WEB
 SEQUENCE_FORMAT = "gstalk-splat-sequence"
 
 Progress = Callable[[str, int, int], None]
@@ -90,6 +96,7 @@ class ExportResult:
     seconds: float = 0.0
     origin: str = "head"
     offset: list = field(default_factory=lambda: [0.0, 0.0, 0.0])  # what was subtracted (gstalk's axes, metres)
+    notes: list[str] = field(default_factory=list)  # what the user should know (printed by the CLI)
 
     def sizes(self) -> dict[str, int]:
         return {k: sum(p.stat().st_size for p in v) for k, v in self.files.items()}
@@ -187,10 +194,14 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
     from gstalk.export.splats import write_compressed_ply, write_splat
     from gstalk.io.video import write_wav
 
-    formats = tuple(dict.fromkeys(FORMATS if "all" in formats else formats))
+    formats = tuple(dict.fromkeys(sum(((ALL if f == "all" else (f,)) for f in formats), ())))
     bad = [f for f in formats if f not in FORMATS]
     if bad or not formats:
         raise InputError(f"unknown export format {', '.join(bad) or '(none)'}: choose from {', '.join(FORMATS)} or all")
+    if "web" in formats:
+        from gstalk.export.web import viewer_folder
+
+        viewer_folder()  # its libraries are there, before any work
     if axes not in AXES:
         raise InputError(f"--axes must be one of {', '.join(AXES)}")
     if origin not in ORIGINS:
@@ -201,12 +212,16 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
     av, motion = load_avatar(avatar_dir, resolve_device(device))
     fps = fps or av.cfg.fps
     audio, expressions, n, fps = load_driver(audio_path, expressions_path, fps, required=False)
+    if audio is not None:
+        from gstalk.avatar.conditions import lip_model
+
+        lip_model(av)  # an avatar fitted without audio cannot be driven by speech, as in gstalk render
     if audio is None and expressions is None:
         expressions = training_expressions(motion)
         n = len(motion["jaw"])
     if max_frames > 0:
         n = min(n, max_frames)
-    needs_sequence = frame >= 0 or any(f in formats for f in ANIMATED + GEOMETRY)
+    needs_sequence = frame >= 0 or any(f in formats for f in ANIMATED + GEOMETRY + WEB)
     if frame >= n and needs_sequence:
         raise InputError(f"--frame {frame} is past the end of the driving sequence ({n} frames)")
     cond = conditions_for(av, motion, n, fps, audio, expressions, head) if needs_sequence else None
@@ -271,6 +286,18 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
         if wav:
             res.files["viser"].append(wav)
 
+    if "web" in formats:
+        from gstalk.export.web import BUDGET_MB, player_data, write_player
+
+        manifest, data = player_data(av, posed_iter(av, cond, deform), offset, fps, av.cfg.resolution,
+                                     (lambda k: progress("web frames", k, n)) if progress else None)
+        plate = motion.get("background") if av.cfg.background == "plate" else None
+        res.files["web"] = write_player(out, manifest, data, audio, n / fps, plate)
+        comps = ", ".join(f"{k} {a['components']}" for k, a in manifest["attributes"].items())
+        res.notes.append(f"web player: components {comps}" + (
+            f"; tolerances loosened {manifest['tolerance_factor']:.3g}x to keep the motion within "
+            f"{BUDGET_MB:g} MB" if manifest["tolerance_factor"] > 1 else ""))
+
     if any(f in formats for f in GEOMETRY):
         verts = mesh_vertices(av.head_model, av.shape, cond.params)
         faces = av.head_model.faces.cpu().numpy()
@@ -285,5 +312,5 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
     return res
 
 
-__all__ = ["ANIMATED", "FORMATS", "GEOMETRY", "STATIC", "ExportResult", "export", "rest_gaussians",
+__all__ = ["ALL", "ANIMATED", "FORMATS", "WEB", "GEOMETRY", "STATIC", "ExportResult", "export", "rest_gaussians",
            "write_viser_recording"]
