@@ -181,6 +181,19 @@ def write_viser_recording(frames, fps: float, path: Path, progress: Progress | N
             server.stop()
 
 
+def _formats(formats: tuple[str, ...]) -> tuple[str, ...]:
+    """The formats asked for ('all' expanded), each known; the web player's libraries there."""
+    formats = tuple(dict.fromkeys(sum(((ALL if f == "all" else (f,)) for f in formats), ())))
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise InputError(f"unknown export format {', '.join(bad) or '(none)'}: choose from {', '.join(FORMATS)} or all")
+    if "web" in formats:
+        from gstalk.export.web import viewer_folder
+
+        viewer_folder()  # before any work
+    return formats
+
+
 def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = STATIC,
            audio_path: str | Path | None = None, expressions_path: str | Path | None = None,
            frame: int = -1, max_frames: int = 0, fps: float = 0.0, head: str = "track", axes: str = "rdf",
@@ -194,14 +207,7 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
     from gstalk.export.splats import write_compressed_ply, write_splat
     from gstalk.io.video import write_wav
 
-    formats = tuple(dict.fromkeys(sum(((ALL if f == "all" else (f,)) for f in formats), ())))
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise InputError(f"unknown export format {', '.join(bad) or '(none)'}: choose from {', '.join(FORMATS)} or all")
-    if "web" in formats:
-        from gstalk.export.web import viewer_folder
-
-        viewer_folder()  # its libraries are there, before any work
+    formats = _formats(formats)
     if axes not in AXES:
         raise InputError(f"--axes must be one of {', '.join(AXES)}")
     if origin not in ORIGINS:
@@ -287,16 +293,11 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
             res.files["viser"].append(wav)
 
     if "web" in formats:
-        from gstalk.export.web import BUDGET_MB, player_data, write_player
+        from gstalk.export.web import export_web
 
-        manifest, data = player_data(av, posed_iter(av, cond, deform), offset, fps, av.cfg.resolution,
-                                     (lambda k: progress("web frames", k, n)) if progress else None)
-        plate = motion.get("background") if av.cfg.background == "plate" else None
-        res.files["web"] = write_player(out, manifest, data, audio, n / fps, plate)
-        comps = ", ".join(f"{k} {a['components']}" for k, a in manifest["attributes"].items())
-        res.notes.append(f"web player: components {comps}" + (
-            f"; tolerances loosened {manifest['tolerance_factor']:.3g}x to keep the motion within "
-            f"{BUDGET_MB:g} MB" if manifest["tolerance_factor"] > 1 else ""))
+        res.files["web"], note = export_web(av, motion, posed_iter(av, cond, deform), offset, fps, n, audio, out,
+                                            progress)
+        res.notes.append(note)
 
     if any(f in formats for f in GEOMETRY):
         verts = mesh_vertices(av.head_model, av.shape, cond.params)

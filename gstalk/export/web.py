@@ -311,6 +311,20 @@ def write_player(out: Path, manifest: dict, data: bytes, audio: np.ndarray | Non
     return files
 
 
+def export_web(av, motion: dict, frames: Iterable[GaussianTensors], offset: torch.Tensor, fps: float, n: int,
+               audio: np.ndarray | None, out: Path, progress=None) -> tuple[list[Path], str]:
+    """``gstalk export --format web``: the player folder for the posed ``frames`` (``n`` of them);
+    its files and a line saying how the motion was stored."""
+    manifest, data = player_data(av, frames, offset, fps, av.cfg.resolution,
+                                 (lambda k: progress("web frames", k, n)) if progress else None)
+    plate = motion.get("background") if av.cfg.background == "plate" else None
+    files = write_player(out, manifest, data, audio, n / fps, plate)
+    comps = ", ".join(f"{k} {a['components']}" for k, a in manifest["attributes"].items())
+    loosened = manifest["tolerance_factor"]
+    return files, f"web player: components {comps}" + (
+        f"; tolerances loosened {loosened:.3g}x to keep the motion within {BUDGET_MB:g} MB" if loosened > 1 else "")
+
+
 __all__ = ["BUDGET_MB", "LIBS", "MAX_COMPONENTS", "WEB_FORMAT", "Components", "Compressed", "choose_components",
-           "compress", "player_data", "rebuild",
+           "compress", "export_web", "player_data", "rebuild",
            "viewer_folder", "write_player"]
