@@ -4,8 +4,8 @@
 // opacities) the values of the Gaussians that never move, and for those that move a mean plus
 // a few principal components (int16 rows) with per-frame weights. Each shown frame is rebuilt
 // here (components x moving values multiply-adds) and written into Spark's packed splats.
-// The frame shown is the audio clock's (audio.currentTime x fps), so picture and sound stay
-// in sync through play, pause and scrubbing. From viewpoints away from the tracked camera the
+// The frame shown is the audio clock's (the Web Audio context's time x fps), so picture and
+// sound stay in sync through play, pause and scrubbing. From viewpoints away from the tracked camera the
 // view fill and ray cut are faded in as gstalk's own render does (gstalk/avatar/views.py).
 //
 // At the tracked camera the splats are drawn over the clip's background plate (background.png,

@@ -17,7 +17,8 @@ mesh and moved by the deformation field, exactly as ``gstalk render`` poses them
 into those that never move (stored once) and those that do. For each attribute of the moving
 ones, the frames are a mean plus a few principal components (the fewest, at most
 ``MAX_COMPONENTS``, whose error on every value stays within the attribute's tolerance at
-the 99.9th percentile): the components as int16 rows, their per-frame weights as float32.
+the 99.9th percentile; all tolerances loosened alike where the components would take more
+than ``BUDGET_MB``): the components as int16 rows, their per-frame weights as float32.
 The size hardly grows with the length of the audio (``components x moving values x 2``
 bytes, plus ``frames x components x 4``); the player rebuilds a frame with
 ``components x moving values`` multiply-adds in JavaScript.
