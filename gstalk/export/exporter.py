@@ -293,10 +293,11 @@ def export(avatar_dir: str | Path, out: str | Path, formats: tuple[str, ...] = S
             res.files["viser"].append(wav)
 
     if "web" in formats:
+        from gstalk.avatar.conditions import posed_batches
         from gstalk.export.web import export_web
 
-        res.files["web"], note = export_web(av, motion, posed_iter(av, cond, deform), offset, fps, n, audio, out,
-                                            progress)
+        res.files["web"], note = export_web(av, motion, posed_batches(av, cond, deform), offset, fps, n,
+                                            audio_copy(out), out, progress)
         res.notes.append(note)
 
     if any(f in formats for f in GEOMETRY):

@@ -153,12 +153,6 @@ class Components:
         return Compressed(self.mean, self.moving, self.mu, rows, weights, err)
 
 
-def compress(x: np.ndarray, tol: float, still: float, max_k: int = MAX_COMPONENTS) -> Compressed:
-    """Principal components of the frames ``x`` [T, N, C] (float), the fewest within ``tol``."""
-    c = Components(x, still, max_k)
-    return c.take(c.fewest(tol))
-
-
 def choose_components(parts: dict[str, "Components"], budget: int) -> tuple[dict[str, int], float]:
     """Components per attribute, and the factor their tolerances were loosened by: the fewest
     within each one's tolerance (:data:`TOLERANCE`) or, where those take more than ``budget``
@@ -204,32 +198,33 @@ def _aligned_quats(q: np.ndarray) -> np.ndarray:
     return q * np.where(s == 0, 1.0, s)
 
 
-def player_data(av, frames: Iterable[GaussianTensors], offset: torch.Tensor, fps: float, size: int,
+def player_data(av, batches: Iterable[GaussianTensors], offset: torch.Tensor, fps: float, size: int,
                 progress: Callable[[int], None] | None = None,
                 budget_mb: float = BUDGET_MB) -> tuple[dict, bytes]:
-    """The manifest and binary file of the player for posed ``frames`` (gstalk's world, y up,
-    which is three.js's; taken one at a time), shifted by ``-offset`` (the head's centre at the
-    origin); the motion's components take at most about ``budget_mb`` MB
-    (:func:`choose_components`)."""
+    """The manifest and binary file of the player for posed frames, given in ``batches``
+    (frames first, as :func:`gstalk.avatar.conditions.posed_batches` yields them; gstalk's
+    world, y up, which is three.js's), shifted by ``-offset`` (the head's centre at the origin);
+    the motion's components take at most about ``budget_mb`` MB (:func:`choose_components`)."""
     from gstalk.avatar.views import FILL_ANGLES, FILL_OPACITY, other_view
 
     off = offset.detach().cpu().double().numpy()
-    m, q, ls, op, rgb = [], [], [], [], 0.0
+    m, q, ls, op, rgb, done = [], [], [], [], 0.0, 0
     with torch.no_grad():
-        for k, f in enumerate(frames):
-            m.append(f.means.detach().cpu().float().numpy())
-            q.append(f.quats.detach().cpu().float().numpy())
-            ls.append(np.log(f.scales.detach().cpu().float().numpy().clip(1e-12)))
-            op.append(f.opacities.detach().cpu().float().numpy())
+        for g in batches:  # one copy to the host per attribute and batch
+            m.append(g.means.float().cpu().numpy())
+            q.append(g.quats.float().cpu().numpy())
+            ls.append(g.scales.float().clamp_min(1e-12).log().cpu().numpy())
+            op.append(g.opacities.float().cpu().numpy())
             # the colours the training camera saw (SH evaluated from its centre), over the frames
-            rgb = rgb + other_view(av, f).colors.detach().cpu().clamp(0, 1).double().numpy()
+            rgb = rgb + other_view(av, g).colors.clamp(0, 1).double().sum(0).cpu().numpy()
+            done += g.means.shape[0]
             if progress:
-                progress(k + 1)
-    if not m:
+                progress(done)
+    if not done:
         raise InputError("no frames to export for the web player")
-    means, quats = np.stack(m) - off.astype(np.float32), _aligned_quats(np.stack(q))
+    means, quats = np.concatenate(m) - off.astype(np.float32), _aligned_quats(np.concatenate(q))
     T, N = means.shape[:2]
-    log_scales, opac, rgb = np.stack(ls), np.stack(op)[..., None], rgb / len(m)
+    log_scales, opac, rgb = np.concatenate(ls), np.concatenate(op)[..., None], rgb / done
     del m, q, ls, op
     blob = _Blob()
     attrs = {}
@@ -274,12 +269,12 @@ def player_data(av, frames: Iterable[GaussianTensors], offset: torch.Tensor, fps
     return manifest, b"".join(blob.parts)
 
 
-def write_player(out: Path, manifest: dict, data: bytes, audio: np.ndarray | None, seconds: float,
+def write_player(out: Path, manifest: dict, data: bytes, wav: Path | None, seconds: float,
                  plate: np.ndarray | None = None) -> list[Path]:
-    """The player folder: its code and libraries, ``avatar.json``/``avatar.bin``, the audio and
-    the background plate (``plate``, uint8 [S, S, 3], the tracked camera's background)."""
+    """The player folder: its code and libraries, ``avatar.json``/``avatar.bin``, the audio
+    (``wav``, already written into ``out`` by the exporter) and the background plate (``plate``,
+    uint8 [S, S, 3], the tracked camera's background)."""
     from gstalk.io.dataset import write_image_file
-    from gstalk.io.video import write_wav
 
     root = viewer_folder()
     out = ensure_dir(out)
@@ -294,9 +289,7 @@ def write_player(out: Path, manifest: dict, data: bytes, audio: np.ndarray | Non
         except OSError as e:
             raise GstalkError(f"cannot read the web player's library {src}: {e.strerror or e}") from None
         files.append(write_bytes(p, lib))
-    wav = None
-    if audio is not None:
-        wav = write_wav(out / "audio.wav", audio[: int(round(seconds * 16000))])
+    if wav is not None:
         files.append(wav)
     elif (out / "audio.wav").exists():  # a re-export without audio must not play a stale one
         (out / "audio.wav").unlink()
@@ -312,14 +305,14 @@ def write_player(out: Path, manifest: dict, data: bytes, audio: np.ndarray | Non
     return files
 
 
-def export_web(av, motion: dict, frames: Iterable[GaussianTensors], offset: torch.Tensor, fps: float, n: int,
-               audio: np.ndarray | None, out: Path, progress=None) -> tuple[list[Path], str]:
-    """``gstalk export --format web``: the player folder for the posed ``frames`` (``n`` of them);
-    its files and a line saying how the motion was stored."""
-    manifest, data = player_data(av, frames, offset, fps, av.cfg.resolution,
+def export_web(av, motion: dict, batches: Iterable[GaussianTensors], offset: torch.Tensor, fps: float, n: int,
+               wav: Path | None, out: Path, progress=None) -> tuple[list[Path], str]:
+    """``gstalk export --format web``: the player folder for the posed frames in ``batches``
+    (``n`` of them) and the speech ``wav``; its files and a line saying how the motion was stored."""
+    manifest, data = player_data(av, batches, offset, fps, av.cfg.resolution,
                                  (lambda k: progress("web frames", k, n)) if progress else None)
     plate = motion.get("background") if av.cfg.background == "plate" else None
-    files = write_player(out, manifest, data, audio, n / fps, plate)
+    files = write_player(out, manifest, data, wav, n / fps, plate)
     comps = ", ".join(f"{k} {a['components']}" for k, a in manifest["attributes"].items())
     loosened = manifest["tolerance_factor"]
     return files, f"web player: components {comps}" + (
@@ -327,5 +320,5 @@ def export_web(av, motion: dict, frames: Iterable[GaussianTensors], offset: torc
 
 
 __all__ = ["BUDGET_MB", "LIBS", "MAX_COMPONENTS", "WEB_FORMAT", "Components", "Compressed", "choose_components",
-           "compress", "export_web", "player_data", "rebuild",
+           "export_web", "player_data", "rebuild",
            "viewer_folder", "write_player"]
