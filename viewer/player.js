@@ -187,9 +187,10 @@ function preset(name) {
 
 // How much of the view fill this viewpoint shows: 0 within 5 degrees of the tracked camera
 // (round the head's centre), 1 from 25, smooth between (gstalk.avatar.views.fill_weight).
+const viewCentre = new THREE.Vector3(...V.view_centre);
+const toTraining = new THREE.Vector3(...V.training_centre).sub(viewCentre), toCamera = new THREE.Vector3();
 function fillWeight() {
-  const c = new THREE.Vector3(...V.view_centre);
-  const a = camera.position.clone().sub(c), b = new THREE.Vector3(...V.training_centre).sub(c);
+  const a = toCamera.copy(camera.position).sub(viewCentre), b = toTraining;
   const cos = a.dot(b) / Math.max(1e-12, a.length() * b.length());
   const deg = Math.acos(Math.min(1, Math.max(-1, cos))) * 180 / Math.PI;
   const t = Math.min(1, Math.max(0, (deg - V.fill_angles[0]) / (V.fill_angles[1] - V.fill_angles[0])));
