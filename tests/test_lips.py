@@ -8,8 +8,8 @@ import torch
 
 import espeak
 from gstalk.audio.phones import PhoneTimeline, phone_timeline
-from gstalk.audio.visemes import (LAGS, PHONE_TO_VISEME, POST, PRE, PRE_WINDOWS, SIL, VISEMES, VisemeMotion,
-                                  dominance, viseme_segments)
+from gstalk.audio.visemes import (LAGS, PAUSE_PULL, PHONE_TO_VISEME, POST, PRE, PRE_WINDOWS, SIL, VISEMES,
+                                  VisemeMotion, dominance, rest_mouth, viseme_segments)
 from gstalk.errors import InputError
 
 needs_espeak = pytest.mark.skipif(not espeak.available(), reason="needs espeak-ng (Debian package espeak-ng)")
@@ -198,12 +198,60 @@ def test_calibration_recovers_a_speakers_own_visemes_and_lag():
     assert info["gain"] > 0.9 and float(vm.gain) == pytest.approx(info["gain"])  # predictable: full amplitude
     t = vm.targets.numpy()
     assert float(vm.pre_s) == 0.0 == float(vm.post_s)  # nothing of its own before or after speech
-    np.testing.assert_allclose(t[:PRE, :4], true[:PRE, :4], atol=0.15)
+    np.testing.assert_allclose(t[1:PRE, :4], true[1:PRE, :4], atol=0.15)  # the speech classes: their own
+    # the pauses' class: k pauses' shape pulled PAUSE_PULL pauses' worth towards the rest mouth
+    k = sum(1 for c, s, e in viseme_segments(tl) if c == SIL and e <= frames[-1] / fps)
+    rest = vm.mean.numpy()[:4]
+    np.testing.assert_allclose(t[SIL, :4], rest + k / (k + PAUSE_PULL) * (true[SIL, :4] - rest), atol=0.15)
     np.testing.assert_allclose(t[:, 4], y[frames, 4].mean(), atol=1e-9)  # not driven: the clip's mean
     jaw, expr = vm(tl, n, fps)
     held = np.arange(int(0.8 * n), n)
     assert np.corrcoef(jaw[held, 0].numpy(), y[held, 0])[0, 1] > 0.95
     assert expr.shape == (n, 2) and torch.allclose(expr[:, 1], expr[0, 1].expand(n))
+
+
+def test_a_few_pauses_pull_their_mouth_towards_the_rest():
+    """Two pauses, the mouth shut in one and wide open (a breath) in the other: the pause's
+    target stays near the rest mouth, since two pauses say little of this person's pauses;
+    twenty pauses that all hold the same open mouth give the pause that mouth."""
+    fps = 25.0
+    rng = np.random.default_rng(7)
+
+    def clip(seconds, pause_every, pause_mouth):
+        tl = _random_timeline(seconds, 8, pause_every)
+        n = int(seconds * fps)
+        true = rng.normal(0, 0.3, (len(VISEMES), 3))
+        y = dominance(tl, n, fps, 0.08) @ true
+        pauses = [(s, e) for c, s, e in viseme_segments(tl) if c == SIL and s > 0.1 and e < seconds - 0.1]
+        for i, (s, e) in enumerate(pauses):
+            y[int(np.ceil((s - 0.08) * fps)):int(np.ceil((e - 0.08) * fps)), 0] = pause_mouth(i)
+        y = np.concatenate([y, np.zeros((n, 1))], 1)
+        vm = VisemeMotion(1)
+        vm.fit(tl, fps, y, y[:, :2], np.arange(n), driven=np.array([False]), ridge=1e-3)
+        return len(pauses), vm.targets[SIL, 0].item(), vm.mean[0].item()
+
+    k, sil, rest = clip(5.5, 2.0, lambda i: (0.0, 3.0)[i % 2])  # shut, then wide open
+    assert k == 2 and abs(sil - rest) < 0.3 * 1.5  # not the pauses' own mean (1.5) nor either of them
+    k, sil, rest = clip(44.0, 2.0, lambda i: 2.0)
+    assert k >= 20 and abs(rest - 2.0) > 1.0 and rest + 0.75 * (2.0 - rest) < sil < 2.1  # most of the way
+
+
+def test_the_rest_mouth_is_the_lips_median_not_their_mean():
+    """Frames that mostly hold one mouth and, for a fifth of them, a laugh far from it: the
+    rest mouth stays at the usual mouth (the mean moves a fifth of the way to the laugh), and
+    its lip points are nearer the frames in the sum of distances than the mean's."""
+    rng = np.random.default_rng(9)
+    proj = rng.normal(0, 1, (4, 3 * 5))  # 4 outputs moving 5 lip points
+    usual, laugh = np.zeros(4), np.array([3.0, -2.0, 1.0, 0.5])
+    y = np.where((np.arange(200) % 5 == 0)[:, None], laugh, usual) + rng.normal(0, 0.05, (200, 4))
+    m = rest_mouth(y, proj)
+    np.testing.assert_allclose(m, usual, atol=0.05)
+
+    def dist(c):
+        return np.linalg.norm(((y - c) @ proj).reshape(200, 5, 3), axis=-1).mean()
+
+    assert dist(m) < dist(y.mean(0))
+    np.testing.assert_allclose(rest_mouth(y, None), y.mean(0))  # without the lips' map: the mean
 
 
 def test_classes_the_clip_lacks_keep_the_phonetic_table():
@@ -340,8 +388,11 @@ def test_calibration_finds_a_mouth_that_readies_before_speech():
     assert 0.3 in PRE_WINDOWS and info["pre_s"] == pytest.approx(0.3) and float(vm.pre_s) == pytest.approx(0.3)
     assert info["lag_s"] == pytest.approx(0.08, abs=0.011) and "pre" in info["own_classes"]
     assert info["post_s"] == 0.0 and "post" not in info["own_classes"] + info["table_classes"]
-    np.testing.assert_allclose(vm.targets[PRE].numpy(), true[PRE], atol=0.15)
-    np.testing.assert_allclose(vm.targets[SIL].numpy(), true[SIL], atol=0.15)
+    # k pauses' shapes, each pulled PAUSE_PULL pauses' worth towards the rest mouth
+    rest = vm.mean.numpy()
+    for c in (PRE, SIL):
+        k = sum(1 for v, _, _ in viseme_segments(tl, pre_s=0.3) if v == c)
+        np.testing.assert_allclose(vm.targets[c].numpy(), rest + k / (k + PAUSE_PULL) * (true[c] - rest), atol=0.15)
     segs = viseme_segments(PhoneTimeline([("AA", 1.0, 1.2), ("M", 1.25, 1.3)], 2.0), pre_s=0.3)
     assert [c for c, _, _ in segs] == [SIL, PRE, VISEMES.index("aa"), SIL, VISEMES.index("PP"), SIL]
     assert segs[1][1:] == pytest.approx((0.7, 1.0))

@@ -25,17 +25,23 @@ through a sequence of phones is known phonetics:
    fitted to the training frames' tracked jaw and expression by a ridge regression on the
    dominance weights: a class the clip holds many frames of gets this person's mouth for it,
    one it lacks keeps a target from the phonetic table (:data:`OPENING`, :data:`SPREAD`,
-   mapped to this person's jaw and expression through their measured lips). ``sil`` gets
-   where this person's mouth rests in pauses.
+   mapped to this person's jaw and expression through their measured lips). The pause
+   classes (``sil``, ``pre``, ``post``) start from the *rest mouth* instead, and count each
+   pause as one shape, not as its many frames (:func:`pause_pull`): a clip with two pauses,
+   one shut and one open for a breath, leaves them near the rest; one with many alike gives
+   them this person's pause.
+   The rest mouth (:func:`rest_mouth`) is the jaw and expression whose lip points are
+   nearest the training frames' in the sum of distances, not the mean: a laugh or a held
+   smile in a few seconds of clip does not drag it, and the lip-sync error is a distance.
 4. **Timing and amplitude**, calibrated per clip on held-back blocks of its training frames
    (targets fitted on the other blocks): the audio-to-mouth lag within :data:`LAGS`, and the
-   factor (0 to 1) by which the mouth moves from the clip's mean, the pair whose predictions
+   factor (0 to 1) by which the mouth moves from its rest, the pair whose predictions
    put the head model's lip points nearest the tracked ones (the errors in jaw and expression
    weighted by how far each moves the lips: the lip-sync error, not the jaw alone). Where a
    clip's phones predict its mouth well the lips move as far as the fitted targets say; where
    they predict it poorly, less (wrong lips far from the mean cost more than a mouth near it).
 
-Expression coefficients that do not move the lips (``driven`` False) stay at the clip's mean,
+Expression coefficients that do not move the lips (``driven`` False) stay at the rest,
 so that a chance correlation in a short clip does not make the eyes or brows talk.
 """
 
@@ -63,6 +69,7 @@ SIL = 0
 PHONE_CLASSES = VISEMES[:15]
 PRE = VISEMES.index("pre")  # the end of a pause, just before speech (the mouth readies, breathes in)
 POST = VISEMES.index("post")  # the start of a pause, just after speech (the mouth lingers or shuts)
+PAUSES = (SIL, PRE, POST)
 # the phonetic table, for classes the clip lacks: lip opening, 0 (closed) .. 1 (widest), and
 # spreading (+1) vs rounding (-1)
 OPENING = {"sil": 0.1, "PP": 0.0, "FF": 0.15, "TH": 0.3, "DD": 0.35, "kk": 0.45, "CH": 0.3, "SS": 0.2, "nn": 0.3,
@@ -87,6 +94,9 @@ PRE_WINDOWS = (0.0, 0.2, 0.3, 0.45)
 #: the same for the start of a pause, just after speech
 POST_WINDOWS = (0.0, 0.3)
 RIDGE = 2.0  # pull of each class's target towards the table's, in frames' worth of data
+#: pull of the pause classes' targets (sil, pre, post) towards the rest mouth, in pauses' worth
+#: of data: the frames of one pause are one shape, not many (docs/benchmarks.md)
+PAUSE_PULL = 2.0
 MIN_FRAMES = 8
 CHANNELS = ("opening", "spread")
 
@@ -144,15 +154,94 @@ def dominance(timeline: PhoneTimeline, n_frames: int, fps: float, lag: float, pr
     return w
 
 
-def _ridge(w: np.ndarray, y: np.ndarray, prior: np.ndarray, lam: float) -> np.ndarray:
-    """Targets [17, P] minimising |w T - y|^2 + lam |T - prior|^2."""
-    return np.linalg.solve(w.T @ w + lam * np.eye(w.shape[1]), w.T @ y + lam * prior)
+def _ridge(w: np.ndarray, y: np.ndarray, prior: np.ndarray, lam) -> np.ndarray:
+    """Targets [17, P] minimising |w T - y|^2 + sum_c lam_c |T_c - prior_c|^2 (``lam`` one
+    pull for all classes, or one per class)."""
+    lam = np.broadcast_to(np.asarray(lam, np.float64), (w.shape[1],))
+    return np.linalg.solve(w.T @ w + np.diag(lam), w.T @ y + lam[:, None] * prior)
+
+
+def pause_pull(timeline: PhoneTimeline, fps: float, lag: float, pre_s: float, post_s: float, frames: np.ndarray,
+               w: np.ndarray, ridge: float = RIDGE, pauses: float = PAUSE_PULL) -> np.ndarray:
+    """[17] each class's ridge pull: ``ridge`` frames' worth, and for the pause classes
+    ``pauses`` pauses' worth more. The frames of one pause show one shape held, so a clip with
+    two pauses, one with the mouth shut and one wide open for a breath, knows little of where
+    this person's mouth is in a pause: with k pauses alike the target lies k / (k + pauses)
+    of the way from the rest mouth to theirs. ``w`` [T, 17]: the dominance weights of all
+    frames; ``frames``: those fitted; a pause's worth is the class's weight in them over its
+    number of pauses (weighted by their length)."""
+    n_frames = len(w)
+    inset = np.zeros(n_frames, bool)
+    inset[np.asarray(frames)] = True
+    count = np.concatenate([[0], np.cumsum(inset)])
+    sq, tot = np.zeros(len(VISEMES)), np.zeros(len(VISEMES))
+    for c, s, e in viseme_segments(timeline, pre_s, post_s):
+        if c in PAUSES:
+            a, b = (int(np.clip(np.ceil((x - lag) * fps), 0, n_frames)) for x in (s, e))
+            k = float(count[b] - count[a])
+            sq[c] += k * k
+            tot[c] += k
+    n_pauses = np.divide(tot * tot, sq, out=np.zeros_like(sq), where=sq > 0)  # length-weighted count
+    data = (np.asarray(w)[np.asarray(frames)] ** 2).sum(0)  # what the fit's normal equations hold of each class
+    return ridge + pauses * np.divide(data, n_pauses, out=np.zeros_like(data), where=n_pauses > 0)
+
+
+def rest_mouth(y: np.ndarray, proj: np.ndarray | None, iters: int = 20) -> np.ndarray:
+    """[P] the jaw and expression whose lip points are nearest all frames' ``y`` [N, P] in
+    the sum of distances (the geometric median in lip-point space, Weiszfeld's iteration; the
+    lip-sync error is a mean distance, not a squared one), so that a laugh or a held smile in
+    a few seconds of clip does not drag where the mouth rests. ``proj`` [P, 3 L]: how the L
+    lip points move per unit of each output (:meth:`VisemeMotion.fit`); without it, the mean."""
+    m = y.mean(0)
+    if proj is None or proj.shape[1] % 3:
+        return m
+    for _ in range(iters):
+        r = np.linalg.norm(((y - m) @ proj).reshape(len(y), -1, 3), axis=-1).mean(-1)
+        s = 1.0 / np.maximum(r, max(0.1 * float(np.median(r)), 1e-9))
+        m = (s[:, None] * y).sum(0) / s.sum()
+    return m
 
 
 def _folds(frames: np.ndarray, k: int = 4) -> list[tuple[np.ndarray, np.ndarray]]:
     """Contiguous blocks of ``frames``, each with the others as its training set."""
     blocks = np.array_split(frames, k)
     return [(np.concatenate([c for j, c in enumerate(blocks) if j != i]), b) for i, b in enumerate(blocks)]
+
+
+#: a longer pre- or post-speech window must predict the held-back lips better than the
+#: shorter by this share of a still mouth's error, else the shorter is kept
+WINDOW_MARGIN = 0.005
+
+
+def _search(timeline: PhoneTimeline, fps: float, y: np.ndarray, prior: np.ndarray, proj: np.ndarray,
+            folds: list, ridge: float) -> tuple:
+    """The lag, amplitude and pause windows whose targets, fitted on the other blocks of the
+    training frames, put each block's lips nearest the tracked ones: (lag, gain, pre_s,
+    post_s, a still mouth's error, the frames' errors). Per pair of windows the best lag; of
+    the windows, the shortest within :data:`WINDOW_MARGIN` of the best."""
+    n = len(y)
+    per_window = {}
+    for pre_s, post_s, lag in ((p, q, a) for p in PRE_WINDOWS for q in POST_WINDOWS for a in LAGS):
+        w = dominance(timeline, n, fps, lag, pre_s, post_s)
+        pred, truth = [], []
+        for inner, held, m in folds:
+            prior_f = prior.copy()
+            prior_f[list(PAUSES)] = m  # each block's own rest mouth
+            t = _ridge(w[inner], y[inner], prior_f, pause_pull(timeline, fps, lag, pre_s, post_s, inner, w, ridge))
+            pred.append((w[held] @ t - m) @ proj)
+            truth.append((y[held] - m) @ proj)
+        p, q = np.concatenate(pred), np.concatenate(truth)
+        g = float(np.clip((p * q).sum() / max(float((p * p).sum()), 1e-12), 0.0, 1.0))
+        err = float(((g * p - q) ** 2).sum())
+        key = (float(pre_s), float(post_s))
+        if key not in per_window or err < per_window[key][0] - 1e-9 * abs(per_window[key][0]):
+            per_window[key] = (err, float(lag), g, float((q * q).sum()), ((g * p - q) ** 2).sum(1))
+    least = min(v[0] for v in per_window.values())
+    for (pre_s, post_s), (err, lag, g, still_err, frame_err) in sorted(per_window.items(),
+                                                                    key=lambda kv: (sum(kv[0]), kv[0])):
+        if err <= least + WINDOW_MARGIN * still_err:
+            return lag, g, pre_s, post_s, still_err, frame_err
+    raise AssertionError("unreachable")
 
 
 class VisemeMotion(nn.Module):
@@ -166,8 +255,8 @@ class VisemeMotion(nn.Module):
         self.register_buffer("lag", torch.tensor(DEFAULT_LAG))
         self.register_buffer("pre_s", torch.zeros(()))  # the pre-speech window (s; 0: none)
         self.register_buffer("post_s", torch.zeros(()))  # the post-speech window (s; 0: none)
-        self.register_buffer("gain", torch.ones(()))  # how far from the mean the mouth moves (0 .. 1)
-        self.register_buffer("mean", torch.zeros(3 + n_expr))  # the training frames' jaw and expression
+        self.register_buffer("gain", torch.ones(()))  # how far from its rest the mouth moves (0 .. 1)
+        self.register_buffer("mean", torch.zeros(3 + n_expr))  # the rest mouth (rest_mouth of the training frames)
         self.register_buffer("fitted", torch.zeros(()))
 
     @property
@@ -198,10 +287,9 @@ class VisemeMotion(nn.Module):
         y_all = np.asarray(target, np.float64)
         n = len(y_all)
         y = y_all[frames]
-        y_mean = y.mean(0)
         prior = self._table_targets(np.asarray(lips, np.float64)[frames], y)
         still = np.zeros(y.shape[1], bool)
-        if driven is not None:  # expression coefficients that do not move the lips stay at the mean
+        if driven is not None:  # expression coefficients that do not move the lips stay at the rest
             still[3:] = ~np.asarray(driven, bool)
         if lip_map is not None:
             proj = np.asarray(lip_map, np.float64).copy()  # [P, D]: lip points per unit of output
@@ -209,27 +297,16 @@ class VisemeMotion(nn.Module):
         else:  # the jaw's opening, in units of its spread
             proj = np.zeros((y.shape[1], 1))
             proj[0, 0] = 1.0 / max(float(y[:, 0].std()), 1e-9)
+        lip_proj = proj if lip_map is not None else None
+        y_mean = rest_mouth(y, lip_proj)
+        prior[list(PAUSES)] = y_mean  # a pause's mouth, until the clip shows enough pauses: at rest
         # the lag (with its amplitude) whose targets, fitted on the other blocks of the training
         # frames, predict each block's lips best
-        folds = _folds(frames)
-        best = None
-        for pre_s, post_s, lag in ((p, q, a) for p in PRE_WINDOWS for q in POST_WINDOWS for a in LAGS):
-            w = dominance(timeline, n, fps, lag, pre_s, post_s)
-            pred, truth = [], []
-            for inner, held in folds:
-                t = _ridge(w[inner], y_all[inner], prior, ridge)
-                m = y_all[inner].mean(0)
-                pred.append((w[held] @ t - m) @ proj)
-                truth.append((y_all[held] - m) @ proj)
-            p, q = np.concatenate(pred), np.concatenate(truth)
-            g = float(np.clip((p * q).sum() / max(float((p * p).sum()), 1e-12), 0.0, 1.0))
-            err = float(((g * p - q) ** 2).sum())
-            if best is None or err < best[0] - 1e-9 * abs(best[0]):  # ties: the shorter window
-                best = (err, float(lag), g, float(pre_s), float(post_s), float((q * q).sum()),
-                        ((g * p - q) ** 2).sum(1))
-        _, lag, gain, pre_s, post_s, still_err, frame_err = best
+        folds = [(inner, held, rest_mouth(y_all[inner], lip_proj)) for inner, held in _folds(frames)]
+        best = _search(timeline, fps, y_all, prior, proj, folds, ridge)
+        lag, gain, pre_s, post_s, still_err, frame_err = best
         w = dominance(timeline, n, fps, lag, pre_s, post_s)
-        targets = _ridge(w[frames], y, prior, ridge)
+        targets = _ridge(w[frames], y, prior, pause_pull(timeline, fps, lag, pre_s, post_s, frames, w, ridge))
         targets[:, still] = y_mean[still]
         self.targets.copy_(torch.from_numpy(targets))
         self.lag.fill_(lag)
@@ -241,10 +318,10 @@ class VisemeMotion(nn.Module):
         # honesty for the log: the measured opening predicted on held-back blocks
         o = np.asarray(lips, np.float64)[:, :1]
         pred = np.zeros(n)
-        for inner, held in folds:
+        for inner, held, _ in folds:
             pred[held] = (w[held] @ _ridge(w[inner], o[inner], np.full((len(VISEMES), 1), o[inner].mean()),
                                            ridge))[:, 0]
-        corr = [np.corrcoef(pred[held], o[held, 0])[0, 1] for _, held in folds
+        corr = [np.corrcoef(pred[held], o[held, 0])[0, 1] for _, held, _ in folds
                 if pred[held].std() > 1e-9 and o[held, 0].std() > 1e-9]
         mass = w[frames].sum(0)
         used = [(v, m) for v, m in zip(VISEMES, mass) if (v != "pre" or pre_s > 0) and (v != "post" or post_s > 0)]
