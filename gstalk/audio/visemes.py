@@ -161,21 +161,22 @@ def _ridge(w: np.ndarray, y: np.ndarray, prior: np.ndarray, lam) -> np.ndarray:
     return np.linalg.solve(w.T @ w + np.diag(lam), w.T @ y + lam[:, None] * prior)
 
 
-def pause_pull(timeline: PhoneTimeline, fps: float, lag: float, pre_s: float, post_s: float, frames: np.ndarray,
-               w: np.ndarray, ridge: float = RIDGE, pauses: float = PAUSE_PULL) -> np.ndarray:
+def pause_pull(segments: list[tuple[int, float, float]], fps: float, lag: float, frames: np.ndarray, w: np.ndarray,
+               ridge: float = RIDGE, pauses: float = PAUSE_PULL) -> np.ndarray:
     """[17] each class's ridge pull: ``ridge`` frames' worth, and for the pause classes
     ``pauses`` pauses' worth more. The frames of one pause show one shape held, so a clip with
     two pauses, one with the mouth shut and one wide open for a breath, knows little of where
     this person's mouth is in a pause: with k pauses alike the target lies k / (k + pauses)
-    of the way from the rest mouth to theirs. ``w`` [T, 17]: the dominance weights of all
-    frames; ``frames``: those fitted; a pause's worth is the class's weight in them over its
-    number of pauses (weighted by their length)."""
+    of the way from the rest mouth to theirs. ``segments``: :func:`viseme_segments` of the
+    timeline; ``w`` [T, 17]: the dominance weights of all frames (at ``lag``); ``frames``:
+    those fitted; a pause's worth is the class's weight in them over its number of pauses
+    (weighted by their length)."""
     n_frames = len(w)
     inset = np.zeros(n_frames, bool)
     inset[np.asarray(frames)] = True
     count = np.concatenate([[0], np.cumsum(inset)])
     sq, tot = np.zeros(len(VISEMES)), np.zeros(len(VISEMES))
-    for c, s, e in viseme_segments(timeline, pre_s, post_s):
+    for c, s, e in segments:
         if c in PAUSES:
             a, b = (int(np.clip(np.ceil((x - lag) * fps), 0, n_frames)) for x in (s, e))
             k = float(count[b] - count[a])
@@ -221,27 +222,28 @@ def _search(timeline: PhoneTimeline, fps: float, y: np.ndarray, prior: np.ndarra
     the windows, the shortest within :data:`WINDOW_MARGIN` of the best."""
     n = len(y)
     per_window = {}
-    for pre_s, post_s, lag in ((p, q, a) for p in PRE_WINDOWS for q in POST_WINDOWS for a in LAGS):
-        w = dominance(timeline, n, fps, lag, pre_s, post_s)
-        pred, truth = [], []
-        for inner, held, m in folds:
-            prior_f = prior.copy()
-            prior_f[list(PAUSES)] = m  # each block's own rest mouth
-            t = _ridge(w[inner], y[inner], prior_f, pause_pull(timeline, fps, lag, pre_s, post_s, inner, w, ridge))
-            pred.append((w[held] @ t - m) @ proj)
-            truth.append((y[held] - m) @ proj)
-        p, q = np.concatenate(pred), np.concatenate(truth)
-        g = float(np.clip((p * q).sum() / max(float((p * p).sum()), 1e-12), 0.0, 1.0))
-        err = float(((g * p - q) ** 2).sum())
+    for pre_s, post_s in ((p, q) for p in PRE_WINDOWS for q in POST_WINDOWS):
+        segments = viseme_segments(timeline, pre_s, post_s)
         key = (float(pre_s), float(post_s))
-        if key not in per_window or err < per_window[key][0] - 1e-9 * abs(per_window[key][0]):
-            per_window[key] = (err, float(lag), g, float((q * q).sum()), ((g * p - q) ** 2).sum(1))
+        for lag in LAGS:
+            w = dominance(timeline, n, fps, lag, pre_s, post_s)
+            pred, truth = [], []
+            for inner, held, m in folds:
+                prior_f = prior.copy()
+                prior_f[list(PAUSES)] = m  # each block's own rest mouth
+                t = _ridge(w[inner], y[inner], prior_f, pause_pull(segments, fps, lag, inner, w, ridge))
+                pred.append((w[held] @ t - m) @ proj)
+                truth.append((y[held] - m) @ proj)
+            p, q = np.concatenate(pred), np.concatenate(truth)
+            g = float(np.clip((p * q).sum() / max(float((p * p).sum()), 1e-12), 0.0, 1.0))
+            err = float(((g * p - q) ** 2).sum())
+            if key not in per_window or err < per_window[key][0] - 1e-9 * abs(per_window[key][0]):
+                per_window[key] = (err, float(lag), g, float((q * q).sum()), ((g * p - q) ** 2).sum(1))
     least = min(v[0] for v in per_window.values())
-    for (pre_s, post_s), (err, lag, g, still_err, frame_err) in sorted(per_window.items(),
-                                                                    key=lambda kv: (sum(kv[0]), kv[0])):
-        if err <= least + WINDOW_MARGIN * still_err:
-            return lag, g, pre_s, post_s, still_err, frame_err
-    raise AssertionError("unreachable")
+    (pre_s, post_s), (_, lag, g, still_err, frame_err) = next(
+        kv for kv in sorted(per_window.items(), key=lambda kv: (sum(kv[0]), kv[0]))
+        if kv[1][0] <= least + WINDOW_MARGIN * kv[1][3])
+    return lag, g, pre_s, post_s, still_err, frame_err
 
 
 class VisemeMotion(nn.Module):
@@ -303,10 +305,10 @@ class VisemeMotion(nn.Module):
         # the lag (with its amplitude) whose targets, fitted on the other blocks of the training
         # frames, predict each block's lips best
         folds = [(inner, held, rest_mouth(y_all[inner], lip_proj)) for inner, held in _folds(frames)]
-        best = _search(timeline, fps, y_all, prior, proj, folds, ridge)
-        lag, gain, pre_s, post_s, still_err, frame_err = best
+        lag, gain, pre_s, post_s, still_err, frame_err = _search(timeline, fps, y_all, prior, proj, folds, ridge)
         w = dominance(timeline, n, fps, lag, pre_s, post_s)
-        targets = _ridge(w[frames], y, prior, pause_pull(timeline, fps, lag, pre_s, post_s, frames, w, ridge))
+        targets = _ridge(w[frames], y, prior, pause_pull(viseme_segments(timeline, pre_s, post_s), fps, lag, frames, w,
+                                                         ridge))
         targets[:, still] = y_mean[still]
         self.targets.copy_(torch.from_numpy(targets))
         self.lag.fill_(lag)
