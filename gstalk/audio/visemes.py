@@ -86,7 +86,13 @@ DOMINANCE = {
     "oh": (0.7, 0.048, 0.06), "ou": (0.7, 0.048, 0.06), "pre": (0.5, 0.048, 0.0),
     "post": (0.5, 0.048, 0.0),
 }
-LAGS = tuple(np.round(np.arange(-0.04, 0.201, 0.02), 3))  # the calibrated audio-to-mouth lag lies in these (s)
+#: the calibrated audio-to-mouth lag lies in these (s). Within speech the mouth leads its sound
+#: by tens of milliseconds (each class's own lead adds up to 60 ms more, :data:`DOMINANCE`);
+#: the longer lead before a pause ends is the ``pre`` class's. A lag beyond 120 ms let a
+#: speaker who opens his mouth before each phrase (portrait_man_20s) shift all his speech
+#: 200 ms early, which the held-back blocks liked and his held-out tail did not
+#: (docs/benchmarks.md)
+LAGS = tuple(np.round(np.arange(-0.04, 0.121, 0.02), 3))
 DEFAULT_LAG = 0.08  # where the clip is too short to calibrate it
 #: how long before speech the mouth takes its own pre-speech shape, calibrated per clip among
 #: these (s; 0: the whole pause is ``sil``)
