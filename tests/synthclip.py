@@ -33,9 +33,32 @@ def similarity(scale: float, angle_deg: float, tx: float, ty: float, center) -> 
     return np.array([[c, -s, tx - (c * cx - s * cy)], [s, c, ty - (s * cx + c * cy)]], np.float64)
 
 
+def sdr_to_hdr(rgb: np.ndarray, transfer: str) -> np.ndarray:
+    """[H, W, 3] uint16 R'G'B' of HDR video (BT.2020 primaries) that shows the sRGB picture
+    ``rgb`` [H, W, 3] uint8 with its white at the reference white of ITU-R BT.2408: 75 % HLG
+    signal, or 203 nits in PQ. The forward direction of what gstalk's decoder undoes, written
+    from the standards' formulas (BT.2100's HLG OETF, SMPTE ST 2084's inverse EOTF)."""
+    v = rgb.astype(np.float64) / 255.0
+    lin = np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+    to2020 = np.array([[0.6274, 0.3293, 0.0433], [0.0691, 0.9195, 0.0114], [0.0164, 0.0880, 0.8956]])
+    lin = np.clip(lin @ to2020.T, 0.0, None)
+    if transfer == "HLG":
+        a, b, c = 0.17883277, 0.28466892, 0.55991073
+        ref = (np.exp((0.75 - c) / a) + b) / 12.0  # scene light at 75 % signal
+        e = np.clip(lin * ref, 0.0, 1.0)
+        sig = np.where(e <= 1 / 12, np.sqrt(3 * e), a * np.log(np.maximum(12 * e - b, 1e-12)) + c)
+    else:
+        m1, m2, c1, c2, c3 = 2610 / 16384, 2523 / 4096 * 128, 3424 / 4096, 2413 / 4096 * 32, 2392 / 4096 * 32
+        y = np.clip(lin * 203.0 / 10000.0, 0.0, 1.0) ** m1
+        sig = ((c1 + c2 * y) / (1 + c3 * y)) ** m2
+    return np.round(np.clip(sig, 0, 1) * 65535).astype(np.uint16)
+
+
 def make_clip(path: Path, seconds: float = 3.0, size=(192, 256), rotation: int = 90, vfr: bool = True,
               audio: bool = True, seed: int = 0, face: bool = True, n_faces: int = 1,
-              record_rotation: bool = True) -> SynthClip:
+              record_rotation: bool = True, hdr: str | None = None) -> SynthClip:
+    """``hdr`` 'HLG' or 'PQ': 10-bit HEVC with BT.2020 colours and that transfer, as phones film
+    HDR video (the picture is the same; :func:`sdr_to_hdr`)."""
     import av
     import cv2
     from skimage import data
@@ -51,11 +74,17 @@ def make_clip(path: Path, seconds: float = 3.0, size=(192, 256), rotation: int =
     u = times / seconds
     transforms = []
     container = av.open(str(path), "w")
-    vs = container.add_stream("libx264", rate=1000)
+    vs = container.add_stream("libx265" if hdr else "libx264", rate=1000)
     vs.time_base = Fraction(1, 1000)
     enc_w, enc_h = (h, w) if rotation in (90, 270) else (w, h)
-    vs.width, vs.height, vs.pix_fmt = enc_w, enc_h, "yuv420p"
+    vs.width, vs.height, vs.pix_fmt = enc_w, enc_h, "yuv420p10le" if hdr else "yuv420p"
     vs.options = {"crf": "16"}
+    if hdr:  # BT.2020 primaries and matrix (9), HLG (18) or PQ (16) transfer, limited range
+        trc = {"HLG": (18, "arib-std-b67"), "PQ": (16, "smpte2084")}[hdr]
+        vs.options = {"crf": "12", "x265-params": f"colorprim=bt2020:transfer={trc[1]}:colormatrix=bt2020nc:"
+                                                  "log-level=error"}
+        cc = vs.codec_context
+        cc.color_primaries, cc.color_trc, cc.colorspace, cc.color_range = 9, trc[0], 9, 1
     if rotation and record_rotation:  # without it: a phone clip whose rotation was lost (shown sideways)
         vs.set_display_rotation(rotation)
     aus = None
@@ -77,7 +106,14 @@ def make_clip(path: Path, seconds: float = 3.0, size=(192, 256), rotation: int =
             cover = cv2.warpAffine(np.ones(photo.shape[:2], np.uint8), m2.astype(np.float32), (w, h)) > 0
             disp[cover] = small[cover]
         stored = np.ascontiguousarray(np.rot90(disp, k=-(rotation // 90))) if rotation else disp
-        frame = av.VideoFrame.from_ndarray(stored, format="rgb24")
+        if hdr:
+            from av.video.reformatter import Colorspace
+
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(sdr_to_hdr(stored, hdr)), format="rgb48le")
+            frame = frame.reformat(format="yuv420p10le", dst_colorspace=Colorspace.BT2020)
+            frame.colorspace, frame.color_range = 9, 1
+        else:
+            frame = av.VideoFrame.from_ndarray(stored, format="rgb24")
         frame.pts = int(round(t * 1000))
         for p in vs.encode(frame):
             container.mux(p)

@@ -304,3 +304,39 @@ def test_a_truncated_clip_that_still_decodes_and_a_tiny_source_are_warned_about(
     tiny = prepare(full.path, tmp_path / "tiny", PrepareOptions(resolution=512, preview=False), log=lambda m: None)
     said = [w for w in tiny.manifest["warnings"] if "upscaled" in w]
     assert said and "--resolution" in said[0], tiny.manifest["warnings"]
+
+
+@pytest.mark.parametrize("hdr", ["HLG", "PQ"])
+def test_hdr_phone_video_is_tone_mapped_to_standard_range(hdr, tmp_path):
+    """HDR video (10-bit HEVC, BT.2020, HLG or PQ: what phones film by default) decodes to the
+    picture an SDR screen shows: the same clip filmed in standard range gives the same frames
+    within a few grey levels, where a plain conversion of its signal is dim and grey (over 15
+    levels off); the user is told. The HLG clip is prepared whole, upright from its rotation."""
+    import av
+
+    from gstalk.io.video import iter_frames, probe, standard_range
+
+    secs = 2.4 if hdr == "HLG" else 0.6
+    sdr = make_clip(tmp_path / "sdr.mp4", seconds=secs, vfr=False)
+    hd = make_clip(tmp_path / "hdr.mp4", seconds=secs, vfr=False, hdr=hdr)
+    info, plain = probe(hd.path), probe(sdr.path)
+    assert (info.transfer, plain.transfer) == (hdr, "")
+    assert any(f"HDR video ({hdr}" in w for w in info.warnings) and not plain.warnings
+    ours = dict(iter_frames(hd.path, 25, info))
+    truth = dict(iter_frames(sdr.path, 25, plain))
+    sig = dict(iter_frames(hd.path, 25, info, signal=True))  # what prepare shrinks before tone-mapping
+    assert sig[3].dtype == np.uint16 and np.array_equal(standard_range(sig[3], info), ours[3])
+    assert standard_range(truth[3], plain) is truth[3]
+    assert ours.keys() == truth.keys() and ours[3].shape == truth[3].shape == (256, 192, 3)
+    err = np.mean([np.abs(ours[k].astype(float) - truth[k]).mean() for k in ours])
+    assert err < 5, err
+    with av.open(str(hd.path)) as c:  # the signal converted as if it were standard range
+        raw = np.rot90(next(c.decode(video=0)).to_ndarray(format="rgb24"), k=1).astype(float)
+    assert np.abs(raw - truth[0]).mean() > 15
+    if hdr == "HLG":
+        a = prepare(hd.path, tmp_path / "a", opts(preview=False), log=lambda m: None)
+        b = prepare(sdr.path, tmp_path / "b", opts(preview=False), log=lambda m: None)
+        assert any("HDR video (HLG" in w for w in a.manifest["warnings"])
+        assert (a.manifest["source"]["transfer"], b.manifest["source"]["transfer"]) == ("HLG", "SDR")
+        fa, fb = a.frame(5).astype(float), b.frame(5).astype(float)
+        assert np.abs(fa - fb).mean() < 5, np.abs(fa - fb).mean()

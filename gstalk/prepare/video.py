@@ -35,7 +35,7 @@ from gstalk.io.atomic import ensure_dir, write_json
 from gstalk.io.dataset import DATASET_FORMAT, DATASET_VERSION, Dataset, save_npz, write_image_file
 from gstalk.io.media import MAX_FPS, MAX_SIZE
 from gstalk.face.regions import LABELS
-from gstalk.io.video import iter_frames, probe, read_audio, write_wav
+from gstalk.io.video import iter_frames, probe, read_audio, standard_range, write_wav
 from gstalk.prepare.common import (AUDIO_RATE, ClipTooShortError, NoFaceError, Progress, State, _interp_nan,
                                    _subject_boxes, check_dataset_out, finish_dataset, holdout_split)
 
@@ -117,7 +117,7 @@ def _scan(clip: Path, out: Path, opts: PrepareOptions, info, state: State, prog:
     state.mark("scan", {"num_frames": n, "face_fraction": frac, "audio": audio_info, "warnings": scan_warn,
                         "source": {"width": info.width, "height": info.height, "rotation": info.rotation,
                                    "sar": info.sar, "src_fps": info.src_fps, "codec": info.codec,
-                                   "start_time": info.start_time}})
+                                   "start_time": info.start_time, "transfer": info.transfer or "SDR"}})
     for w in scan_warn:
         log(f"warning: {w}")
 
@@ -129,9 +129,9 @@ def _detect_all(clip: Path, opts: PrepareOptions, info, det, prog: Progress) -> 
     """Every frame's face boxes (in display pixels) and how many."""
     found, counts = [], []
     est = int(round(info.duration * opts.fps)) if np.isfinite(info.duration) else 0
-    for k, img in iter_frames(clip, opts.fps, info):
+    for k, img in iter_frames(clip, opts.fps, info, signal=True):  # (HDR is tone-mapped once small)
         small, s = _small(img, opts.detect_size)
-        faces = det.detect(small)
+        faces = det.detect(standard_range(small, info))
         counts.append(len(faces))
         found.append([[f.x / s, f.y / s, f.w / s, f.h / s, f.score] for f in faces])
         prog("scan", k + 1, max(est, k + 1))
@@ -159,10 +159,10 @@ def _sideways(clip: Path, opts: PrepareOptions, info, det) -> int:
     step = max(1, n // SIDEWAYS_SAMPLE)
     hits = np.zeros(4, int)
     tried = 0
-    for k, img in iter_frames(clip, opts.fps, info):
+    for k, img in iter_frames(clip, opts.fps, info, signal=True):
         if k % step:
             continue
-        small, _ = _small(img, opts.detect_size)
+        small = standard_range(_small(img, opts.detect_size)[0], info)
         for turn in range(4):
             hits[turn] += len(det.detect(np.ascontiguousarray(np.rot90(small, turn)))) > 0
         tried += 1
@@ -227,13 +227,14 @@ def _frames(clip: Path, out: Path, opts: PrepareOptions, n: int, crop: np.ndarra
     info = probe(clip)
     recorded = state.get("scan")["source"]["rotation"]  # the scan may have found the clip sideways
     _turn(info, (recorded - info.rotation) % 360)
-    for k, img in iter_frames(clip, opts.fps, info, start_frame=first_missing):
+    for k, img in iter_frames(clip, opts.fps, info, start_frame=first_missing, signal=True):
         if k >= n:
             break
         x0, y0, s = crop[k]
         m = np.array([[res / s, 0, -x0 * res / s], [0, res / s, -y0 * res / s]], np.float32)
         interp = cv2.INTER_AREA if s > res else cv2.INTER_LINEAR
-        frame = cv2.warpAffine(img, m, (res, res), flags=interp, borderMode=cv2.BORDER_REPLICATE)
+        frame = standard_range(cv2.warpAffine(img, m, (res, res), flags=interp, borderMode=cv2.BORDER_REPLICATE),
+                               info)
         write_image_file(fdir / f"{k:06d}.jpg", frame, opts.jpeg_quality)
         prog("frames", k + 1, n)
     missing = [k for k in range(n) if not (fdir / f"{k:06d}.jpg").is_file()]
