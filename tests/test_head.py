@@ -10,7 +10,7 @@ import torch
 from gstalk.config import TrackOptions
 from gstalk.head.embedding import IBUG68_TO_MESH, derive_embedding, load_embedding, read_embedding_file
 from gstalk.head.flame import FlameFileError, HeadModel, load_head_model, read_flame_file
-from gstalk.head.lbs import FlameParams, axis_angle_to_matrix, flame_forward, matrix_to_axis_angle
+from gstalk.head.lbs import FlameParams, VertexSubset, axis_angle_to_matrix, flame_forward, matrix_to_axis_angle
 from gstalk.head.standin import EXPRESSIONS
 from gstalk.head.tracker import TrackingError, fit_landmarks, head_rotation, load_track, save_track
 
@@ -152,6 +152,26 @@ def test_lbs_properties(model):
     # the jaw moves the chin, not the forehead
     vj = flame_forward(model, FlameParams(jaw=torch.tensor([[0.3, 0.0, 0.0]]))).vertices[0]
     assert (vj[152] - v0[152]).norm() > 0.01 and (vj[10] - v0[10]).norm() < 1e-6
+
+
+def test_the_rigid_and_subset_shortcuts_pose_as_the_general_path(model):
+    """A head with only a global rotation and translation (the tracker's rigid stage) takes a
+    shortcut, and a VertexSubset is gathered once: both give what the general skinning does."""
+    g = torch.Generator().manual_seed(1)
+    b = 4
+    p = FlameParams(shape=torch.randn(b, model.n_shape, generator=g), expr=torch.randn(b, model.n_expr, generator=g),
+                    global_rot=torch.randn(b, 3, generator=g) * 0.4, translation=torch.randn(b, 3, generator=g))
+    z = torch.zeros(b, 3)
+    general = flame_forward(model, FlameParams(**{**p.__dict__, "jaw": z, "neck": z, "eyes": torch.zeros(b, 6)}))
+    rigid = flame_forward(model, p)
+    for k in ("vertices", "joints", "transforms"):
+        torch.testing.assert_close(getattr(rigid, k), getattr(general, k), atol=1e-6, rtol=1e-5)
+    ids = torch.tensor([3, 99, 152, 700])
+    posed = FlameParams(**{**p.__dict__, "jaw": torch.randn(b, 3, generator=g) * 0.2,
+                           "shape": p.shape[:1].expand(b, -1)})  # one identity shared by the batch
+    sub = flame_forward(model, posed, vertex_ids=VertexSubset.of(model, ids)).vertices
+    full = flame_forward(model, FlameParams(**{**posed.__dict__, "shape": p.shape[:1].repeat(b, 1)})).vertices
+    torch.testing.assert_close(sub, full[:, ids])
 
 
 def test_an_identity_baked_into_the_template_gives_the_same_head(model):

@@ -156,9 +156,22 @@ class HeadModel:
     #: ``parents`` as host integers, always set from ``parents`` when the model is made (read
     #: on every skinning, where ``.tolist()`` of a GPU tensor would wait for the device)
     parent_list: tuple = ()
+    #: the joint regressor applied to the template and to every blendshape, [5, 3], [5, 3,
+    #: n_shape], [5, 3, n_expr], [2, 5, 3] or None: the rest joints are linear in the
+    #: parameters, so each skinning gets them from these without the shaped mesh. Always
+    #: computed from the fields above when the model is made (a value passed in is ignored).
+    J_template: torch.Tensor | None = None
+    J_shapedirs: torch.Tensor | None = None
+    J_exprdirs: torch.Tensor | None = None
+    J_eyelids: torch.Tensor | None = None
 
     def __post_init__(self):
         self.parent_list = tuple(int(i) for i in self.parents.tolist())
+        jr = self.J_regressor.to(self.v_template.dtype)
+        self.J_template = jr @ self.v_template
+        self.J_shapedirs = torch.einsum("jv,vck->jck", jr, self.shapedirs.to(jr))
+        self.J_exprdirs = torch.einsum("jv,vck->jck", jr, self.exprdirs.to(jr))
+        self.J_eyelids = None if self.eyelids is None else torch.einsum("jv,kvc->kjc", jr, self.eyelids.to(jr))
 
     @property
     def num_vertices(self) -> int:

@@ -57,33 +57,73 @@ def _full_pose(p: FlameParams, b: int, dtype, device) -> Tensor:
     return torch.stack([x.expand(b, 3) for x in parts], dim=1)  # [B, 5, 3]
 
 
+def _rows(x: Tensor) -> Tensor:
+    """``x`` [B, K], or its first row when it is one row expanded over the batch (the tracker's
+    shared identity): the blendshape is then computed once and broadcast."""
+    return x[:1] if x.shape[0] > 1 and x.stride(0) == 0 else x
+
+
+def _blend(template: Tensor, sd: Tensor, ed: Tensor, lids: Tensor | None, p: FlameParams, b: int) -> Tensor:
+    """[B, N, 3]: ``template`` [N, 3] plus identity (``sd`` [N, 3, S]), expression (``ed``
+    [N, 3, E]) and eyelid (``lids`` [2, N, 3]) blendshapes, for vertices or joints alike."""
+    v = template.expand(b, -1, -1)
+    if p.shape is not None and sd.shape[-1]:
+        v = v + torch.einsum("vck,bk->bvc", sd, _rows(p.shape[:, : sd.shape[-1]]))
+    if p.expr is not None and ed.shape[-1]:
+        v = v + torch.einsum("vck,bk->bvc", ed, _rows(p.expr[:, : ed.shape[-1]]))
+    if p.eyelids is not None and lids is not None:
+        v = v + torch.einsum("kvc,bk->bvc", lids, _rows(p.eyelids))
+    return v.expand(b, -1, -1)
+
+
+@dataclass
+class VertexSubset:
+    """The model's per-vertex arrays restricted to ``ids`` (see :meth:`of`): made once and
+    passed as ``vertex_ids`` to :func:`flame_forward`, they are not gathered on every call
+    (the tracker poses the same few hundred vertices thousands of times)."""
+
+    ids: Tensor
+    v_template: Tensor
+    shapedirs: Tensor
+    exprdirs: Tensor
+    eyelids: Tensor | None
+    posedirs: Tensor  # [36, V'*3]
+    weights: Tensor  # [V', 5]
+
+    @classmethod
+    def of(cls, model: HeadModel, ids: Tensor | None) -> "VertexSubset":
+        if ids is None:
+            return cls(None, model.v_template, model.shapedirs, model.exprdirs, model.eyelids, model.posedirs,
+                       model.weights)
+        ids = ids.to(model.v_template.device)
+        cols = (ids[:, None] * 3 + torch.arange(3, device=ids.device)).reshape(-1)
+        return cls(ids, model.v_template[ids], model.shapedirs[ids], model.exprdirs[ids],
+                   None if model.eyelids is None else model.eyelids[:, ids], model.posedirs[:, cols],
+                   model.weights[ids])
+
+
 def shaped_vertices(model: HeadModel, p: FlameParams, b: int, vertex_ids: Tensor | None = None) -> Tensor:
     """[B, V', 3] vertices after identity, expression and eyelid blendshapes (no pose)."""
-    vt, sd, ed = model.v_template, model.shapedirs, model.exprdirs
-    if vertex_ids is not None:
-        vt, sd, ed = vt[vertex_ids], sd[vertex_ids], ed[vertex_ids]
-    v = vt.expand(b, -1, -1)
-    if p.shape is not None and model.n_shape:
-        v = v + torch.einsum("vck,bk->bvc", sd, p.shape[:, : model.n_shape].expand(b, -1))
-    if p.expr is not None and model.n_expr:
-        v = v + torch.einsum("vck,bk->bvc", ed, p.expr[:, : model.n_expr].expand(b, -1))
-    if p.eyelids is not None and model.eyelids is not None:
-        el = model.eyelids if vertex_ids is None else model.eyelids[:, vertex_ids]
-        v = v + torch.einsum("kvc,bk->bvc", el, p.eyelids)
-    return v
+    sub = vertex_ids if isinstance(vertex_ids, VertexSubset) else VertexSubset.of(model, vertex_ids)
+    return _blend(sub.v_template, sub.shapedirs, sub.exprdirs, sub.eyelids, p, b)
 
 
-def joint_transforms(model: HeadModel, pose: Tensor, joints: Tensor) -> tuple[Tensor, Tensor]:
-    """World transforms of the joints [B, 5, 4, 4] and posed joint positions [B, 5, 3]."""
-    rot = axis_angle_to_matrix(pose)  # [B, 5, 3, 3]
+def rest_joints(model: HeadModel, p: FlameParams, b: int) -> Tensor:
+    """[B, 5, 3] joints of the blendshaped head before posing: the joint regressor is linear,
+    so they come from the model's regressed template and blendshapes, without the mesh."""
+    return _blend(model.J_template, model.J_shapedirs, model.J_exprdirs, model.J_eyelids, p, b)
+
+
+def joint_transforms(model: HeadModel, pose: Tensor, joints: Tensor,
+                     rot: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """World transforms of the joints [B, 5, 4, 4] and posed joint positions [B, 5, 3]
+    (``rot``: the pose's rotation matrices, when already computed)."""
+    rot = axis_angle_to_matrix(pose) if rot is None else rot  # [B, 5, 3, 3]
     b = pose.shape[0]
-    rel = joints.clone()
     par = model.parent_list
-    rel[:, 1:] = joints[:, 1:] - joints[:, par[1:]]
-    local = torch.zeros(b, 5, 4, 4, dtype=pose.dtype, device=pose.device)
-    local[..., :3, :3] = rot
-    local[..., :3, 3] = rel
-    local[..., 3, 3] = 1
+    rel = torch.cat([joints[:, :1], joints[:, 1:] - joints[:, list(par[1:])]], 1)
+    local = torch.cat([torch.cat([rot, rel[..., None]], -1),
+                       torch.tensor([0.0, 0, 0, 1], dtype=pose.dtype, device=pose.device).expand(b, 5, 1, 4)], -2)
     chain = [local[:, 0]]
     for i in range(1, 5):
         chain.append(chain[par[i]] @ local[:, i])
@@ -98,38 +138,47 @@ class FlameOutput:
     transforms: Tensor  # [B, 5, 4, 4] skinning transforms (rest -> posed, translation applied)
 
 
-def flame_forward(model: HeadModel, p: FlameParams, vertex_ids: Tensor | None = None) -> FlameOutput:
-    """Posed vertices (all, or ``vertex_ids``) for a batch of parameters."""
+def flame_forward(model: HeadModel, p: FlameParams, vertex_ids: Tensor | VertexSubset | None = None) -> FlameOutput:
+    """Posed vertices (all, or ``vertex_ids``: indices, or a :class:`VertexSubset` made once
+    for many calls) for a batch of parameters."""
     dtype, device = model.v_template.dtype, model.v_template.device
     b = p.batch_size()
-    v_full = shaped_vertices(model, p, b)  if vertex_ids is None else None
-    # joints always come from the full shaped mesh (the regressor spans all vertices)
-    if vertex_ids is None:
-        joints_rest = torch.einsum("jv,bvc->bjc", model.J_regressor, v_full)
-        v_shaped = v_full
-    else:
-        jv = model.J_regressor.abs().sum(0).nonzero(as_tuple=True)[0]  # vertices the regressor uses
-        joints_rest = torch.einsum("jv,bvc->bjc", model.J_regressor[:, jv], shaped_vertices(model, p, b, jv))
-        v_shaped = shaped_vertices(model, p, b, vertex_ids)
+    sub = vertex_ids if isinstance(vertex_ids, VertexSubset) else VertexSubset.of(model, vertex_ids)
+    v_shaped = _blend(sub.v_template, sub.shapedirs, sub.exprdirs, sub.eyelids, p, b)
+    joints_rest = rest_joints(model, p, b)
+    if p.neck is None and p.jaw is None and p.eyes is None:
+        # a rigid head (the tracker's first stage): no correctives, and every joint's
+        # transform is the root's, so the skinning is one rotation about the root joint
+        R = axis_angle_to_matrix(p.global_rot) if p.global_rot is not None else torch.eye(3, dtype=dtype,
+                                                                                          device=device).expand(b, 3, 3)
+        R = R.expand(b, 3, 3)
+        j0 = joints_rest[:, :1]  # [B, 1, 3]
+        t = j0 - j0 @ R.transpose(-1, -2)  # [B, 1, 3]
+        if p.translation is not None:
+            t = t + p.translation[:, None]
+        verts = v_shaped @ R.transpose(-1, -2) + t
+        joints = joints_rest @ R.transpose(-1, -2) + t
+        bottom = torch.tensor([0.0, 0, 0, 1], dtype=dtype, device=device).expand(b, 5, 1, 4)
+        rel = torch.cat([torch.cat([R[:, None].expand(b, 5, 3, 3), t[..., None].expand(b, 5, 3, 1)], -1), bottom], -2)
+        return FlameOutput(vertices=verts, joints=joints, transforms=rel)
     pose = _full_pose(p, b, dtype, device)
     rot = axis_angle_to_matrix(pose)
     eye = torch.eye(3, dtype=dtype, device=device)
     feat = (rot[:, 1:] - eye).reshape(b, 36)
-    pd = model.posedirs
-    if vertex_ids is not None:
-        cols = (vertex_ids[:, None] * 3 + torch.arange(3, device=device)).reshape(-1)
-        pd = pd[:, cols]
-    v_posed = v_shaped + (feat @ pd).reshape(b, -1, 3)
-    world, joints = joint_transforms(model, pose, joints_rest)
+    v_posed = v_shaped + (feat @ sub.posedirs).reshape(b, -1, 3)
+    world, joints = joint_transforms(model, pose, joints_rest, rot)
     # transforms relative to the rest pose: G_k [I, -J_k]
-    rel = world.clone()
-    rel[..., :3, 3] = world[..., :3, 3] - (world[..., :3, :3] @ joints_rest[..., None])[..., 0]
-    w = model.weights if vertex_ids is None else model.weights[vertex_ids]
-    t = torch.einsum("vk,bkij->bvij", w, rel)  # [B, V', 4, 4]
-    verts = (t[..., :3, :3] @ v_posed[..., None])[..., 0] + t[..., :3, 3]
+    R = world[..., :3, :3]  # [B, 5, 3, 3]
+    t = world[..., :3, 3] - (R @ joints_rest[..., None])[..., 0]  # [B, 5, 3]
     if p.translation is not None:
-        verts = verts + p.translation[:, None]
+        t = t + p.translation[:, None]
         joints = joints + p.translation[:, None]
-        rel = rel.clone()
-        rel[..., :3, 3] = rel[..., :3, 3] + p.translation[:, None]
+    # skinning: the joints' rotations and translations blended per vertex by the weights
+    # (matrix products over the batch), then applied elementwise (a 3x3 product per vertex
+    # is many tiny products, several times slower; slicing a blended [R | t] costs a zeroed
+    # copy per slice in the backward pass)
+    Rv = torch.einsum("vk,bkij->bvij", sub.weights, R)  # [B, V', 3, 3]
+    verts = (Rv * v_posed[:, :, None, :]).sum(-1) + torch.einsum("vk,bkc->bvc", sub.weights, t)
+    bottom = world[..., 3:, :]
+    rel = torch.cat([torch.cat([R, t[..., None]], -1), bottom], -2)
     return FlameOutput(vertices=verts, joints=joints, transforms=rel)

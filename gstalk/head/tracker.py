@@ -40,7 +40,7 @@ from gstalk.errors import ABOVE_0, AT_LEAST_0, AT_LEAST_1, GstalkError, InputErr
 from gstalk.face import regions as R
 from gstalk.head.embedding import LandmarkEmbedding, load_embedding
 from gstalk.head.flame import HeadModel, load_head_model
-from gstalk.head.lbs import FlameParams, axis_angle_to_matrix, flame_forward, matrix_to_axis_angle
+from gstalk.head.lbs import FlameParams, VertexSubset, axis_angle_to_matrix, flame_forward, matrix_to_axis_angle
 
 TRACK_FORMAT = "gstalk-track"
 TRACK_VERSION = 1
@@ -168,9 +168,13 @@ class _Fitter:
                  width: int, height: int, opts: TrackOptions, device):
         self.model, self.opts, self.dev = model, opts, device
         self.emb_local, self.vids, self.local_faces = emb.remapped(model.faces.cpu())
-        self.vids = self.vids.to(device)
+        self.vids = VertexSubset.of(model, self.vids.to(device))  # gathered once, posed thousands of times
         self.local_faces = self.local_faces.to(device)
         self.bary = emb.bary.to(device)
+        # each landmark's barycentric weights on the posed vertices, as one [L, V'] matrix
+        lmk = torch.zeros(len(self.local_faces), self.vids.ids.numel(), device=device)
+        rows = torch.arange(len(self.local_faces), device=device)[:, None].expand(-1, 3)
+        self.lmk_from_vertices = lmk.index_put_((rows, self.local_faces), self.bary.float(), accumulate=True)
         idx = emb.landmark_indices.numpy()
         if lmk2d.shape[1] < idx.max() + 1:
             raise InputError(f"the embedding uses detector landmark {idx.max()}, but only {lmk2d.shape[1]} landmarks "
@@ -185,8 +189,8 @@ class _Fitter:
 
     def landmarks3d(self, p: FlameParams) -> torch.Tensor:
         v = flame_forward(self.model, p, vertex_ids=self.vids).vertices  # [B, V', 3]
-        tri = v[:, self.local_faces]  # [B, L, 3, 3]
-        return (tri * self.bary[None, :, :, None]).sum(2)
+        b, n = v.shape[:2]  # one [L, V'] x [V', B*3] product (a batched one with 3 columns is slow)
+        return (self.lmk_from_vertices @ v.transpose(0, 1).reshape(n, b * 3)).reshape(-1, b, 3).transpose(0, 1)
 
     def project(self, x: torch.Tensor, focal: torch.Tensor) -> torch.Tensor:
         # world -> OpenCV camera: (x, -y, -z)
@@ -373,7 +377,7 @@ def _silhouette_term(u: _Unknowns, model: HeadModel, emb: LandmarkEmbedding, per
     masks = person_masks if callable(person_masks) else (lambda t: person_masks[t])
     dist_maps, found = mask_distances(masks, T)
     dmap = torch.as_tensor(dist_maps, device=dev)[:, None]  # [T, 1, s, s] float16
-    sil_v = silhouette_vertices(model, emb).to(dev)
+    sil_v = VertexSubset.of(model, silhouette_vertices(model, emb).to(dev))
     has_mask = torch.as_tensor(found & valid, device=dev).float()
     n_mask = float(has_mask.sum().clamp_min(1))
 
