@@ -82,7 +82,7 @@ class VertexSubset:
     passed as ``vertex_ids`` to :func:`flame_forward`, they are not gathered on every call
     (the tracker poses the same few hundred vertices thousands of times)."""
 
-    ids: Tensor
+    ids: Tensor | None  # None: every vertex
     v_template: Tensor
     shapedirs: Tensor
     exprdirs: Tensor
@@ -100,12 +100,6 @@ class VertexSubset:
         return cls(ids, model.v_template[ids], model.shapedirs[ids], model.exprdirs[ids],
                    None if model.eyelids is None else model.eyelids[:, ids], model.posedirs[:, cols],
                    model.weights[ids])
-
-
-def shaped_vertices(model: HeadModel, p: FlameParams, b: int, vertex_ids: Tensor | None = None) -> Tensor:
-    """[B, V', 3] vertices after identity, expression and eyelid blendshapes (no pose)."""
-    sub = vertex_ids if isinstance(vertex_ids, VertexSubset) else VertexSubset.of(model, vertex_ids)
-    return _blend(sub.v_template, sub.shapedirs, sub.exprdirs, sub.eyelids, p, b)
 
 
 def rest_joints(model: HeadModel, p: FlameParams, b: int) -> Tensor:
@@ -149,9 +143,8 @@ def flame_forward(model: HeadModel, p: FlameParams, vertex_ids: Tensor | VertexS
     if p.neck is None and p.jaw is None and p.eyes is None:
         # a rigid head (the tracker's first stage): no correctives, and every joint's
         # transform is the root's, so the skinning is one rotation about the root joint
-        R = axis_angle_to_matrix(p.global_rot) if p.global_rot is not None else torch.eye(3, dtype=dtype,
-                                                                                          device=device).expand(b, 3, 3)
-        R = R.expand(b, 3, 3)
+        rot = p.global_rot if p.global_rot is not None else torch.zeros(1, 3, dtype=dtype, device=device)
+        R = axis_angle_to_matrix(rot).expand(b, 3, 3)
         j0 = joints_rest[:, :1]  # [B, 1, 3]
         t = j0 - j0 @ R.transpose(-1, -2)  # [B, 1, 3]
         if p.translation is not None:

@@ -167,14 +167,12 @@ class _Fitter:
     def __init__(self, model: HeadModel, emb: LandmarkEmbedding, lmk2d: np.ndarray, valid: np.ndarray,
                  width: int, height: int, opts: TrackOptions, device):
         self.model, self.opts, self.dev = model, opts, device
-        self.emb_local, self.vids, self.local_faces = emb.remapped(model.faces.cpu())
-        self.vids = VertexSubset.of(model, self.vids.to(device))  # gathered once, posed thousands of times
-        self.local_faces = self.local_faces.to(device)
-        self.bary = emb.bary.to(device)
-        # each landmark's barycentric weights on the posed vertices, as one [L, V'] matrix
-        lmk = torch.zeros(len(self.local_faces), self.vids.ids.numel(), device=device)
-        rows = torch.arange(len(self.local_faces), device=device)[:, None].expand(-1, 3)
-        self.lmk_from_vertices = lmk.index_put_((rows, self.local_faces), self.bary.float(), accumulate=True)
+        _, vids, local_faces = emb.remapped(model.faces.cpu())
+        self.vids = VertexSubset.of(model, vids.to(device))  # gathered once, posed thousands of times
+        # each landmark's barycentric weights on those vertices, as one [L, V'] matrix
+        rows = torch.arange(len(local_faces))[:, None].expand(-1, 3)
+        self.lmk_from_vertices = torch.zeros(len(local_faces), len(vids)).index_put_(
+            (rows, local_faces), emb.bary.float(), accumulate=True).to(device)
         idx = emb.landmark_indices.numpy()
         if lmk2d.shape[1] < idx.max() + 1:
             raise InputError(f"the embedding uses detector landmark {idx.max()}, but only {lmk2d.shape[1]} landmarks "

@@ -373,4 +373,5 @@ def write_wav(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = 160
     return write_bytes(path, wav_bytes(audio, sample_rate))
 
 
-__all__ = ["VideoInfo", "frame_rgb", "hdr_to_sdr", "iter_frames", "standard_range", "load_audio", "probe", "read_audio", "wav_bytes", "write_wav"]
+__all__ = ["VideoInfo", "frame_rgb", "hdr_to_sdr", "iter_frames", "load_audio", "probe", "read_audio", "standard_range",
+           "wav_bytes", "write_wav"]
