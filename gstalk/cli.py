@@ -283,7 +283,7 @@ def _render(cfg: RenderConfig, console) -> int:
 def _eval(cfg: EvalConfig, console) -> int:
     from rich.table import Table
 
-    from gstalk.eval.evaluate import evaluate
+    from gstalk.eval.evaluate import CORR_LEVEL, corr_text, evaluate
 
     with StageProgress(console) as prog:
         res = evaluate(cfg.avatar, cfg.dataset, list(cfg.audio), cfg.size, cfg.out, cfg.device, progress=prog)
@@ -297,6 +297,8 @@ def _eval(cfg: EvalConfig, console) -> int:
     for c in cols.values():
         table.add_column(c, justify="right")
     for k in res["deformation"]:
+        if k == "mouth_opening_corr_ci":  # shown with the correlation in the lips' table
+            continue
         table.add_row(k, *(f"{res[c][k]:.4g}" if k in res[c] else "-" for c in cols))
     console.print(table)
     for key, label in (("gain_over_no_deformation", "deformation minus switched off"),
@@ -308,15 +310,16 @@ def _eval(cfg: EvalConfig, console) -> int:
     if "lip_yardstick" in res:
         y = res["lip_yardstick"]
         lt = Table(title="lips from the clip's own held-out audio alone, against a still (mean) mouth")
-        for c in ("lips", "LMD px", "minus mean mouth", "mouth PSNR", "minus mean mouth", "opening corr.",
-                  "motion"):
+        for c in ("lips", "LMD px", "minus mean mouth", "mouth PSNR", "minus mean mouth",
+                  f"opening corr. [{100 * CORR_LEVEL:.0f} %]", "motion"):
             lt.add_column(c, justify="right" if c != "lips" else "left")
         for row, r in y["rows"].items():
             d = r.get("minus_mean_mouth", {})
             pair = [f"{d[k]['mean']:+.2f} +- {d[k]['sem']:.2f}" if k in d else "-" for k in ("lmd_px512", "mouth_psnr")]
             name = {"tracked": "tracked motion", "mean_mouth": "mean mouth"}.get(row, row)
             lt.add_row(name + (" (default)" if row == y["default"] else ""), f"{r['lmd_px512']:.2f}", pair[0],
-                       f"{r['mouth_psnr']:.2f}", pair[1], f"{r['mouth_opening_corr']:+.2f}",
+                       f"{r['mouth_psnr']:.2f}", pair[1],
+                       corr_text(r["mouth_opening_corr"], r["mouth_opening_corr_ci"]),
                        f"{r['mouth_motion_ratio']:.2f}")
         console.print(lt)
         console.print(f"the default lips ({y['default']}) "

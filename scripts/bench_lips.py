@@ -49,6 +49,7 @@ from gstalk.audio.phones import phone_timeline  # noqa: E402
 from gstalk.audio.visemes import VisemeMotion, lip_measures  # noqa: E402
 from gstalk.avatar.io import head_for  # noqa: E402
 from gstalk.eval.bench import device_name  # noqa: E402
+from gstalk.eval.evaluate import CORR_LEVEL, corr_text  # noqa: E402
 from gstalk.face.regions import LIPS, mouth_opening  # noqa: E402
 from gstalk.head.embedding import load_embedding  # noqa: E402
 from gstalk.head.lbs import flame_forward  # noqa: E402
@@ -126,8 +127,8 @@ def run_eval(args) -> None:
         res = json.loads((av / "eval" / "eval.json").read_text())
         rows.append((clip.stem, res, fit_s, time.perf_counter() - t0))
     print(f"\nmachine: {device_name()}\n")
-    print("| clip | held-out frames | lips | LMD px | minus mean mouth | opening corr. | motion "
-          "| beats the still mouth |")
+    print(f"| clip | held-out frames | lips | LMD px | minus mean mouth | opening corr. [{100 * CORR_LEVEL:.0f} %] "
+          "| motion | beats the still mouth |")
     print("|---|---:|---|---:|---:|---:|---:|---|")
     for name, res, _, _ in rows:
         y = res["lip_yardstick"]
@@ -137,7 +138,8 @@ def run_eval(args) -> None:
             beats = ("yes" if y["default_beats_mean_mouth"] else "no") if row == y["default"] else ""
             label = row + (" (default)" if row == y["default"] else "")
             print(f"| {name} | {res['frames']} | {label} | {r['lmd_px512']:.2f} | {pair} | "
-                  f"{_fmt(r['mouth_opening_corr'])} | {_fmt(r['mouth_motion_ratio'], '.2f')} | {beats} |")
+                  f"{corr_text(r['mouth_opening_corr'], r.get('mouth_opening_corr_ci'))} | "
+                  f"{_fmt(r['mouth_motion_ratio'], '.2f')} | {beats} |")
     print("\n" + "; ".join(f"{n}: fit {f / 60:.1f} min, eval {e:.0f} s" for n, _, f, e in rows))
 
 

@@ -92,6 +92,8 @@ def test_held_out_quality_with_and_without_deformation(avatar, tracked):
     assert lg["mouth_psnr"]["mean"] == pytest.approx(a["mouth_psnr"] - mm["mouth_psnr"], abs=1e-9)
     for m in (d, b, a, mm):  # a correlation, or undefined where a mouth (as the detector sees it) keeps still
         assert math.isnan(m["mouth_opening_corr"]) or -1 <= m["mouth_opening_corr"] <= 1
+        lo, hi = m["mouth_opening_corr_ci"]  # its interval holds it (or both are undefined)
+        assert (math.isnan(lo) and math.isnan(hi)) or lo < m["mouth_opening_corr"] < hi
     # the yardstick: every lip model and the tracked motion, each paired against the mean mouth
     y = res["lip_yardstick"]
     assert y["default"] == res["lip_model"] == "visemes" and set(y["rows"]) == {"tracked", "visemes", "learned",

@@ -478,3 +478,30 @@ def test_the_avatars_choice_of_phones_decodes_every_audio_that_drives_it(tmp_pat
     assert again.cfg.phones == "phones"
     feats = conditions.audio_features(again, audio, 25, 25.0)
     assert asked[0] == "auto" and set(asked[1:]) == {"phones"} and feats.timeline.source == "phones"
+
+
+def test_the_opening_correlations_interval_covers_the_truth_with_neighbouring_frames_counted_as_fewer():
+    from gstalk.eval.evaluate import CORR_LEVEL, corr_interval
+
+    rng = np.random.default_rng(0)
+
+    def pair(n, phi, rho):  # two AR(1) series whose innovations, and so the series, correlate at rho
+        e = rng.multivariate_normal([0, 0], [[1, rho], [rho, 1]], size=n + 50)
+        x = np.zeros_like(e)
+        for t in range(1, len(e)):
+            x[t] = phi * x[t - 1] + e[t]
+        return x[50:, 0], x[50:, 1]
+
+    rho, hits, widths = 0.5, [], {}
+    for phi in (0.0, 0.7):
+        for _ in range(300):
+            a, b = pair(46, phi, rho)  # portrait_man_20s's held-out tail: 46 frames
+            lo, hi = corr_interval(a, b)
+            assert lo < np.corrcoef(a, b)[0, 1] < hi
+            widths.setdefault(phi, []).append(hi - lo)
+            if phi:
+                hits.append(lo <= rho <= hi)
+    assert abs(np.mean(hits) - CORR_LEVEL) < 0.06, np.mean(hits)  # slow mouths: still the stated coverage
+    assert np.mean(widths[0.7]) > 1.4 * np.mean(widths[0.0])  # ...because their frames count as fewer
+    assert all(np.isnan(corr_interval(np.ones(20), rng.normal(size=20))))  # a still mouth: undefined
+    assert all(np.isnan(corr_interval(np.arange(3.0), np.arange(3.0))))

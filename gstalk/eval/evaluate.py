@@ -202,18 +202,60 @@ def frame_metrics(renders: list[torch.Tensor], gts: list[torch.Tensor], face_box
     return pf, r_lm
 
 
+CORR_LEVEL = 0.9  # the opening correlation's interval (two-sided)
+
+
+def _lag1(x: np.ndarray) -> float:
+    x = x - x.mean()
+    d = float((x * x).sum())
+    return float((x[1:] * x[:-1]).sum() / d) if d > 0 else 0.0
+
+
+def corr_interval(a: np.ndarray, b: np.ndarray, level: float = CORR_LEVEL) -> tuple[float, float]:
+    """The ``level`` confidence interval of the correlation of ``a`` and ``b`` over frames
+    (Fisher's z). Neighbouring frames of a mouth go together, so the frames count as fewer:
+    Bartlett's effective number for two series with lag-one autocorrelations r_a and r_b,
+    n (1 - r_a r_b) / (1 + r_a r_b). NaN where the correlation is undefined or fewer than four
+    effective frames remain. The held-out tail of an 8 s clip is 18 frames, whose correlation
+    is known only to within about +-0.4."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 4 or a.std() <= 0 or b.std() <= 0:
+        return float("nan"), float("nan")
+    r = float(np.clip(np.corrcoef(a, b)[0, 1], -0.999999, 0.999999))
+    rr = float(np.clip(_lag1(a) * _lag1(b), -0.9, 0.9))
+    n_eff = min(len(a), len(a) * (1 - rr) / (1 + rr))
+    if n_eff < 4:
+        return float("nan"), float("nan")
+    from scipy.stats import norm
+
+    half = float(norm.ppf(0.5 + level / 2)) / math.sqrt(n_eff - 3)
+    return math.tanh(math.atanh(r) - half), math.tanh(math.atanh(r) + half)
+
+
+def corr_text(r: float, ci) -> str:
+    """A correlation with its interval, for tables: '+0.24 [-0.20, +0.59]'; '[?]' where too few
+    independent frames leave it undefined, '-' where the correlation itself is."""
+    if r is None or not np.isfinite(r):
+        return "-"
+    lo, hi = (None, None) if ci is None else ci
+    ok = lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi)
+    return f"{r:+.2f} " + (f"[{lo:+.2f}, {hi:+.2f}]" if ok else "[?]")
+
+
 def mouth_motion(r_lm: np.ndarray, gt_lm: np.ndarray) -> dict:
     """How far the render's lips move (the spread of the detector's mouth opening over the
     frames, as a fraction of the ground truth's: damped lips < 1) and whether they open when
     the real ones do (the correlation of the two openings: near 0 for lips out of time; NaN
-    for a mouth that keeps still, where it is undefined)."""
+    for a mouth that keeps still, where it is undefined), with its :data:`CORR_LEVEL`
+    interval (:func:`corr_interval`)."""
     ok = np.isfinite(r_lm[:, 0, 0]) & np.isfinite(gt_lm[:, 0, 0])
     ro, go = mouth_opening(r_lm[ok]), mouth_opening(gt_lm[ok])
     enough = ok.sum() > 2 and go.std() > 0
+    moves = enough and ro.std() > 1e-6 * go.std()
     return {"render_face_found": float(np.isfinite(r_lm[:, 0, 0]).mean()),
             "mouth_motion_ratio": float(ro.std() / go.std()) if enough else float("nan"),
-            "mouth_opening_corr": float(np.corrcoef(ro, go)[0, 1]) if enough and ro.std() > 1e-6 * go.std()
-            else float("nan")}
+            "mouth_opening_corr": float(np.corrcoef(ro, go)[0, 1]) if moves else float("nan"),
+            "mouth_opening_corr_ci": list(corr_interval(ro, go)) if moves else [float("nan")] * 2}
 
 
 YARDSTICK = ("lmd_px512", "mouth_psnr")  # the lips' per-frame metrics, paired against the mean mouth
@@ -231,7 +273,8 @@ def lip_yardstick(result: dict, per_frame: dict, own_lips: str) -> dict:
     rows = {k: v for k, v in rows.items() if v in per_frame}
     out: dict = {"default": own_lips, "rows": {}}
     for row, name in rows.items():
-        r = {k: result[name][k] for k in YARDSTICK + ("mouth_opening_corr", "mouth_motion_ratio")}
+        r = {k: result[name][k] for k in YARDSTICK + ("mouth_opening_corr", "mouth_opening_corr_ci",
+                                                      "mouth_motion_ratio")}
         if row != "mean_mouth":
             r["minus_mean_mouth"] = {k: _paired(per_frame[name][k], per_frame["mean_mouth"][k]) for k in YARDSTICK}
         out["rows"][row] = r
