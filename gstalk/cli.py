@@ -296,8 +296,8 @@ def _eval(cfg: EvalConfig, console) -> int:
     table.add_column("metric")
     for c in cols.values():
         table.add_column(c, justify="right")
-    for k in res["deformation"]:
-        if k == "mouth_opening_corr_ci":  # shown with the correlation in the lips' table
+    for k, v in res["deformation"].items():
+        if not isinstance(v, (int, float)):  # an interval: shown with its value in the lips' table
             continue
         table.add_row(k, *(f"{res[c][k]:.4g}" if k in res[c] else "-" for c in cols))
     console.print(table)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Callable
 
 import numpy as np
@@ -226,9 +227,7 @@ def corr_interval(a: np.ndarray, b: np.ndarray, level: float = CORR_LEVEL) -> tu
     n_eff = min(len(a), len(a) * (1 - rr) / (1 + rr))
     if n_eff < 4:
         return float("nan"), float("nan")
-    from scipy.stats import norm
-
-    half = float(norm.ppf(0.5 + level / 2)) / math.sqrt(n_eff - 3)
+    half = NormalDist().inv_cdf(0.5 + level / 2) / math.sqrt(n_eff - 3)
     return math.tanh(math.atanh(r) - half), math.tanh(math.atanh(r) + half)
 
 
